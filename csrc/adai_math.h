@@ -1,0 +1,101 @@
+// Per-element Adai / AdaiV2 math: the single source of truth for the arithmetic of every
+// native kernel. Compiles as host code (g++) and as __host__ __device__ code (nvcc).
+//
+// The functions are templates over the value type T: `float` on CUDA and in scalar tails,
+// `at::vec::Vectorized<float>` in the CPU kernel. Everything that is not plain + - * / goes
+// through adai::Ops<T>, which the CPU kernel specialises for its vector type.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define ADAI_HD __host__ __device__ __forceinline__
+#else
+#define ADAI_HD inline
+#endif
+
+namespace adai {
+
+// Scalar implementations. NaN propagates through clamp (comparisons with NaN are false),
+// matching torch.clamp in the reference backend.
+template <typename T>
+struct Ops {
+  static ADAI_HD T pow(T x, T e) { return ::powf(x, e); }
+  static ADAI_HD T clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
+};
+
+// Constants of one launch (one parameter group). Built on the host by make_consts().
+struct Consts {
+  float lr;
+  float beta0;
+  float beta2;
+  float one_minus_beta2;
+  float beta1_max;      // 1 - eps
+  float l2;             // coupled weight decay, 0 when decoupled
+  float decay;          // theta multiplier: 1 - lr * weight_decay when decoupled, else 1
+  float dampening;      // d
+  float exponent;       // 1 / (3 - 2d)
+  float mhat_scale;     // beta0^(1 - d)
+  bool adai_v1;         // d == 1: exponent 1, beta3 = 1 - beta1, mhat_scale 1 (no pow)
+};
+
+inline Consts make_consts(double lr, double beta0, double beta2, double eps,
+                          double weight_decay, bool decoupled, double dampening) {
+  Consts c;
+  c.lr = static_cast<float>(lr);
+  c.beta0 = static_cast<float>(beta0);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.beta1_max = static_cast<float>(1.0 - eps);
+  c.l2 = decoupled ? 0.0f : static_cast<float>(weight_decay);
+  c.decay = decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
+  c.dampening = static_cast<float>(dampening);
+  c.exponent = static_cast<float>(1.0 / (3.0 - 2.0 * dampening));
+  c.mhat_scale = static_cast<float>(std::pow(beta0, 1.0 - dampening));
+  c.adai_v1 = dampening == 1.0;
+  return c;
+}
+
+// Bias correction of the second moment for a tensor at (already incremented) step k.
+// In double: for beta2 = 0.99 and k = 1, 1 - beta2^k in float would lose 7 bits.
+ADAI_HD double bias_correction2(double beta2, double k) { return 1.0 - ::pow(beta2, k); }
+
+// inv_vbar = 1 / vbar, or 0 when vbar == 0 (every gradient exactly zero): then
+// vhat / vbar := 0, beta1 = 1 - eps, m stays 0 and theta does not move.
+ADAI_HD double inv_mean(double sum, double count) {
+  return sum > 0.0 ? count / sum : 0.0;
+}
+
+// The gradient as both phases see it: L2 decay added (never written back to the caller).
+template <typename T>
+ADAI_HD T effective_grad(T g, T theta, const Consts& c) {
+  return g + T(c.l2) * theta;
+}
+
+// Phase 1 contribution of one element to G_i = sum (g + l2 * theta)^2.
+template <typename T>
+ADAI_HD T grad_sq(T g, T theta, const Consts& c) {
+  const T ge = effective_grad(g, theta, c);
+  return ge * ge;
+}
+
+// Phase 2: one element's whole update. Reads and writes theta, m, v, b in registers; returns
+// the new v (the caller sums it into v_sums). inv_bc2 is per tensor, inv_vbar global.
+template <typename T>
+ADAI_HD T update(T& theta, T g, T& m, T& v, T& b, T inv_bc2, T inv_vbar, const Consts& c) {
+  const T ge = effective_grad(g, theta, c);
+  v = T(c.beta2) * v + T(c.one_minus_beta2) * ge * ge;
+  const T ratio = v * inv_bc2 * inv_vbar;                       // vhat / vbar
+  const T scaled = c.adai_v1 ? ratio : Ops<T>::pow(ratio, T(c.exponent));
+  const T beta1 = Ops<T>::clamp(T(1.0f) - T(c.beta0) * scaled, T(0.0f), T(c.beta1_max));
+  const T one_minus_beta1 = T(1.0f) - beta1;
+  const T beta3 = c.adai_v1 ? one_minus_beta1 : Ops<T>::pow(one_minus_beta1, T(c.dampening));
+  b = b * beta1;
+  m = beta1 * m + beta3 * ge;
+  T mhat = m / (T(1.0f) - b);
+  if (!c.adai_v1) mhat = mhat * T(c.mhat_scale);
+  theta = theta * T(c.decay) - T(c.lr) * mhat;
+  return v;
+}
+
+}  // namespace adai
