@@ -12,4 +12,5 @@ TORCH_LIBRARY(adai, m) {
       "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] beta1_prod, Tensor(e!)[] v_sums, "
       "Tensor[] steps, Tensor stats, float numel, float lr, float beta0, float beta2, "
       "float eps, float weight_decay, bool decoupled, float dampening) -> ()");
+  m.def("sum_v(Tensor[] exp_avg_sq, Tensor(a!)[] v_sums) -> ()");
 }

@@ -1,0 +1,112 @@
+"""Flat optimizer-state buckets: all state of one (param group, device, dtype) lives in a few
+contiguous buffers, and each parameter's state is a view into them (docs/design.md)."""
+from __future__ import annotations
+
+import torch
+
+ALIGN = 16  # elements; each segment starts 64-byte aligned, so vector loads stay aligned
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one span of numel() slots, so a kernel can
+    walk them in memory order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def state_strides(param: torch.Tensor) -> tuple[int, ...]:
+    """Strides of the parameter's state views: the parameter's own when it is dense (so
+    channels_last and transposed layouts are kept), else contiguous."""
+    if is_dense(param):
+        return param.stride()
+    return torch.empty(param.shape, device="meta").stride()
+
+
+class Bucket:
+    """State of the parameters of one (group, device, dtype), in join order."""
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq", "beta1_prod")
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+        self.params: list[torch.Tensor] = []
+        self.position: dict[int, int] = {}  # id(param) -> index in self.params
+        self.offsets: list[int] = []
+        self.size = 0
+        f32 = dict(dtype=torch.float32, device=device)
+        self.buffers = {k: torch.empty(0, **f32) for k in self.STATE_KEYS}
+        self.steps = torch.empty(0, **f32)
+        self.v_sums = torch.empty(0, dtype=torch.float64, device=device)
+        self.views: list[dict[str, torch.Tensor]] = []
+
+    def __contains__(self, param: torch.Tensor) -> bool:
+        return id(param) in self.position
+
+    def add(self, params: list[torch.Tensor], initial: list[dict | None] | None = None) -> None:
+        """Give `params` state: fresh (step 0, m = v = 0, b = 1) or, per parameter, the
+        tensors in `initial` (keys step, exp_avg, exp_avg_sq, beta1_prod). The buffers grow
+        once for the whole call; every existing view is re-pointed."""
+        if not params:
+            return
+        initial = initial or [None] * len(params)
+        offsets = list(self.offsets)
+        size = self.size
+        for p in params:
+            offsets.append(size)
+            size += _round_up(p.numel())
+        n_old, n_new = len(self.params), len(self.params) + len(params)
+
+        new_buffers = {}
+        for key, old in self.buffers.items():
+            buf = torch.empty(size, dtype=torch.float32, device=self.device)
+            buf[: old.numel()].copy_(old)
+            new_buffers[key] = buf
+        steps = torch.zeros(n_new, dtype=torch.float32, device=self.device)
+        steps[:n_old].copy_(self.steps)
+        v_sums = torch.zeros(n_new, dtype=torch.float64, device=self.device)
+        v_sums[:n_old].copy_(self.v_sums)
+
+        self.buffers, self.steps, self.v_sums = new_buffers, steps, v_sums
+        self.offsets, self.size = offsets, size
+        for p in params:
+            self.position[id(p)] = len(self.params)
+            self.params.append(p)
+        self.views = [self._make_views(i) for i in range(n_new)]
+
+        for i, init in enumerate(initial, start=n_old):
+            views = self.views[i]
+            if init is None:
+                views["exp_avg"].zero_()
+                views["exp_avg_sq"].zero_()
+                views["beta1_prod"].fill_(1.0)
+            else:
+                for key in self.STATE_KEYS:
+                    views[key].copy_(init[key])
+                self.steps[i] = float(init["step"])
+        # v_sums of loaded state are the owner's to fill (Backend.sum_v); fresh state sums to 0
+
+    def _make_views(self, i: int) -> dict[str, torch.Tensor]:
+        p, off = self.params[i], self.offsets[i]
+        stride = state_strides(p)
+        views = {k: buf.as_strided(p.shape, stride, off) for k, buf in self.buffers.items()}
+        views["step"] = self.steps[i]
+        views["v_sum"] = self.v_sums[i]
+        return views
+
+    def state_of(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.views[self.position[id(param)]]
+
+    def steps_list(self) -> list[int]:
+        """Step counters as ints, in join order (one device-to-host copy)."""
+        return [int(s) for s in self.steps.tolist()]

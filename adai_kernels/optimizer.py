@@ -1,0 +1,330 @@
+"""Adai, AdaiW and AdaiV2: hyper-parameters, groups, validation and the state-dict contract.
+The arithmetic lives in the backends; this file only decides what they are given."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.optim.optimizer import Optimizer, required
+
+from . import backends
+from .buckets import Bucket, is_dense, state_strides
+from .work import Work
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "beta1_prod")
+
+
+def _check_number(name: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} ({what})")
+
+
+def validate_hyperparameters(group: dict) -> None:
+    """Raise ValueError naming the first bad hyper-parameter of `group`."""
+    lr = group["lr"]
+    lr_value = lr.item() if isinstance(lr, torch.Tensor) else lr
+    _check_number("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0,
+                  "must be a number >= 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta0, beta2))")
+    beta0, beta2 = betas
+    _check_number("beta0 (betas[0])", beta0, isinstance(beta0, (int, float)) and beta0 >= 0,
+                  "must be >= 0")
+    _check_number("beta2 (betas[1])", beta2,
+                  isinstance(beta2, (int, float)) and 0.0 <= beta2 < 1.0, "must be in [0, 1)")
+    eps = group["eps"]
+    _check_number("eps", eps, isinstance(eps, (int, float)) and eps >= 0, "must be >= 0")
+    wd = group["weight_decay"]
+    _check_number("weight_decay", wd, isinstance(wd, (int, float)) and wd >= 0, "must be >= 0")
+    d = group["dampening"]
+    _check_number("dampening", d, isinstance(d, (int, float)) and 0.0 <= d <= 1.0,
+                  "must be in [0, 1]")
+    if not isinstance(group["decoupled"], bool):
+        raise ValueError(f"Invalid decoupled: {group['decoupled']!r} (must be a bool)")
+    for name in ("lr", "eps", "weight_decay", "dampening"):
+        value = group[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+
+
+class Adai(Optimizer):
+    r"""Adai: Adaptive Inertia (Xie et al., ICML 2022, arXiv 2006.15815).
+
+    SGD whose momentum coefficient adapts per element: coordinates with a large recent squared
+    gradient (relative to the mean over the whole model) get little inertia.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (as for SGD with momentum, about 10x SGD-M's).
+        betas: (beta0, beta2): inertia scale and second-moment decay. Default (0.1, 0.99).
+        eps: bound on the inertia, beta1 <= 1 - eps. Default 1e-3.
+        weight_decay: decay coefficient. Default 0.
+        decoupled: decoupled (AdaiW) instead of L2 weight decay. Default False.
+        dampening: d in [0, 1]; 1 is Adai, < 1 is AdaiV2. Default 1.
+        backend: "auto", "cuda", "triton", "cpu" or "reference". "auto" (or the environment
+            variable ADAI_BACKEND) picks the fastest backend available for each device.
+    """
+
+    def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
+                 decoupled=False, dampening=1.0, *, backend: str = "auto"):
+        if lr is required:
+            raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled=decoupled, dampening=dampening)
+        validate_hyperparameters(defaults)
+        backends.check_name(backend)
+        self._requested_backend = backend
+        self._backends: dict[torch.device, backends.Backend] = {}
+        self._buckets: dict[tuple, Bucket] = {}
+        super().__init__(params, defaults)  # add_param_group checks each group's backend
+
+    # -- groups -----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        try:
+            validate_hyperparameters(group)
+            for device in {p.device for p in group["params"]}:
+                self._backend_for(device)  # an explicit backend that cannot run fails here
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()
+            raise
+
+    # -- backends ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """Name of the backend that steps this optimizer's parameters (of the first device
+        when parameters live on several)."""
+        if not self._backends:
+            return backends.resolve(self._requested_backend, torch.device("cpu")).name
+        return next(iter(self._backends.values())).name
+
+    def _backend_for(self, device: torch.device) -> backends.Backend:
+        backend = self._backends.get(device)
+        if backend is None:
+            backend = self._backends[device] = backends.resolve(self._requested_backend, device)
+        return backend
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        works = self._prepare()
+        if not works:
+            return loss
+
+        by_device: dict[torch.device, list[Work]] = defaultdict(list)
+        for w in works:
+            by_device[w.device].append(w)
+        stats = {}
+        for device, ws in by_device.items():
+            buf = torch.empty(len(ws), dtype=torch.float64, device=device)
+            backend = self._backends[device]
+            for i, w in enumerate(ws):
+                backend.stats(w, buf[i])
+            stats[device] = buf
+        if len(stats) > 1:  # one global mean over every device
+            first = next(iter(stats.values()))
+            total = sum(s.sum().to(first.device) for s in stats.values()).reshape(1)
+            stats = {device: total.to(device) for device in stats}
+        numel = sum(w.numel for w in works)
+        for device, ws in by_device.items():
+            backend = self._backends[device]
+            for w in ws:
+                backend.update(w, stats[device], numel)
+                for param, stand_in in w.write_back:
+                    param.copy_(stand_in)
+        return loss
+
+    def _prepare(self) -> list[Work]:
+        """Check every gradient, then give new parameters state and build the per-bucket
+        work lists. Nothing is modified until every check has passed."""
+        selected = []  # (group index, param, grad)
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                self._check_param(p, p.grad, gi, pi)
+                selected.append((gi, p, p.grad))
+        for device in {p.device for _, p, _ in selected}:
+            self._backend_for(device)
+
+        joining: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for gi, p, _ in selected:
+            key = (gi, p.device, p.dtype)
+            bucket = self._buckets.get(key)
+            if bucket is None or p not in bucket:
+                joining[key].append(p)
+        for key, params in joining.items():
+            bucket = self._buckets.setdefault(key, Bucket(key[1], key[2]))
+            bucket.add(params)
+            self._publish_state(bucket)
+
+        works: dict[tuple, Work] = {}
+        for gi, p, g in selected:
+            key = (gi, p.device, p.dtype)
+            w = works.get(key)
+            if w is None:
+                w = works[key] = Work(self.param_groups[gi], p.device, p.dtype)
+            views = self._buckets[key].state_of(p)
+            dense_p = p if is_dense(p) else p.contiguous()
+            if dense_p is not p:
+                w.write_back.append((p, dense_p))
+            if g.stride() != dense_p.stride():
+                g = torch.empty_strided(p.shape, state_strides(p), dtype=g.dtype,
+                                        device=g.device).copy_(g)
+            w.params.append(dense_p)
+            w.grads.append(g)
+            for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+                getattr(w, k).append(views[k])
+            w.steps.append(views["step"])
+            w.v_sums.append(views["v_sum"])
+        return list(works.values())
+
+    @staticmethod
+    def _check_param(p: torch.Tensor, g: torch.Tensor, gi: int, pi: int) -> None:
+        where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+        if g.is_sparse:
+            raise RuntimeError(f"Adai does not support sparse gradients: {where}")
+        if p.is_complex():
+            raise RuntimeError(f"Adai does not support complex parameters: {where} is {p.dtype}")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"Adai supports float32, bfloat16 and float16 parameters: "
+                               f"{where} is {p.dtype}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"gradient of {where} is {g.dtype}, expected {p.dtype}")
+        if g.device != p.device:
+            raise RuntimeError(f"gradient of {where} is on {g.device}, expected {p.device}")
+
+    def _publish_state(self, bucket: Bucket) -> None:
+        """Point self.state[p] (what users and torch.optim see) at the bucket's views."""
+        for p in bucket.params:
+            views = bucket.state_of(p)
+            self.state[p] = {k: views[k] for k in STATE_KEYS}
+
+    # -- state dict -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The authors' format: per parameter index, `step` (int), `exp_avg`, `exp_avg_sq`,
+        `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket."""
+        steps = {}
+        for bucket in self._buckets.values():
+            for p, k in zip(bucket.params, bucket.steps_list()):
+                steps[id(p)] = k
+        index = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        state = {}
+        for bucket in self._buckets.values():
+            for p in bucket.params:
+                views = bucket.state_of(p)
+                entry = {"step": steps[id(p)]}
+                for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+                    entry[k] = views[k].clone(memory_format=torch.contiguous_format)
+                state[index[id(p)]] = entry
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint of this optimizer or of the authors' `Adai` (missing group keys
+        take this optimizer's defaults). On any error the optimizer is left as it was."""
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("state_dict must have 'state' (dict) and 'param_groups' (list)")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        new_groups, by_saved_index = [], {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi}: loaded state dict has "
+                                 f"{len(saved['params'])} parameters, this optimizer has "
+                                 f"{len(group['params'])}")
+            merged = dict(self.defaults)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            merged["betas"] = tuple(merged["betas"])
+            merged["params"] = group["params"]
+            try:
+                validate_hyperparameters(merged)
+            except ValueError as e:
+                raise ValueError(f"param group {gi} of the loaded state dict: {e}") from None
+            new_groups.append(merged)
+            for saved_index, p in zip(saved["params"], group["params"]):
+                by_saved_index[saved_index] = (gi, p)
+
+        initial: dict[tuple, list] = defaultdict(list)
+        for saved_index, entry in saved_state.items():
+            if saved_index not in by_saved_index:
+                raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
+                                 f"which is in none of its param groups")
+            gi, p = by_saved_index[saved_index]
+            initial[(gi, p.device, p.dtype)].append((p, self._loaded_entry(entry, p, saved_index)))
+
+        for device in {key[1] for key in initial}:
+            self._backend_for(device)
+        buckets = {}
+        for key, items in initial.items():
+            bucket = buckets[key] = Bucket(key[1], key[2])
+            bucket.add([p for p, _ in items], [e for _, e in items])
+            views = [bucket.state_of(p) for p, _ in items]
+            self._backend_for(key[1]).sum_v([v["exp_avg_sq"] for v in views],
+                                            [v["v_sum"] for v in views])
+        # Everything is checked and built: commit.
+        self.param_groups[:] = new_groups
+        self._buckets = buckets
+        self.state = defaultdict(dict)
+        for bucket in buckets.values():
+            self._publish_state(bucket)
+
+    @staticmethod
+    def _loaded_entry(entry: dict, p: torch.Tensor, index) -> dict:
+        missing = [k for k in STATE_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"loaded state of parameter {index} lacks {', '.join(missing)}")
+        step = entry["step"]
+        step = float(step.item() if isinstance(step, torch.Tensor) else step)
+        if not (step >= 0 and step == int(step)):
+            raise ValueError(f"loaded state of parameter {index}: step must be an integer "
+                             f">= 0, got {step}")
+        out = {"step": step}
+        for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+            t = entry[k]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"loaded state of parameter {index}: {k} has shape {shape}, "
+                                 f"the parameter has shape {tuple(p.shape)}")
+            if t.is_complex() or not t.is_floating_point():
+                raise ValueError(f"loaded state of parameter {index}: {k} is {t.dtype}")
+            out[k] = t.to(device=p.device, dtype=torch.float32)
+        return out
+
+
+class AdaiW(Adai):
+    """Adai with decoupled weight decay (`decoupled=True`)."""
+
+    def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
+                 dampening=1.0, *, backend: str = "auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, True, dampening, backend=backend)
+
+
+class AdaiV2(Adai):
+    """AdaiV2: Adai with a dampening d in [0, 1] and, as in the authors' code, decoupled
+    weight decay by default."""
+
+    def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
+                 dampening=1.0, decoupled=True, *, backend: str = "auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening,
+                         backend=backend)

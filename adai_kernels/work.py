@@ -1,0 +1,43 @@
+"""What one bucket contributes to one step: the tensor lists a backend needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Work:
+    """One (group, device, dtype) bucket's participating tensors for one step.
+
+    All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
+    non-overlapping and dense; states are float32 views with the same shape and strides;
+    `steps[i]` is a 0-dim float32 view, `v_sums[i]` a 0-dim float64 view.
+    """
+
+    group: dict
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    exp_avg: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sq: list[torch.Tensor] = field(default_factory=list)
+    beta1_prod: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    v_sums: list[torch.Tensor] = field(default_factory=list)
+    # (param, dense stand-in) pairs: the stand-in is stepped, then copied into the param.
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # a backend's data between its two phases
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def beta2(self) -> float:
+        return float(self.group["betas"][1])
+
+    @property
+    def l2(self) -> float:
+        """Coupled (L2) weight decay; 0 when decay is decoupled."""
+        return 0.0 if self.group["decoupled"] else float(self.group["weight_decay"])
