@@ -1,0 +1,173 @@
+"""Loads the compiled ops (torch.ops.adai.stats / .update) and registers their fake kernels.
+
+`adai_kernels._C` holds the op schemas (and the CUDA kernels when built with CUDA); the CPU
+kernels are compiled once per ISA into `_cpu_avx512`, `_cpu_avx2` and `_cpu_default`, and
+exactly one of them is imported: the widest the CPU supports (torch's own choice,
+`torch.backends.cpu.get_cpu_capability()`, which honours ATEN_CPU_CAPABILITY), or the one
+named by ADAI_CPU_ISA=avx512|avx2|default.
+
+Importing this module never raises because of the native code: when something is missing,
+`load_error()` says why, and the backends report it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+_ISA_ORDER = ("avx512", "avx2", "default")
+
+_C = None
+_cpu = None
+_cpu_isa = "none"
+_errors: list[str] = []
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(f"adai_kernels.{name}"), None
+    except (ImportError, OSError) as e:  # missing, or built against another torch / python
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _wanted_isa() -> tuple[str, str]:
+    """(isa, why): the variant to try first."""
+    forced = os.environ.get("ADAI_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in _ISA_ORDER:
+            _errors.append(f"ignoring ADAI_CPU_ISA={forced!r}: expected one of "
+                           f"{', '.join(_ISA_ORDER)}")
+        else:
+            return forced, f"ADAI_CPU_ISA={forced}"
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # very old torch or an unusual platform
+        cap = "DEFAULT"
+    cap = cap.upper()
+    if cap.startswith("AVX512"):
+        return "avx512", f"cpu capability {cap}"
+    if cap.startswith("AVX2"):
+        return "avx2", f"cpu capability {cap}"
+    return "default", f"cpu capability {cap}"
+
+
+def _load() -> None:
+    global _C, _cpu, _cpu_isa
+    _C, err = _import("_C")
+    if err is not None:
+        _errors.append(f"adai_kernels._C: {err}")
+        return
+    isa, _ = _wanted_isa()
+    for cand in _ISA_ORDER[_ISA_ORDER.index(isa):]:
+        mod, err = _import(f"_cpu_{cand}")
+        if mod is not None:
+            _cpu, _cpu_isa = mod, cand
+            return
+        _errors.append(f"adai_kernels._cpu_{cand}: {err}")
+
+
+_load()
+
+
+def load_error() -> str | None:
+    """None when the ops and their CPU kernels are loaded, else why not (one line per failure)."""
+    if _C is not None and _cpu is not None:
+        return None
+    if not _errors:
+        return "adai_kernels native modules were not loaded"
+    return "; ".join(_errors)
+
+
+def cpu_isa() -> str:
+    """The CPU kernel variant in use: "avx512", "avx2", "default", or "none"."""
+    return _cpu_isa
+
+
+def cpu_vec_size() -> int:
+    """Floats per Vectorized<float> in the loaded CPU variant (0 when none is loaded)."""
+    return int(getattr(_cpu, "vec_size", 0))
+
+
+def built_with_cuda() -> bool:
+    """Whether `_C` was compiled with the CUDA kernels (a build-time fact, no GPU needed)."""
+    return bool(getattr(_C, "cuda", 0))
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the CUDA dispatch key has a kernel for adai::update."""
+    if _C is None:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("adai::update", "CUDA"))
+    except RuntimeError:  # the op is not registered
+        return False
+
+
+# ---- fake (meta) kernels: shape/dtype checks only; both ops return nothing -------------------
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_lists(op: str, n: int, **lists) -> None:
+    for name, ts in lists.items():
+        torch._check(len(ts) == n, lambda: f"{op}: `{name}` has {len(ts)} tensors but "
+                                           f"`params` has {n}")
+
+
+def _check_pairs(op: str, params, grads) -> None:
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(p.dtype in _PARAM_DTYPES,
+                     lambda: f"{op}: params[{i}] has dtype {p.dtype}; expected float32, "
+                             f"bfloat16 or float16")
+        torch._check(g.dtype == p.dtype,
+                     lambda: f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}")
+        torch._check(g.shape == p.shape,
+                     lambda: f"{op}: grads[{i}] has shape {tuple(g.shape)} but params[{i}] has "
+                             f"{tuple(p.shape)}")
+
+
+def _check_scalars(op: str, name: str, ts, dtype: torch.dtype) -> None:
+    for i, t in enumerate(ts):
+        torch._check(t.dim() == 0 and t.dtype == dtype,
+                     lambda: f"{op}: {name}[{i}] must be a 0-dim {dtype} tensor, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+
+
+def _stats_fake(params, grads, steps, v_sums, beta2, l2, out):
+    op = "adai::stats"
+    _check_lists(op, len(params), grads=grads, steps=steps, v_sums=v_sums)
+    _check_pairs(op, params, grads)
+    _check_scalars(op, "steps", steps, torch.float32)
+    _check_scalars(op, "v_sums", v_sums, torch.float64)
+    torch._check(out.dim() == 0 and out.dtype == torch.float64,
+                 lambda: f"{op}: `out` must be a 0-dim float64 tensor")
+    return None
+
+
+def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats, numel,
+                 lr, beta0, beta2, eps, weight_decay, decoupled, dampening):
+    op = "adai::update"
+    _check_lists(op, len(params), grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                 beta1_prod=beta1_prod, v_sums=v_sums, steps=steps)
+    _check_pairs(op, params, grads)
+    for name, states in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                         ("beta1_prod", beta1_prod)):
+        for i, (s, p) in enumerate(zip(states, params)):
+            torch._check(s.dtype == torch.float32 and s.shape == p.shape,
+                         lambda: f"{op}: {name}[{i}] must be float32 with the shape of "
+                                 f"params[{i}]")
+    _check_scalars(op, "v_sums", v_sums, torch.float64)
+    _check_scalars(op, "steps", steps, torch.float32)
+    torch._check(stats.dtype == torch.float64 and stats.dim() <= 1,
+                 lambda: f"{op}: `stats` must be a 1-D float64 tensor")
+    return None
+
+
+_fake_error: str | None = None
+if _C is not None:
+    try:
+        torch.library.register_fake("adai::stats")(_stats_fake)
+        torch.library.register_fake("adai::update")(_update_fake)
+    except Exception as e:  # eager calls still work; torch.compile / opcheck would not
+        _fake_error = f"registering the fake kernels failed: {type(e).__name__}: {e}"
