@@ -69,7 +69,9 @@ class ReferenceBackend(Backend):
         if d != 1.0:
             torch._foreach_mul_(mhat, beta0 ** (1.0 - d))
         if g["decoupled"] and g["weight_decay"] != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * g["weight_decay"])
+            # theta - (lr * wd) * theta, not theta * (1 - lr * wd): the latter rounds the
+            # small decay to float32 precision relative to 1
+            torch._foreach_add_(params, torch._foreach_mul(params, -lr * g["weight_decay"]))
         torch._foreach_add_(params, mhat, alpha=-lr)
         if params[0] is not work.params[0]:  # float32 temporaries of bf16/fp16 params
             torch._foreach_copy_(work.params, params)
