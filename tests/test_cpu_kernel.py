@@ -364,6 +364,31 @@ def test_deterministic_across_thread_counts(dtype, config):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_v_matches_update_bitwise(dtype):
+    """sum_v (run when state is loaded) recomputes v_sums exactly as update summed them, for
+    any layout and size and any thread count, so a restored run continues bitwise."""
+    gen = torch.Generator().manual_seed(6)
+    bucket = Bucket(_layouts(dtype, gen) + [("big", torch.randn(70_001, generator=gen)
+                                                     .to(dtype))])
+    for _ in range(3):
+        fresh_grads(bucket, gen)
+        kernel_step([bucket], dict(HP, dampening=0.5))
+    expected = bucket.vsum_vec.clone()
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            bucket.vsum_vec.fill_(float("nan"))
+            torch.ops.adai.sum_v(bucket.exp_avg_sq, bucket.v_sums)
+            assert torch.equal(bucket.vsum_vec, expected)
+    finally:
+        torch.set_num_threads(old)
+    # and the sums are the sums (fp32 lanes of <= 32 terms, added in double)
+    for v, vs in zip(bucket.exp_avg_sq, bucket.v_sums):
+        torch.testing.assert_close(vs, v.to(F64).sum(), rtol=1e-6, atol=0)
+
+
 def test_stats_v_sums_linearity():
     """stats uses V_i = v_sums[i] instead of reading exp_avg_sq: feeding a V_i changes `out`
     by beta2 * V_i / bc2."""

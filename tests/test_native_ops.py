@@ -77,6 +77,12 @@ def test_opcheck_update(kw):
     torch.library.opcheck(torch.ops.adai.update.default, args)
 
 
+def test_opcheck_sum_v():
+    _, args = sample(torch.float32)
+    exp_avg_sq, v_sums = args[3], args[5]
+    torch.library.opcheck(torch.ops.adai.sum_v.default, (exp_avg_sq, v_sums))
+
+
 def test_fake_kernels_check_inputs():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -138,18 +144,32 @@ def test_update_validation():
     _expect("`stats` must be a 1-D float64", up, *a)
 
 
+def test_sum_v_validation():
+    _, args = sample(torch.float32)
+    exp_avg_sq, v_sums = args[3], args[5]
+    sv = torch.ops.adai.sum_v
+    _expect("`v_sums` has 5 tensors but `exp_avg_sq` has 6", sv, exp_avg_sq, v_sums[:-1])
+    _expect(r"exp_avg_sq\[1\] has dtype", sv,
+            exp_avg_sq[:1] + [exp_avg_sq[1].double()] + exp_avg_sq[2:], v_sums)
+    _expect(r"exp_avg_sq\[0\] must be non-overlapping and dense", sv,
+            [torch.zeros(8)[::2]] + exp_avg_sq[1:], v_sums)
+    _expect(r"v_sums\[2\] must be a 0-dim", sv, exp_avg_sq,
+            v_sums[:2] + [torch.zeros(1, dtype=F64)] + v_sums[3:])
+
+
 def test_empty_lists():
     out = torch.full((), 7.0, dtype=F64)
     torch.ops.adai.stats([], [], [], [], 0.99, 0.0, out)
     assert out.item() == 0.0
     torch.ops.adai.update([], [], [], [], [], [], [], torch.zeros(1, dtype=F64), 0.0, 0.1,
                           0.1, 0.99, 1e-3, 0.0, False, 1.0)
+    # (sum_v has no tensor argument to dispatch on when its lists are empty: not callable)
 
 
 # ---- dispatch table and the compiled modules --------------------------------------------
 
 def test_dispatch_registrations():
-    for op in ("adai::stats", "adai::update"):
+    for op in ("adai::stats", "adai::update", "adai::sum_v"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
     # CUDA kernels are registered exactly when _C was compiled with them
     assert _native.has_cuda_kernels() == _native.built_with_cuda()
