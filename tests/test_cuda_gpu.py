@@ -404,6 +404,26 @@ def test_many_tensors_launch_count():
     assert len(kernels) <= 4, kernels
 
 
+@cuda_only
+def test_ops_do_not_synchronise_with_the_host():
+    """A step (table upload from pinned memory, both kernels) never waits for the GPU."""
+    hp = dict(HYPER["coupled"], lr=1e-2)
+    bk, gen = make_bucket(torch.float32, seed=10)
+    grads = make_grads(bk.params, gen)
+    stats = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    op_step(bk, grads, hp)  # warm-up: pinned memory, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            stats_op(bk, grads, hp, stats[0])
+            update_op(bk, grads, hp, stats, bk.numel)
+            ops.sum_v(bk.v, bk.v_sums)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 # ---- the optimizer ------------------------------------------------------------------------
 
 
@@ -506,6 +526,24 @@ def test_optimizer_launch_count_1000_tensors():
     opt.step()  # lazy state creation
     kernels, names = _kernels_in(opt.step)
     assert len(kernels) <= 4, kernels
+
+
+@cuda_only
+def test_optimizer_step_does_not_synchronise_with_the_host():
+    from adai_kernels import Adai
+
+    groups = _optimizer_groups(torch.float32, seed=11)
+    opt = Adai(groups, lr=1e-2, backend=BACKEND)
+    for step in range(2):
+        _set_grads(groups, step)
+        opt.step()
+    _set_grads(groups, 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # ---- 64-bit indexing ----------------------------------------------------------------------
