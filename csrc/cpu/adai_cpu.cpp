@@ -269,8 +269,23 @@ std::vector<double> tensor_sums(const std::vector<double>& partial,
 
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) f(k, chunks[k]);
+  // Threads take tasks: runs of consecutive chunks of about kChunk elements in all, so that
+  // many small tensors make few tasks (a call with < kChunk elements stays on the calling
+  // thread) and threads get similar amounts of work. Each chunk still writes its own slot,
+  // so the grouping does not change any result.
+  std::vector<int64_t> task_begin;
+  int64_t filled = kChunk;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    if (filled + chunks[k].len > kChunk) {
+      task_begin.push_back(static_cast<int64_t>(k));
+      filled = 0;
+    }
+    filled += chunks[k].len;
+  }
+  const int64_t n_tasks = static_cast<int64_t>(task_begin.size());
+  task_begin.push_back(static_cast<int64_t>(chunks.size()));
+  at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = task_begin[b]; k < task_begin[e]; ++k) f(k, chunks[k]);
   });
 }
 
