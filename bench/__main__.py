@@ -104,13 +104,7 @@ def _main(argv=None) -> int:
         if progress is not None:
             progress.close()
     bw2 = bandwidth.copy_bandwidth(device, copy_bytes)
-    samples = bw1["samples"] + bw2["samples"]
-    import statistics
-    bw = dict(bw1, gbps=statistics.median(samples), samples=samples,
-              gbps_start=bw1["gbps"], gbps_end=bw2["gbps"],
-              method=bw1["method"].replace(f"median of {len(bw1['samples'])}",
-                                           f"median of {len(samples)}, measured before and "
-                                           f"after the cases"))
+    bw = bandwidth.combine(bw1, bw2)
     # the bandwidth fractions use the median over both measurements
     for r in rows:
         if r.gbps is not None:

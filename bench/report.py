@@ -152,7 +152,9 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
              f"- command: `{meta['command']}`",
              f"- load average (1, 5, 15 min) at start / end: "
              f"{_loads(meta.get('load_average_start'))} / {_loads(meta.get('load_average_end'))}",
-             f"- copy bandwidth: **{bw['gbps']:.1f} GB/s** ({bw['method']})",
+             f"- copy bandwidth: **{bw['gbps']:.1f} GB/s** ({bw['method']}; medians: "
+             + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.get("medians", {}).items())
+             + ")",
              f"- wall time of the run: {meta.get('wall_s', 0):.0f} s", ""]
     head = headline(rows, ours, dev)
     if head:
