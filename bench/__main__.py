@@ -67,6 +67,7 @@ def _main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    meter = runners.OtherCpu()
     meta = report.metadata(device, argv)
     cases = profiles.build(args.profiles, device.type, args.quick)
     cons, skipped = cmod.contenders(device)
@@ -111,6 +112,7 @@ def _main(argv=None) -> int:
             r.pct_copy_bw = 100.0 * r.gbps / bw["gbps"]
     meta["load_average_end"] = report.loadavg()
     meta["wall_s"] = time.perf_counter() - t0
+    meta["other_cpu_pct"] = meter.pct()
     meta["budget_s"] = budget
     meta["quick"] = args.quick
     meta["peak_memory_method"] = (

@@ -155,7 +155,9 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
              f"- copy bandwidth: **{bw['gbps']:.1f} GB/s** ({bw['method']}; medians: "
              + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.get("medians", {}).items())
              + ")",
-             f"- wall time of the run: {meta.get('wall_s', 0):.0f} s", ""]
+             f"- wall time of the run: {meta.get('wall_s', 0):.0f} s; CPU used by other "
+             f"processes meanwhile: {_f(meta.get('other_cpu_pct'), '.0f', 'n/a')}% of the "
+             f"machine (the noise; per case below)", ""]
     head = headline(rows, ours, dev)
     if head:
         lines += ["## Headline", ""] + head + [""]
@@ -171,11 +173,16 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
     for case in cases:
         if case.name not in by_case:
             continue
-        load = by_case[case.name][0].load_1min
+        first = by_case[case.name][0]
+        noise = []
+        if first.load_1min is not None:
+            noise.append(f"1-minute load average at the start: {first.load_1min:.2f}")
+        if first.other_cpu_pct is not None:
+            noise.append(f"CPU used by other processes during the case: "
+                         f"{first.other_cpu_pct:.0f}% of the machine")
         lines += [f"### {case.name}: {case.n_tensors} tensors, {case.numel / 1e6:.3g}M "
                   f"elements, {case.dtype_name} params and grads ({case.note})", "",
-                  *([f"1-minute load average at the start of the case: {load:.2f}", ""]
-                    if load is not None else []),
+                  *(["; ".join(noise) + ".", ""] if noise else []),
                   case_table(by_case[case.name], dev), ""]
     if skipped:
         lines += ["## Not benchmarked", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]

@@ -48,6 +48,8 @@ class Row:
     peak_extra_bytes: int | None = None
     error: str | None = None
     load_1min: float | None = None          # 1-minute load average when the case started
+    other_cpu_pct: float | None = None      # CPU used by other processes during the case,
+                                            # % of all logical CPUs (from /proc/stat)
 
 
 def _alloc(case: Case, device: torch.device, seed: int):
@@ -187,6 +189,35 @@ def run_case(case: Case, contenders: list[Contender], cfg: Config, budget_s: flo
     return list(rows.values())
 
 
+class OtherCpu:
+    """CPU time used by everything but this process since construction, as a % of all
+    logical CPUs over the elapsed wall time: the noise other tenants put on a case."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # - idle, iowait
+        t = os.times()
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def pct(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        if wall <= 0:
+            return None
+        return max(0.0, 100.0 * other / (wall * (os.cpu_count() or 1)))
+
+
 def case_weight(case: Case) -> float:
     """Relative cost of a case, for sharing the time budget: elements moved, plus a
     per-tensor overhead (Python loops of the unfused contenders)."""
@@ -205,9 +236,12 @@ def run_all(cases: list[Case], contenders: list[Contender], cfg: Config, copy_gb
             load = os.getloadavg()[0]
         except OSError:
             load = None
+        meter = OtherCpu()
         case_rows = run_case(case, contenders, cfg, share, copy_gbps, progress)
+        other = meter.pct()
         for r in case_rows:
             r.load_1min = load
+            r.other_cpu_pct = other
         rows += case_rows
         if progress is not None:
             progress.update(1)
