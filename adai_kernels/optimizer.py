@@ -10,7 +10,8 @@ from torch.optim.optimizer import Optimizer, required
 
 from . import backends
 from .buckets import Bucket, is_dense, state_strides
-from .work import Work
+from .backends.base import GRAD_NORM_SQ, STATS_COLUMNS
+from .work import Control, Work
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "beta1_prod")
@@ -66,16 +67,40 @@ class Adai(Optimizer):
         dampening: d in [0, 1]; 1 is Adai, < 1 is AdaiV2. Default 1.
         backend: "auto", "cuda", "triton", "cpu" or "reference". "auto" (or the environment
             variable ADAI_BACKEND) picks the fastest backend available for each device.
+        max_grad_norm: clip the global gradient norm (over every parameter of every group, as
+            torch.nn.utils.clip_grad_norm_) inside the step; the gradients are not modified.
+            A non-finite norm skips the step. `grad_norm` holds the norm before clipping.
+        skip_nonfinite: skip the whole step (parameters, states and step counters unchanged)
+            when a gradient is inf or NaN. Off by default: as in the reference code, a
+            non-finite gradient then propagates into the parameters it touches.
+        process_group: when parameters are sharded across processes (ZeRO-style), the group
+            whose sum makes the global statistics; one all-reduce of a few scalars per step.
+
+    With torch.amp.GradScaler, gradients are unscaled inside the step and a step with inf/NaN
+    gradients is skipped, without a device-to-host synchronisation.
     """
 
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
-                 decoupled=False, dampening=1.0, *, backend: str = "auto"):
+                 decoupled=False, dampening=1.0, *, backend: str = "auto",
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 process_group=None):
         if lr is required:
             raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening)
         validate_hyperparameters(defaults)
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and math.isfinite(max_grad_norm)
+                                              and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be a finite "
+                             f"number > 0, or None)")
         backends.check_name(backend)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.process_group = process_group
+        self._last_stats: list[torch.Tensor] = []
         self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
@@ -124,25 +149,53 @@ class Adai(Optimizer):
         by_device: dict[torch.device, list[Work]] = defaultdict(list)
         for w in works:
             by_device[w.device].append(w)
+        controls = {device: self._control(device) for device in by_device}
         stats = {}
         for device, ws in by_device.items():
-            buf = torch.empty(len(ws), dtype=torch.float64, device=device)
+            rows = torch.empty(len(ws), STATS_COLUMNS, dtype=torch.float64, device=device)
             backend = self._backends[device]
             for i, w in enumerate(ws):
-                backend.stats(w, buf[i])
-            stats[device] = buf
-        if len(stats) > 1:  # one global mean over every device
-            first = next(iter(stats.values()))
-            total = sum(s.sum().to(first.device) for s in stats.values()).reshape(1)
-            stats = {device: total.to(device) for device in stats}
-        numel = sum(w.numel for w in works)
+                backend.stats(w, rows[i], controls[device])
+            stats[device] = rows
+        stats = self._global_stats(stats)
+        self._last_stats = list(stats.values())[:1]
         for device, ws in by_device.items():
             backend = self._backends[device]
             for w in ws:
-                backend.update(w, stats[device], numel)
+                backend.update(w, stats[device], controls[device])
                 for param, stand_in in w.write_back:
                     param.copy_(stand_in)
         return loss
+
+    def _control(self, device: torch.device) -> Control:
+        """This step's shared inputs on `device`: GradScaler sets `grad_scale` and `found_inf`
+        on the optimizer just for the call to step()."""
+        def here(t):
+            return None if t is None else t.to(device=device, dtype=torch.float32).reshape(())
+        return Control(grad_scale=here(getattr(self, "grad_scale", None)),
+                       found_inf=here(getattr(self, "found_inf", None)),
+                       max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite)
+
+    def _global_stats(self, stats: dict) -> dict:
+        """Make every device's statistics global: one row per bucket on a single device in a
+        single process; otherwise the column sums, added across devices and all-reduced over
+        the process group (still no host synchronisation)."""
+        if len(stats) == 1 and self.process_group is None:
+            return stats
+        first = next(iter(stats))
+        total = sum(rows.sum(0, keepdim=True).to(first) for rows in stats.values())
+        if self.process_group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(total, group=self.process_group)
+        return {device: total.to(device) for device in stats}
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (after unscaling, before clipping) of the last step, as a
+        0-dim float64 tensor on the device; None before the first step."""
+        if not self._last_stats:
+            return None
+        return self._last_stats[0][:, GRAD_NORM_SQ].sum().sqrt()
 
     def _prepare(self) -> list[Work]:
         """Check every gradient, then give new parameters state and build the per-bucket
