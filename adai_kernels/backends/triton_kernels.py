@@ -1,0 +1,359 @@
+"""Triton kernels of the Adai step (docs/design.md, "Two phases, two calls").
+
+Imported only by `triton.py`'s loader, never by `import adai_kernels`: it imports triton.
+
+Every launch is multi-tensor: a device-side int64 table (built by the launcher, one
+host-to-device copy per op) holds, for T tensors and C chunks of BLOCK elements:
+
+    [0 : NC)                 float64 constants, bit-cast to int64 (NC per kernel, constexpr)
+    [NC + j*T : NC+(j+1)*T)  column j of the per-tensor rows: data_ptr values and numel
+    [CS : CS + T + 1)        prefix sums of chunk counts: tensor t owns chunks [cs[t], cs[t+1])
+    [CH : CH + C)            chunk c -> (tensor << 32) | (chunk index inside the tensor)
+
+so the grid is C programs (or T for the per-tensor finalizers) whatever T is, and the launch
+count of a step does not depend on the number of tensors. Elements are processed in memory
+order: a dense non-overlapping tensor (transposed, channels_last) is the flat span of numel
+elements from its data_ptr, and its grad and states have the same strides.
+
+The per-element arithmetic is csrc/adai_math.h's, in the same order of operations, in fp32.
+Sums are deterministic: fp32 `tl.sum` inside a chunk, float64 per chunk, then float64 per
+tensor and per launch in a fixed order by one program each. No float atomics.
+
+Chunks that lie wholly inside their tensor run unmasked (`numel` is read from the table, so a
+mask would defeat vector accesses); a tensor's last chunk runs masked. Pointers are declared
+16-byte aligned when the launcher found them so, and offsets contiguous in runs of VEC: with
+the buckets' aligned states every access of `update` and `sum_v` gets the same register
+layout (VEC elements per thread), hence the same reduction order for the chunk sums of v, and
+a checkpoint restored through `sum_v` continues bitwise (checked in the compiled TTGIR for
+sm_90 by tests/test_triton.py).
+
+Portability notes (the same code runs compiled on CUDA/ROCm and under TRITON_INTERPRET=1):
+- pow(x, e) is exp2(e * log2(x)) (the interpreter has no pow); x == 0 is handled explicitly,
+  and d == 1 (Adai proper) needs no pow at all (ADAI_V1 is a constexpr).
+- bf16 is loaded and stored through its bits (int16): loads shift left by 16; stores round
+  to nearest even with integer ops (NaN -> 0x7FC0), like torch's own conversion. The
+  interpreter's fp32 -> bf16 cast truncates, so this keeps both paths bitwise identical.
+- fp32 division m / (1 - b) is `div_rn` (IEEE); Triton's `/` on NVIDIA is div.full (approx).
+- float64 constants (beta2, numel, ln beta2) come through the table: Triton passes Python
+  floats as fp32. fp32 constants (adai_math.h's Consts) are rounded on the host, so the
+  launcher's conversion is exact.
+- beta2^k is exp(k * ln beta2) in float64 (tl.exp on fp64 lowers to __nv_exp/__ocml_exp_f64).
+- Compiled, fp32 mul + add may contract to FMA (as nvcc does by default); the interpreter
+  (numpy) never contracts.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per program (one chunk) in the element-wise kernels
+VEC = 4  # elements per thread and vector access (see _offsets)
+NUM_WARPS = 4  # of every element-wise kernel (the same for update and sum_v)
+FBLOCK = 1024  # partials per iteration in the finalizers
+
+# dtype codes of params / grads (CODE, one per launch, a constexpr): fp32, fp16, bf16
+F32, F16, BF16 = 0, 1, 2
+
+
+@triton.jit
+def _ld(ptr, mask, MASKED: tl.constexpr, other):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=other)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@triton.jit
+def _load_param(ptr, offs, mask, CODE: tl.constexpr, MASKED: tl.constexpr):
+    """Load params/grads of dtype CODE (0 fp32, 1 fp16, 2 bf16: a pointer from _param_ptr)
+    as fp32. bf16 goes through its bits: exact, and the same compiled or interpreted."""
+    if CODE == 2:
+        bits = _ld(ptr + offs, mask, MASKED, 0)
+        x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = _ld(ptr + offs, mask, MASKED, 0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_param(ptr, offs, x, mask, CODE: tl.constexpr, MASKED: tl.constexpr):
+    """Store fp32 `x` as dtype CODE, rounded to nearest even. bf16: with integer ops (the
+    interpreter's fp32 -> bf16 cast truncates), NaN -> 0x7FC0, as torch does."""
+    if CODE == 2:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        _st(ptr + offs, rounded.to(tl.int16), mask, MASKED)
+    elif CODE == 1:
+        _st(ptr + offs, x.to(tl.float16), mask, MASKED)
+    else:
+        _st(ptr + offs, x, mask, MASKED)
+
+
+@triton.jit
+def _offsets(local, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Element offsets of chunk `local`, declared contiguous in runs of VEC only: every load
+    and store of every kernel then gets the same register layout (VEC elements per thread),
+    so a chunk's sum is reduced in the same order by `update` and by `sum_v`."""
+    return tl.max_contiguous(local * BLOCK + tl.arange(0, BLOCK), VEC)
+
+
+@triton.jit
+def _ptr(meta, T, t, j, NC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Column j (a data_ptr value) of tensor t's row as a pointer to DTYPE, declared 16-byte
+    aligned when ALIGNED (checked on the host for every tensor of the launch)."""
+    ptr = tl.load(meta + (NC + j * T) + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _param_ptr(meta, T, t, j, NC: tl.constexpr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """_ptr for params/grads of dtype CODE (bf16 as int16: handled through its bits)."""
+    if CODE == 2:
+        ptr = _ptr(meta, T, t, j, NC, tl.int16, ALIGNED)
+    elif CODE == 1:
+        ptr = _ptr(meta, T, t, j, NC, tl.float16, ALIGNED)
+    else:
+        ptr = _ptr(meta, T, t, j, NC, tl.float32, ALIGNED)
+    return ptr
+
+
+@triton.jit
+def _powf(x, e):
+    """x ** e for x >= 0 (or NaN) and e >= 0, as exp2(e * log2(x)); pow(0, e) = (e == 0)."""
+    pos = x > 0.0
+    r = tl.exp2(e * tl.log2(tl.where(pos, x, 1.0)))
+    zero = tl.where(e == 0.0, 1.0, 0.0)
+    return tl.where(pos, r, tl.where(x == 0.0, zero, x))
+
+
+@triton.jit
+def _chunk(meta, pid, T, NC: tl.constexpr, NCOL: tl.constexpr):
+    """(tensor index, chunk index inside the tensor) of program `pid`."""
+    packed = tl.load(meta + (NC + NCOL * T + T + 1) + pid)
+    return packed >> 32, packed & 0xFFFFFFFF
+
+
+@triton.jit
+def _col(meta, T, t, j, NC: tl.constexpr):
+    """Column j of tensor t's row (a data_ptr value or numel), as int64."""
+    return tl.load(meta + (NC + j * T) + t)
+
+
+@triton.jit
+def _bc2(meta, T, t, col_step, ln_beta2, NC: tl.constexpr):
+    """1 - beta2^k (float64) for tensor t, with k read from its fp32 step counter."""
+    step_ptr = _col(meta, T, t, col_step, NC).to(tl.pointer_type(tl.float32))
+    k = tl.load(step_ptr).to(tl.float64)
+    return 1.0 - tl.exp(k * ln_beta2)
+
+
+@triton.jit
+def _segment_sum(meta, T, t, partials, NC: tl.constexpr, NCOL: tl.constexpr,
+                 FB: tl.constexpr):
+    """sum of partials[cs[t] : cs[t+1]] in float64, in a fixed order."""
+    cs = meta + (NC + NCOL * T)
+    c0 = tl.load(cs + t)
+    c1 = tl.load(cs + t + 1)
+    acc = tl.zeros([FB], dtype=tl.float64)
+    for start in range(c0, c1, FB):
+        idx = start + tl.arange(0, FB)
+        acc += tl.load(partials + idx, mask=idx < c1, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+# ----------------------------------------------------------------------------- stats
+# the stats table: S_NC float64 constants, then these columns
+S_NC = tl.constexpr(3)  # beta2, 1 - beta2, ln(beta2)
+S_G, S_P, S_STEP, S_VSUM, S_NUMEL = (tl.constexpr(i) for i in range(5))
+S_NCOL = tl.constexpr(5)
+
+
+@triton.jit
+def _grad_sq_sum(g_ptr, p_ptr, offs, mask, l2, CODE: tl.constexpr, HAS_L2: tl.constexpr,
+                 MASKED: tl.constexpr):
+    g = _load_param(g_ptr, offs, mask, CODE, MASKED)
+    if HAS_L2:
+        ge = g + l2 * _load_param(p_ptr, offs, mask, CODE, MASKED)
+    else:
+        ge = g
+    sq = ge * ge
+    if MASKED:
+        sq = tl.where(mask, sq, 0.0)
+    return tl.sum(sq, axis=0)
+
+
+@triton.jit
+def stats_partials_kernel(meta, partials, T, l2, CODE: tl.constexpr, HAS_L2: tl.constexpr,
+                          P_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """partials[c] = sum over chunk c of (g + l2 * theta)^2 (adai_math.h::grad_sq)."""
+    pid = tl.program_id(0)
+    t, local = _chunk(meta, pid, T, S_NC, S_NCOL)
+    numel = _col(meta, T, t, S_NUMEL, S_NC)
+    offs = _offsets(local, BLOCK, VEC)
+    g_ptr = _param_ptr(meta, T, t, S_G, S_NC, CODE, P_ALIGNED)
+    p_ptr = _param_ptr(meta, T, t, S_P, S_NC, CODE, P_ALIGNED)
+    if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
+        part = _grad_sq_sum(g_ptr, p_ptr, offs, offs < numel, l2, CODE, HAS_L2, False)
+    else:
+        part = _grad_sq_sum(g_ptr, p_ptr, offs, offs < numel, l2, CODE, HAS_L2, True)
+    tl.store(partials + pid, part.to(tl.float64))
+
+
+@triton.jit
+def stats_finalize_kernel(meta, partials, contrib, T, FB: tl.constexpr):
+    """One program per tensor t: k += 1 and
+    contrib[t] = (beta2 * V_t + (1 - beta2) * G_t) / (1 - beta2^k), all float64."""
+    t = tl.program_id(0).to(tl.int64)
+    beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
+    one_minus_beta2 = tl.load(meta + 1).to(tl.float64, bitcast=True)
+    ln_beta2 = tl.load(meta + 2).to(tl.float64, bitcast=True)
+    G = _segment_sum(meta, T, t, partials, S_NC, S_NCOL, FB)
+    step_ptr = _col(meta, T, t, S_STEP, S_NC).to(tl.pointer_type(tl.float32))
+    k = tl.load(step_ptr) + 1.0
+    tl.store(step_ptr, k)
+    bc2 = 1.0 - tl.exp(k.to(tl.float64) * ln_beta2)
+    V = tl.load(_col(meta, T, t, S_VSUM, S_NC).to(tl.pointer_type(tl.float64)))
+    tl.store(contrib + t, (beta2 * V + one_minus_beta2 * G) / bc2)
+
+
+@triton.jit
+def sum_kernel(x, n, out, FB: tl.constexpr):
+    """out = sum(x[0:n]) in float64, in a fixed order (one program)."""
+    acc = tl.zeros([FB], dtype=tl.float64)
+    for start in range(0, n, FB):
+        idx = start + tl.arange(0, FB)
+        acc += tl.load(x + idx, mask=idx < n, other=0.0)
+    tl.store(out, tl.sum(acc, axis=0))
+
+
+# ----------------------------------------------------------------------------- update
+# the update (and sum_v) table: U_NC float64 constants, then these columns
+U_NC = tl.constexpr(2)  # ln(beta2), numel (the global element count N)
+U_P, U_G, U_M, U_V, U_B, U_STEP, U_VSUM, U_NUMEL = (tl.constexpr(i) for i in range(8))
+U_NCOL = tl.constexpr(8)
+
+
+@triton.jit
+def _v_sum(v, mask, MASKED: tl.constexpr):
+    """A chunk's sum of v (fp32). The same code in `update` and `sum_v`, so that with the
+    same layout (see _offsets) they reduce in the same order."""
+    if MASKED:
+        v = tl.where(mask, v, 0.0)
+    return tl.sum(v, axis=0)
+
+
+@triton.jit
+def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vbar,
+                  lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                  exponent, mhat_scale,
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, MASKED: tl.constexpr):
+    theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
+    g = _load_param(g_ptr, offs, mask, CODE, MASKED)
+    m = _ld(m_ptr + offs, mask, MASKED, 0.0)
+    v = _ld(v_ptr + offs, mask, MASKED, 0.0)
+    b = _ld(b_ptr + offs, mask, MASKED, 0.0)
+
+    # adai_math.h::update, operation for operation
+    ge = g + l2 * theta
+    v = beta2 * v + one_minus_beta2 * ge * ge
+    ratio = v * inv_bc2 * inv_vbar
+    if ADAI_V1:
+        scaled = ratio
+    else:
+        scaled = _powf(ratio, exponent)
+    beta1 = 1.0 - beta0 * scaled
+    beta1 = tl.where(beta1 < 0.0, 0.0, tl.where(beta1 > beta1_max, beta1_max, beta1))
+    one_minus_beta1 = 1.0 - beta1
+    if ADAI_V1:
+        beta3 = one_minus_beta1
+    else:
+        beta3 = _powf(one_minus_beta1, dampening)
+    b = b * beta1
+    m = beta1 * m + beta3 * ge
+    mhat = tl.math.div_rn(m, 1.0 - b)
+    if not ADAI_V1:
+        mhat = mhat * mhat_scale
+    theta = theta - lr_wd * theta - lr * mhat
+
+    _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
+    _st(m_ptr + offs, m, mask, MASKED)
+    _st(v_ptr + offs, v, mask, MASKED)
+    _st(b_ptr + offs, b, mask, MASKED)
+    return _v_sum(v, mask, MASKED)
+
+
+@triton.jit
+def update_kernel(meta, stats, n_stats, partials, T,
+                  lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                  exponent, mhat_scale,
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, P_ALIGNED: tl.constexpr,
+                  S_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v."""
+    pid = tl.program_id(0)
+    t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
+    ln_beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
+    count = tl.load(meta + 1).to(tl.float64, bitcast=True)
+
+    # inv_bc2 (per tensor) and inv_vbar (global): float64, then fp32 (adai_math.h)
+    inv_bc2 = (1.0 / _bc2(meta, T, t, U_STEP, ln_beta2, U_NC)).to(tl.float32)
+    s = tl.zeros([], dtype=tl.float64)
+    for j in range(0, n_stats):  # the stats vector, in index order
+        s += tl.load(stats + j)
+    pos = s > 0.0
+    inv_vbar = tl.where(pos, count / tl.where(pos, s, 1.0), 0.0).to(tl.float32)
+
+    numel = _col(meta, T, t, U_NUMEL, U_NC)
+    offs = _offsets(local, BLOCK, VEC)
+    p_ptr = _param_ptr(meta, T, t, U_P, U_NC, CODE, P_ALIGNED)
+    g_ptr = _param_ptr(meta, T, t, U_G, U_NC, CODE, P_ALIGNED)
+    m_ptr = _ptr(meta, T, t, U_M, U_NC, tl.float32, S_ALIGNED)
+    v_ptr = _ptr(meta, T, t, U_V, U_NC, tl.float32, S_ALIGNED)
+    b_ptr = _ptr(meta, T, t, U_B, U_NC, tl.float32, S_ALIGNED)
+    if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
+        part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
+                             inv_bc2, inv_vbar, lr, beta0, beta2, one_minus_beta2,
+                             beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
+                             CODE, ADAI_V1, False)
+    else:
+        part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
+                             inv_bc2, inv_vbar, lr, beta0, beta2, one_minus_beta2,
+                             beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
+                             CODE, ADAI_V1, True)
+    tl.store(partials + pid, part.to(tl.float64))
+
+
+@triton.jit
+def vsum_partials_kernel(meta, partials, T, S_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                         VEC: tl.constexpr):
+    """sum_v: partials[c] = chunk c's sum of exp_avg_sq, exactly as update_kernel sums it
+    (update's table layout, only the U_V, U_VSUM and U_NUMEL columns used)."""
+    pid = tl.program_id(0)
+    t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
+    numel = _col(meta, T, t, U_NUMEL, U_NC)
+    offs = _offsets(local, BLOCK, VEC)
+    v_ptr = _ptr(meta, T, t, U_V, U_NC, tl.float32, S_ALIGNED)
+    mask = offs < numel
+    if (local + 1) * BLOCK <= numel:
+        part = _v_sum(_ld(v_ptr + offs, mask, False, 0.0), mask, False)
+    else:
+        part = _v_sum(_ld(v_ptr + offs, mask, True, 0.0), mask, True)
+    tl.store(partials + pid, part.to(tl.float64))
+
+
+@triton.jit
+def vsum_finalize_kernel(meta, partials, T, FB: tl.constexpr):
+    """One program per tensor t: v_sums[t] = sum of its chunks' partials (float64, in order)."""
+    t = tl.program_id(0).to(tl.int64)
+    total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
+    tl.store(_col(meta, T, t, U_VSUM, U_NC).to(tl.pointer_type(tl.float64)), total)
