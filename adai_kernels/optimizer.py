@@ -9,6 +9,7 @@ import torch
 from torch.optim.optimizer import Optimizer, required
 
 from . import backends
+from . import sharding
 from .buckets import Bucket, is_dense, state_strides
 from .backends.base import GRAD_NORM_SQ, STATS_COLUMNS
 from .work import Control, Work
@@ -49,6 +50,15 @@ def validate_hyperparameters(group: dict) -> None:
         value = group[name]
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+
+
+def _index(key) -> int | str:
+    """A parameter index of a state dict; checkpoint libraries may hand it back as a str or a
+    0-dim tensor (torch.distributed.checkpoint does)."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return key
 
 
 class Adai(Optimizer):
@@ -101,6 +111,7 @@ class Adai(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.process_group = process_group
         self._last_stats: list[torch.Tensor] = []
+        self._mesh_group = None  # the DTensor parameters' group, found at step time
         self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
@@ -180,13 +191,14 @@ class Adai(Optimizer):
         """Make every device's statistics global: one row per bucket on a single device in a
         single process; otherwise the column sums, added across devices and all-reduced over
         the process group (still no host synchronisation)."""
-        if len(stats) == 1 and self.process_group is None:
+        group = self.process_group if self.process_group is not None else self._mesh_group
+        if len(stats) == 1 and group is None:
             return stats
         first = next(iter(stats))
         total = sum(rows.sum(0, keepdim=True).to(first) for rows in stats.values())
-        if self.process_group is not None:
+        if group is not None:
             import torch.distributed as dist
-            dist.all_reduce(total, group=self.process_group)
+            dist.all_reduce(total, group=group)
         return {device: total.to(device) for device in stats}
 
     @property
@@ -209,6 +221,8 @@ class Adai(Optimizer):
                 selected.append((gi, p, p.grad))
         for device in {p.device for _, p, _ in selected}:
             self._backend_for(device)
+        if self.process_group is None:
+            self._mesh_group = sharding.reduce_group([p for _, p, _ in selected])
 
         joining: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for gi, p, _ in selected:
@@ -228,6 +242,7 @@ class Adai(Optimizer):
             if w is None:
                 w = works[key] = Work(self.param_groups[gi], p.device, p.dtype)
             views = self._buckets[key].state_of(p)
+            p, g = sharding.local(p), sharding.local(g)
             dense_p = p if is_dense(p) else p.contiguous()
             if dense_p is not p:
                 w.write_back.append((p, dense_p))
@@ -281,7 +296,8 @@ class Adai(Optimizer):
                 views = bucket.state_of(p)
                 entry = {"step": steps[id(p)]}
                 for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
-                    entry[k] = views[k].clone(memory_format=torch.contiguous_format)
+                    entry[k] = sharding.like_param(
+                        views[k].clone(memory_format=torch.contiguous_format), p)
                 state[index[id(p)]] = entry
         groups = []
         for group in self.param_groups:
@@ -316,10 +332,11 @@ class Adai(Optimizer):
                 raise ValueError(f"param group {gi} of the loaded state dict: {e}") from None
             new_groups.append(merged)
             for saved_index, p in zip(saved["params"], group["params"]):
-                by_saved_index[saved_index] = (gi, p)
+                by_saved_index[_index(saved_index)] = (gi, p)
 
         initial: dict[tuple, list] = defaultdict(list)
         for saved_index, entry in saved_state.items():
+            saved_index = _index(saved_index)
             if saved_index not in by_saved_index:
                 raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
                                  f"which is in none of its param groups")
@@ -355,13 +372,20 @@ class Adai(Optimizer):
         out = {"step": step}
         for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
             t = entry[k]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+            if sharding.is_dtensor(t) and sharding.is_dtensor(p):
+                if t.placements != p.placements or t.shape != p.shape:
+                    raise ValueError(f"loaded state of parameter {index}: {k} is sharded as "
+                                     f"{t.placements} {tuple(t.shape)}, the parameter as "
+                                     f"{p.placements} {tuple(p.shape)}")
+                t = t.to_local()
+            lp = sharding.local(p)
+            if not isinstance(t, torch.Tensor) or t.shape != lp.shape:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"loaded state of parameter {index}: {k} has shape {shape}, "
-                                 f"the parameter has shape {tuple(p.shape)}")
+                                 f"the parameter has shape {tuple(lp.shape)}")
             if t.is_complex() or not t.is_floating_point():
                 raise ValueError(f"loaded state of parameter {index}: {k} is {t.dtype}")
-            out[k] = t.to(device=p.device, dtype=torch.float32)
+            out[k] = t.to(device=lp.device, dtype=torch.float32)
         return out
 
 
