@@ -117,7 +117,7 @@ def _c_extension():
         for d in _nvidia_include_dirs():
             sys_inc += ["-isystem", d]
         cxx += ["-DADAI_WITH_CUDA"] + sys_inc
-        nvcc = ["-O3", "-DADAI_WITH_CUDA", "--expt-relaxed-constexpr"] + sys_inc
+        nvcc = ["-O3", "-DADAI_WITH_CUDA"] + sys_inc
         print(f"adai setup: building CUDA kernels {cuda_sources} with CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
         return CUDAExtension("adai_kernels._C", sources + cuda_sources,

@@ -1,4 +1,5 @@
-"""Loads the compiled ops (torch.ops.adai.stats / .update) and registers their fake kernels.
+"""Loads the compiled ops (torch.ops.adai.stats / .update / .sum_v) and registers their fake
+kernels.
 
 `adai_kernels._C` holds the op schemas (and the CUDA kernels when built with CUDA); the CPU
 kernels are compiled once per ISA into `_cpu_avx512`, `_cpu_avx2` and `_cpu_default`, and
@@ -104,7 +105,7 @@ def has_cuda_kernels() -> bool:
         return False
 
 
-# ---- fake (meta) kernels: shape/dtype checks only; both ops return nothing -------------------
+# ---- fake (meta) kernels: shape/dtype checks only; the ops return nothing -------------------
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -164,10 +165,23 @@ def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
     return None
 
 
-_fake_error: str | None = None
+def _sum_v_fake(exp_avg_sq, v_sums):
+    op = "adai::sum_v"
+    torch._check(len(v_sums) == len(exp_avg_sq),
+                 lambda: f"{op}: `v_sums` has {len(v_sums)} tensors but `exp_avg_sq` has "
+                         f"{len(exp_avg_sq)}")
+    for i, v in enumerate(exp_avg_sq):
+        torch._check(v.dtype == torch.float32,
+                     lambda: f"{op}: exp_avg_sq[{i}] has dtype {v.dtype}; expected float32")
+    _check_scalars(op, "v_sums", v_sums, torch.float64)
+    return None
+
+
+_fake_errors: list[str] = []
 if _C is not None:
-    try:
-        torch.library.register_fake("adai::stats")(_stats_fake)
-        torch.library.register_fake("adai::update")(_update_fake)
-    except Exception as e:  # eager calls still work; torch.compile / opcheck would not
-        _fake_error = f"registering the fake kernels failed: {type(e).__name__}: {e}"
+    for _name, _fn in (("stats", _stats_fake), ("update", _update_fake), ("sum_v", _sum_v_fake)):
+        try:
+            torch.library.register_fake(f"adai::{_name}")(_fn)
+        except Exception as e:  # eager calls still work; torch.compile / opcheck would not
+            _fake_errors.append(f"registering the fake kernel of adai::{_name} failed: "
+                                f"{type(e).__name__}: {e}")

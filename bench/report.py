@@ -76,6 +76,10 @@ def _f(x, fmt: str, none: str = "") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _loads(x) -> str:
+    return "n/a" if not x else ", ".join(f"{v:.2f}" for v in x)
+
+
 def _ms(s: float | None) -> str:
     if s is None:
         return ""
@@ -146,8 +150,8 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
              f"- git commit {meta['git_commit']}" + (" (+ uncommitted changes)"
                                                      if meta["git_dirty"] else ""),
              f"- command: `{meta['command']}`",
-             f"- load average at start / end: {meta.get('load_average_start')} / "
-             f"{meta.get('load_average_end')}",
+             f"- load average (1, 5, 15 min) at start / end: "
+             f"{_loads(meta.get('load_average_start'))} / {_loads(meta.get('load_average_end'))}",
              f"- copy bandwidth: **{bw['gbps']:.1f} GB/s** ({bw['method']})",
              f"- wall time of the run: {meta.get('wall_s', 0):.0f} s", ""]
     head = headline(rows, ours, dev)
@@ -165,8 +169,11 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
     for case in cases:
         if case.name not in by_case:
             continue
+        load = by_case[case.name][0].load_1min
         lines += [f"### {case.name}: {case.n_tensors} tensors, {case.numel / 1e6:.3g}M "
                   f"elements, {case.dtype_name} params and grads ({case.note})", "",
+                  *([f"1-minute load average at the start of the case: {load:.2f}", ""]
+                    if load is not None else []),
                   case_table(by_case[case.name], dev), ""]
     if skipped:
         lines += ["## Not benchmarked", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Row:
     state_bytes: int | None = None
     peak_extra_bytes: int | None = None
     error: str | None = None
+    load_1min: float | None = None          # 1-minute load average when the case started
 
 
 def _alloc(case: Case, device: torch.device, seed: int):
@@ -199,7 +201,14 @@ def run_all(cases: list[Case], contenders: list[Contender], cfg: Config, copy_gb
     for i, case in enumerate(cases):
         left = cfg.budget_s - (time.perf_counter() - t_start)
         share = max(0.0, left) * weights[i] / sum(weights[i:])
-        rows += run_case(case, contenders, cfg, share, copy_gbps, progress)
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = None
+        case_rows = run_case(case, contenders, cfg, share, copy_gbps, progress)
+        for r in case_rows:
+            r.load_1min = load
+        rows += case_rows
         if progress is not None:
             progress.update(1)
     return rows

@@ -1,4 +1,5 @@
-// Fused CPU kernels for adai::stats and adai::update (semantics: docs/design.md).
+// Fused CPU kernels for adai::stats, adai::update and adai::sum_v (semantics:
+// docs/design.md).
 //
 // This one source is compiled once per ISA into separate extension modules
 // (adai_kernels._cpu_default / _cpu_avx2 / _cpu_avx512, see setup.py); only one of them is
@@ -130,15 +131,17 @@ inline double hsum(const fVec& v) {
 
 // ---- per-chunk kernels ------------------------------------------------------------------------
 
-// Vector iterations run in runs of kFlush elements: each run's two float accumulators are
-// added into the double sum, so no fp32 accumulator lane adds more than kFlush / kBlock
-// (= 32) terms. Run boundaries depend only on the chunk, not on the thread.
+// The one summation order of every per-chunk sum (stats' G, update's and sum_v's v sums):
+// vector blocks of kBlock elements go into two float accumulators (first and second half of
+// the block), which are added into a double every kFlush elements, so no fp32 lane adds more
+// than kFlush / kBlock (= 32) terms; then the scalar tail, element by element, in double.
+// `vec(i, x0, x1)` produces block i's two vectors of terms, `tail(i)` element i's term.
+// update and sum_v both sum the stored new v through here, so their sums agree bitwise.
 constexpr int64_t kFlush = 1024;
 static_assert(kFlush % kBlock == 0 && kChunk % kFlush == 0, "bad flush size");
 
-// sum_j (g_j + l2 * theta_j)^2 over n elements; theta is read only when kL2.
-template <typename scalar_t, bool kL2>
-double grad_sq_chunk(const scalar_t* g, const scalar_t* p, int64_t n, const adai::Consts& c) {
+template <typename VecBody, typename TailBody>
+inline double blocked_sum(int64_t n, const VecBody& vec, const TailBody& tail) {
   const int64_t n_vec = n - n % kBlock;
   double s = 0.0;
   int64_t i = 0;
@@ -146,31 +149,43 @@ double grad_sq_chunk(const scalar_t* g, const scalar_t* p, int64_t n, const adai
     const int64_t stop = std::min(n_vec, i + kFlush);
     fVec acc0(0.0f), acc1(0.0f);
     for (; i < stop; i += kBlock) {
-      fVec g0, g1;
-      IO<scalar_t>::load(g + i, g0, g1);
-      if constexpr (kL2) {
-        fVec p0, p1;
-        IO<scalar_t>::load(p + i, p0, p1);
-        acc0 = acc0 + adai::grad_sq(g0, p0, c);
-        acc1 = acc1 + adai::grad_sq(g1, p1, c);
-      } else {
-        acc0 = acc0 + g0 * g0;
-        acc1 = acc1 + g1 * g1;
-      }
+      fVec x0, x1;
+      vec(i, x0, x1);
+      acc0 = acc0 + x0;
+      acc1 = acc1 + x1;
     }
     s += hsum(acc0 + acc1);
   }
-  for (; i < n; ++i) {
-    const float gi = static_cast<float>(g[i]);
-    float sq;
-    if constexpr (kL2) {
-      sq = adai::grad_sq(gi, static_cast<float>(p[i]), c);
-    } else {
-      sq = gi * gi;
-    }
-    s += static_cast<double>(sq);
-  }
+  for (; i < n; ++i) s += static_cast<double>(tail(i));
   return s;
+}
+
+// sum_j (g_j + l2 * theta_j)^2 over n elements; theta is read only when kL2.
+template <typename scalar_t, bool kL2>
+double grad_sq_chunk(const scalar_t* g, const scalar_t* p, int64_t n, const adai::Consts& c) {
+  return blocked_sum(
+      n,
+      [&](int64_t i, fVec& x0, fVec& x1) {
+        fVec g0, g1;
+        IO<scalar_t>::load(g + i, g0, g1);
+        if constexpr (kL2) {
+          fVec p0, p1;
+          IO<scalar_t>::load(p + i, p0, p1);
+          x0 = adai::grad_sq(g0, p0, c);
+          x1 = adai::grad_sq(g1, p1, c);
+        } else {
+          x0 = g0 * g0;
+          x1 = g1 * g1;
+        }
+      },
+      [&](int64_t i) {
+        const float gi = static_cast<float>(g[i]);
+        if constexpr (kL2) {
+          return adai::grad_sq(gi, static_cast<float>(p[i]), c);
+        } else {
+          return gi * gi;
+        }
+      });
 }
 
 // One fused pass over n elements; returns the sum of the new v.
@@ -178,39 +193,43 @@ template <typename scalar_t>
 double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b, int64_t n,
                     float inv_bc2, float inv_vbar, const adai::Consts& c) {
   const fVec inv_bc2_v(inv_bc2), inv_vbar_v(inv_vbar);
-  const int64_t n_vec = n - n % kBlock;
-  double s = 0.0;
-  int64_t i = 0;
-  while (i < n_vec) {
-    const int64_t stop = std::min(n_vec, i + kFlush);
-    fVec acc0(0.0f), acc1(0.0f);
-    for (; i < stop; i += kBlock) {
-      fVec p0, p1, g0, g1;
-      IO<scalar_t>::load(p + i, p0, p1);
-      IO<scalar_t>::load(g + i, g0, g1);
-      fVec m0 = fVec::loadu(m + i), m1 = fVec::loadu(m + i + kW);
-      fVec v0 = fVec::loadu(v + i), v1 = fVec::loadu(v + i + kW);
-      fVec b0 = fVec::loadu(b + i), b1 = fVec::loadu(b + i + kW);
-      acc0 = acc0 + adai::update(p0, g0, m0, v0, b0, inv_bc2_v, inv_vbar_v, c);
-      acc1 = acc1 + adai::update(p1, g1, m1, v1, b1, inv_bc2_v, inv_vbar_v, c);
-      IO<scalar_t>::store(p + i, p0, p1);
-      m0.store(m + i);
-      m1.store(m + i + kW);
-      v0.store(v + i);
-      v1.store(v + i + kW);
-      b0.store(b + i);
-      b1.store(b + i + kW);
-    }
-    s += hsum(acc0 + acc1);
-  }
-  for (; i < n; ++i) {
-    float th = static_cast<float>(p[i]);
-    const float vn = adai::update(th, static_cast<float>(g[i]), m[i], v[i], b[i], inv_bc2,
-                                  inv_vbar, c);
-    p[i] = static_cast<scalar_t>(th);  // c10::BFloat16 / c10::Half round to nearest even
-    s += static_cast<double>(vn);
-  }
-  return s;
+  return blocked_sum(
+      n,
+      [&](int64_t i, fVec& x0, fVec& x1) {
+        fVec p0, p1, g0, g1;
+        IO<scalar_t>::load(p + i, p0, p1);
+        IO<scalar_t>::load(g + i, g0, g1);
+        fVec m0 = fVec::loadu(m + i), m1 = fVec::loadu(m + i + kW);
+        fVec v0 = fVec::loadu(v + i), v1 = fVec::loadu(v + i + kW);
+        fVec b0 = fVec::loadu(b + i), b1 = fVec::loadu(b + i + kW);
+        x0 = adai::update(p0, g0, m0, v0, b0, inv_bc2_v, inv_vbar_v, c);
+        x1 = adai::update(p1, g1, m1, v1, b1, inv_bc2_v, inv_vbar_v, c);
+        IO<scalar_t>::store(p + i, p0, p1);
+        m0.store(m + i);
+        m1.store(m + i + kW);
+        v0.store(v + i);
+        v1.store(v + i + kW);
+        b0.store(b + i);
+        b1.store(b + i + kW);
+      },
+      [&](int64_t i) {
+        float th = static_cast<float>(p[i]);
+        const float vn = adai::update(th, static_cast<float>(g[i]), m[i], v[i], b[i], inv_bc2,
+                                      inv_vbar, c);
+        p[i] = static_cast<scalar_t>(th);  // c10::BFloat16 / c10::Half round to nearest even
+        return vn;
+      });
+}
+
+// The sum of v over n elements, exactly as update_chunk sums the v it stores.
+double sum_v_chunk(const float* v, int64_t n) {
+  return blocked_sum(
+      n,
+      [&](int64_t i, fVec& x0, fVec& x1) {
+        x0 = fVec::loadu(v + i);
+        x1 = fVec::loadu(v + i + kW);
+      },
+      [&](int64_t i) { return v[i]; });
 }
 
 // ---- chunk list ---------------------------------------------------------------------------
@@ -250,8 +269,23 @@ std::vector<double> tensor_sums(const std::vector<double>& partial,
 
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) f(k, chunks[k]);
+  // Threads take tasks: runs of consecutive chunks of about kChunk elements in all, so that
+  // many small tensors make few tasks (a call with < kChunk elements stays on the calling
+  // thread) and threads get similar amounts of work. Each chunk still writes its own slot,
+  // so the grouping does not change any result.
+  std::vector<int64_t> task_begin;
+  int64_t filled = kChunk;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    if (filled + chunks[k].len > kChunk) {
+      task_begin.push_back(static_cast<int64_t>(k));
+      filled = 0;
+    }
+    filled += chunks[k].len;
+  }
+  const int64_t n_tasks = static_cast<int64_t>(task_begin.size());
+  task_begin.push_back(static_cast<int64_t>(chunks.size()));
+  at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = task_begin[b]; k < task_begin[e]; ++k) f(k, chunks[k]);
   });
 }
 
@@ -448,9 +482,34 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
   for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
 }
 
+void sum_v_cpu(at::TensorList exp_avg_sq, at::TensorList v_sums) {
+  const char* op = "adai::sum_v";
+  const size_t n = exp_avg_sq.size();
+  TORCH_CHECK(v_sums.size() == n, op, ": `v_sums` has ", v_sums.size(),
+              " tensors but `exp_avg_sq` has ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& v = exp_avg_sq[i];
+    check_cpu(op, "exp_avg_sq", i, v);
+    TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": exp_avg_sq[", i, "] has dtype ",
+                v.scalar_type(), "; expected float32");
+    TORCH_CHECK(v.is_non_overlapping_and_dense(), op, ": exp_avg_sq[", i,
+                "] must be non-overlapping and dense");
+    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
+  }
+  std::vector<int64_t> first;
+  const std::vector<Chunk> chunks = make_chunks(exp_avg_sq, first);
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
+    partial[k] = sum_v_chunk(exp_avg_sq[ch.tensor].const_data_ptr<float>() + ch.begin, ch.len);
+  });
+  const std::vector<double> V = tensor_sums(partial, first, n);
+  for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adai, CPU, m) {
   m.impl("stats", &stats_cpu);
   m.impl("update", &update_cpu);
+  m.impl("sum_v", &sum_v_cpu);
 }

@@ -1,0 +1,289 @@
+// CUDA implementations of adai::stats, adai::update and adai::sum_v (schemas: csrc/ops.cpp,
+// semantics: docs/design.md): input validation, the per-launch table (multi_tensor.h) and the
+// launches (stats.cu, update.cu). Also defines adai::_chunk_table, a CPU test hook exposing
+// the chunk table the kernels use.
+//
+// Per op call: one pinned host buffer from the caching host allocator, one device buffer from
+// the caching device allocator, one asynchronous host-to-device copy and one kernel, all on
+// the current stream of the tensors' device. No device-to-host synchronisation: the pinned
+// buffer is handed back to the host allocator with an event recorded by the copy, so it is
+// not reused before the copy has read it. (Not CUDA-graph capturable: the table is rebuilt
+// on the host on every call.)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../adai_math.h"
+#include "kernels.h"
+#include "multi_tensor.h"
+
+namespace adai {
+namespace cuda {
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+void check_len(const char* op, const char* name, size_t got, size_t n) {
+  TORCH_CHECK(got == n, op, ": ", name, " has ", got, " tensors but params has ", n,
+              "; the tensor lists must have the same length");
+}
+
+void check_device(const char* op, const char* name, size_t i, const at::Tensor& t,
+                  const at::Device& device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+              " but the op runs on ", device, "; all tensors must be on one CUDA device");
+}
+
+void check_param_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": params must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// Same sizes, and the same strides in every dimension of size > 1 (the strides of size-1
+// dimensions do not change where elements are).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+void check_param(const char* op, size_t i, const at::Tensor& p, at::ScalarType dtype,
+                 const at::Device& device) {
+  check_device(op, "params", i, p, device);
+  TORCH_CHECK(p.scalar_type() == dtype, op, ": params[", i, "] has dtype ", p.scalar_type(),
+              " but params[0] has ", dtype, "; all params of one call must share a dtype");
+  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": params[", i,
+              "] must be non-overlapping and dense, got shape ", p.sizes(), " and strides ",
+              p.strides());
+}
+
+// A tensor that must match params[i]: dtype, device, shape and strides.
+void check_like(const char* op, const char* name, size_t i, const at::Tensor& t,
+                const at::Tensor& param, at::ScalarType dtype, const at::Device& device) {
+  check_device(op, name, i, t, device);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
+              t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(same_layout(t, param), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+              " and strides ", t.strides(), " but params[", i, "] has shape ", param.sizes(),
+              " and strides ", param.strides(), "; they must match");
+}
+
+void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& t,
+                  at::ScalarType dtype, const at::Device& device) {
+  check_device(op, name, i, t, device);
+  TORCH_CHECK(t.scalar_type() == dtype && t.numel() == 1, op, ": ", name, "[", i,
+              "] must be a 0-dim ", dtype, " tensor, got ", t.scalar_type(), " with ",
+              t.numel(), " elements");
+}
+
+// Builds the table for `metas` in pinned host memory and copies it asynchronously into a
+// fresh device buffer (returned in `buffer`, which must outlive the launch call) on the
+// current stream. The counter of finished blocks is uploaded as 0.
+LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
+                         const at::Device& device, at::Tensor& buffer) {
+  const int64_t n = static_cast<int64_t>(metas.size());
+  std::vector<int64_t> numels(metas.size());
+  for (size_t i = 0; i < metas.size(); ++i) numels[i] = metas[i].numel;
+  std::vector<int64_t> prefix(metas.size() + 1);
+  const int64_t total = build_chunk_prefix(numels.data(), n, kChunk, prefix.data());
+  TORCH_CHECK(total <= kMaxChunks, op, ": too many elements in one call (", total,
+              " chunks of ", kChunk, ")");
+  const TableLayout layout = table_layout(n, total);
+
+  at::Tensor host = at::empty({static_cast<int64_t>(layout.host_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* h = host.mutable_data_ptr<uint8_t>();
+  std::memset(h, 0, layout.host_bytes);
+  std::memcpy(h + layout.prefix_off, prefix.data(), sizeof(int64_t) * prefix.size());
+  if (n > 0) std::memcpy(h + layout.meta_off, metas.data(), sizeof(TensorMeta) * metas.size());
+
+  buffer = at::empty({static_cast<int64_t>(layout.total_bytes)},
+                     at::TensorOptions().dtype(at::kByte).device(device));
+  buffer.narrow(0, 0, static_cast<int64_t>(layout.host_bytes)).copy_(host, /*non_blocking=*/true);
+
+  auto* d = buffer.mutable_data_ptr<uint8_t>();
+  LaunchTable t;
+  t.prefix = reinterpret_cast<const int64_t*>(d + layout.prefix_off);
+  t.metas = reinterpret_cast<const TensorMeta*>(d + layout.meta_off);
+  t.counter = reinterpret_cast<unsigned int*>(d);
+  t.partials = reinterpret_cast<double*>(d + layout.partial_off);
+  t.tensor_sums = reinterpret_cast<double*>(d + layout.tensor_off);
+  t.n = n;
+  t.total_chunks = total;
+  return t;
+}
+
+void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList steps,
+                at::TensorList v_sums, double beta2, double l2, const at::Tensor& out) {
+  const char* op = "adai::stats";
+  const size_t n = params.size();
+  check_len(op, "grads", grads.size(), n);
+  check_len(op, "steps", steps.size(), n);
+  check_len(op, "v_sums", v_sums.size(), n);
+  TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
+  const at::Device device = out.device();
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == 1, op,
+              ": out must be a 0-dim float64 tensor, got ", out.scalar_type(), " with ",
+              out.numel(), " elements");
+  const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
+  check_param_dtype(op, dtype);
+  const bool use_l2 = l2 != 0.0;
+
+  std::vector<TensorMeta> metas(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(op, i, params[i], dtype, device);
+    check_like(op, "grads", i, grads[i], params[i], dtype, device);
+    check_scalar(op, "steps", i, steps[i], at::kFloat, device);
+    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    TensorMeta& m = metas[i];
+    std::memset(&m, 0, sizeof(m));
+    m.grad = const_cast<void*>(grads[i].const_data_ptr());
+    m.param = use_l2 ? const_cast<void*>(params[i].const_data_ptr()) : nullptr;
+    m.step = steps[i].mutable_data_ptr<float>();
+    m.v_sum = const_cast<double*>(v_sums[i].const_data_ptr<double>());
+    m.numel = params[i].numel();
+    m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
+  }
+
+  c10::cuda::CUDAGuard guard(device);
+  at::Tensor buffer;
+  const LaunchTable t = upload_table(op, metas, device, buffer);
+  launch_stats(t, dtype, use_l2,
+               adai::make_consts(0.0, 0.0, beta2, 0.0, l2, /*decoupled=*/false, 1.0), beta2,
+               out.mutable_data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
+}
+
+void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                 at::TensorList exp_avg_sq, at::TensorList beta1_prod, at::TensorList v_sums,
+                 at::TensorList steps, const at::Tensor& stats, double numel, double lr,
+                 double beta0, double beta2, double eps, double weight_decay, bool decoupled,
+                 double dampening) {
+  const char* op = "adai::update";
+  const size_t n = params.size();
+  check_len(op, "grads", grads.size(), n);
+  check_len(op, "exp_avg", exp_avg.size(), n);
+  check_len(op, "exp_avg_sq", exp_avg_sq.size(), n);
+  check_len(op, "beta1_prod", beta1_prod.size(), n);
+  check_len(op, "v_sums", v_sums.size(), n);
+  check_len(op, "steps", steps.size(), n);
+  TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": stats must be a CUDA tensor");
+  const at::Device device = stats.device();
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 1, op,
+              ": stats must be a 1-D float64 tensor, got ", stats.scalar_type(), " with shape ",
+              stats.sizes());
+  TORCH_CHECK(numel >= 0.0, op, ": numel must be >= 0, got ", numel);
+  const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
+  check_param_dtype(op, dtype);
+
+  std::vector<TensorMeta> metas(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(op, i, params[i], dtype, device);
+    check_like(op, "grads", i, grads[i], params[i], dtype, device);
+    check_like(op, "exp_avg", i, exp_avg[i], params[i], at::kFloat, device);
+    check_like(op, "exp_avg_sq", i, exp_avg_sq[i], params[i], at::kFloat, device);
+    check_like(op, "beta1_prod", i, beta1_prod[i], params[i], at::kFloat, device);
+    check_scalar(op, "steps", i, steps[i], at::kFloat, device);
+    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    TensorMeta& m = metas[i];
+    std::memset(&m, 0, sizeof(m));
+    m.param = params[i].mutable_data_ptr();
+    m.grad = const_cast<void*>(grads[i].const_data_ptr());
+    m.exp_avg = exp_avg[i].mutable_data_ptr<float>();
+    m.exp_avg_sq = exp_avg_sq[i].mutable_data_ptr<float>();
+    m.beta1_prod = beta1_prod[i].mutable_data_ptr<float>();
+    m.step = const_cast<float*>(steps[i].const_data_ptr<float>());
+    m.v_sum = v_sums[i].mutable_data_ptr<double>();
+    m.numel = params[i].numel();
+    m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
+                        aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod)
+                    ? 1
+                    : 0;
+  }
+  if (n == 0) return;
+
+  c10::cuda::CUDAGuard guard(device);
+  at::Tensor buffer;
+  const LaunchTable t = upload_table(op, metas, device, buffer);
+  launch_update(t, dtype,
+                adai::make_consts(lr, beta0, beta2, eps, weight_decay, decoupled, dampening),
+                beta2, stats.const_data_ptr<double>(), stats.size(0), stats.stride(0), numel,
+                c10::cuda::getCurrentCUDAStream().stream());
+}
+
+void sum_v_cuda(at::TensorList exp_avg_sq, at::TensorList v_sums) {
+  const char* op = "adai::sum_v";
+  const size_t n = exp_avg_sq.size();
+  TORCH_CHECK(v_sums.size() == n, op, ": v_sums has ", v_sums.size(),
+              " tensors but exp_avg_sq has ", n, "; the tensor lists must have the same length");
+  if (n == 0) return;
+  TORCH_CHECK(exp_avg_sq[0].defined() && exp_avg_sq[0].is_cuda(), op,
+              ": exp_avg_sq[0] must be a CUDA tensor");
+  const at::Device device = exp_avg_sq[0].device();
+  std::vector<TensorMeta> metas(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& v = exp_avg_sq[i];
+    check_device(op, "exp_avg_sq", i, v, device);
+    TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": exp_avg_sq[", i, "] has dtype ",
+                v.scalar_type(), ", expected Float");
+    TORCH_CHECK(v.numel() == 0 || v.is_non_overlapping_and_dense(), op, ": exp_avg_sq[", i,
+                "] must be non-overlapping and dense, got shape ", v.sizes(), " and strides ",
+                v.strides());
+    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    TensorMeta& m = metas[i];
+    std::memset(&m, 0, sizeof(m));
+    m.exp_avg_sq = const_cast<float*>(v.const_data_ptr<float>());
+    m.v_sum = v_sums[i].mutable_data_ptr<double>();
+    m.numel = v.numel();
+    m.aligned = aligned16(m.exp_avg_sq) ? 1 : 0;
+  }
+  c10::cuda::CUDAGuard guard(device);
+  at::Tensor buffer;
+  const LaunchTable t = upload_table(op, metas, device, buffer);
+  launch_sum_v(t, c10::cuda::getCurrentCUDAStream().stream());
+}
+
+// adai::_chunk_table(numels, chunk=-1): for every chunk of a launch over tensors with these
+// numels, (tensor index, chunk index within the tensor, first element, end element), as the
+// kernels compute it (build_chunk_prefix + locate_chunk). chunk = -1: the kernels' kChunk.
+at::Tensor chunk_table(at::IntArrayRef numels, int64_t chunk) {
+  if (chunk == -1) chunk = kChunk;
+  TORCH_CHECK(chunk > 0, "adai::_chunk_table: chunk must be positive or -1, got ", chunk);
+  const int64_t n = static_cast<int64_t>(numels.size());
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(numels[i] >= 0, "adai::_chunk_table: numels[", i, "] is negative");
+  }
+  std::vector<int64_t> prefix(numels.size() + 1);
+  const int64_t total = build_chunk_prefix(numels.data(), n, chunk, prefix.data());
+  at::Tensor out = at::empty({total, 4}, at::TensorOptions().dtype(at::kLong));
+  auto* o = out.mutable_data_ptr<int64_t>();
+  for (int64_t c = 0; c < total; ++c) {
+    const ChunkRef r = locate_chunk(prefix.data(), n, c, chunk);
+    o[4 * c + 0] = r.tensor;
+    o[4 * c + 1] = c - prefix[r.tensor];
+    o[4 * c + 2] = r.begin;
+    o[4 * c + 3] = r.begin + chunk_len(numels[r.tensor], r.begin, chunk);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace adai
+
+TORCH_LIBRARY_FRAGMENT(adai, m) {
+  m.def("_chunk_table(int[] numels, int chunk=-1) -> Tensor", &adai::cuda::chunk_table);
+}
+
+TORCH_LIBRARY_IMPL(adai, CUDA, m) {
+  m.impl("stats", &adai::cuda::stats_cuda);
+  m.impl("update", &adai::cuda::update_cuda);
+  m.impl("sum_v", &adai::cuda::sum_v_cuda);
+}

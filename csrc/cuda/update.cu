@@ -1,0 +1,135 @@
+// adai::update and adai::sum_v on CUDA: one launch per call, one block per chunk
+// (multi_tensor.h). update: one pass per element (adai::update from adai_math.h, fp32 math);
+// each block writes the double sum of its chunk's new v to its own slot, and the last block
+// to finish reduces the slots per tensor into v_sums. sum_v sums given exp_avg_sq tensors in
+// exactly the same order (elementwise.h), so its v_sums equal update's bitwise.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "elementwise.h"
+#include "kernels.h"
+#include "reduce.cuh"
+
+namespace adai {
+namespace cuda {
+namespace {
+
+// In the last block: v_sums[i] = the sum of tensor i's chunk partials (one warp per tensor;
+// empty tensors get 0).
+__device__ __forceinline__ void write_v_sums(const LaunchTable& t) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  for (int64_t i = warp; i < t.n; i += kBlock / 32) {
+    const double v_sum = tensor_partials_sum(t, i, lane);
+    if (lane == 0) *t.metas[i].v_sum = v_sum;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    update_kernel(LaunchTable t, Consts c, double beta2, const double* stats,
+                  int64_t stats_len, int64_t stats_stride, double numel) {
+  __shared__ double s_red[kBlock / 32];
+  __shared__ T* s_param;
+  __shared__ const T* s_grad;
+  __shared__ float* s_exp_avg;
+  __shared__ float* s_exp_avg_sq;
+  __shared__ float* s_beta1_prod;
+  __shared__ int64_t s_len;
+  __shared__ int s_aligned;
+  __shared__ float s_inv_bc2;
+  __shared__ float s_inv_vbar;
+  __shared__ int s_last;
+
+  const int64_t chunk = blockIdx.x;
+  if (chunk < t.total_chunks) {
+    if (threadIdx.x == 0) {
+      const ChunkRef r = locate_chunk(t.prefix, t.n, chunk, kChunk);
+      const TensorMeta& m = t.metas[r.tensor];
+      s_param = static_cast<T*>(m.param) + r.begin;
+      s_grad = static_cast<const T*>(m.grad) + r.begin;
+      s_exp_avg = m.exp_avg + r.begin;
+      s_exp_avg_sq = m.exp_avg_sq + r.begin;
+      s_beta1_prod = m.beta1_prod + r.begin;
+      s_len = chunk_len(m.numel, r.begin, kChunk);
+      s_aligned = m.aligned;
+      // The global sum, in index order (every block gets the same value).
+      double sum = 0.0;
+      for (int64_t k = 0; k < stats_len; ++k) sum += stats[k * stats_stride];
+      s_inv_vbar = static_cast<float>(inv_mean(sum, numel));
+      s_inv_bc2 = static_cast<float>(
+          1.0 / bias_correction2(beta2, static_cast<double>(*m.step)));
+    }
+    __syncthreads();
+    const float vacc = update_thread<T>(static_cast<int>(threadIdx.x), kBlock, s_param, s_grad,
+                                        s_exp_avg, s_exp_avg_sq, s_beta1_prod, s_len,
+                                        s_aligned != 0, s_inv_bc2, s_inv_vbar, c);
+    const double sum = block_sum(static_cast<double>(vacc), s_red);
+    if (threadIdx.x == 0) t.partials[chunk] = sum;
+  }
+  if (!finish_block(t.counter, &s_last)) return;
+  write_v_sums(t);
+}
+
+__global__ void __launch_bounds__(kBlock) sum_v_kernel(LaunchTable t) {
+  __shared__ double s_red[kBlock / 32];
+  __shared__ const float* s_exp_avg_sq;
+  __shared__ int64_t s_len;
+  __shared__ int s_aligned;
+  __shared__ int s_last;
+
+  const int64_t chunk = blockIdx.x;
+  if (chunk < t.total_chunks) {
+    if (threadIdx.x == 0) {
+      const ChunkRef r = locate_chunk(t.prefix, t.n, chunk, kChunk);
+      const TensorMeta& m = t.metas[r.tensor];
+      s_exp_avg_sq = m.exp_avg_sq + r.begin;
+      s_len = chunk_len(m.numel, r.begin, kChunk);
+      s_aligned = m.aligned;
+    }
+    __syncthreads();
+    const float acc = vsum_thread(static_cast<int>(threadIdx.x), kBlock, s_exp_avg_sq, s_len,
+                                  s_aligned != 0);
+    const double sum = block_sum(static_cast<double>(acc), s_red);
+    if (threadIdx.x == 0) t.partials[chunk] = sum;
+  }
+  if (!finish_block(t.counter, &s_last)) return;
+  write_v_sums(t);
+}
+
+template <typename T>
+void launch(const LaunchTable& t, const Consts& c, double beta2, const double* stats,
+            int64_t stats_len, int64_t stats_stride, double numel, cudaStream_t stream) {
+  update_kernel<T><<<grid_size(t), kBlock, 0, stream>>>(t, c, beta2, stats, stats_len,
+                                                        stats_stride, numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_update(const LaunchTable& t, c10::ScalarType dtype, const Consts& c, double beta2,
+                   const double* stats, int64_t stats_len, int64_t stats_stride, double numel,
+                   cudaStream_t stream) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      launch<float>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      break;
+    case c10::ScalarType::Half:
+      launch<c10::Half>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      break;
+    case c10::ScalarType::BFloat16:
+      launch<c10::BFloat16>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "adai::update: unsupported param dtype ", dtype);
+  }
+}
+
+void launch_sum_v(const LaunchTable& t, cudaStream_t stream) {
+  sum_v_kernel<<<grid_size(t), kBlock, 0, stream>>>(t);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace adai

@@ -1,0 +1,403 @@
+"""The fused CPU kernels (torch.ops.adai.stats / .update, csrc/cpu/) against a float64
+implementation of the two phases written here from the spec (ADAI_SPEC.md, "One step,
+exactly"; docs/design.md, "Two phases, two calls"). It shares no code with the package.
+
+Each step starts from the kernel's own state (read back as float64), so the comparison
+measures one step's error and does not accumulate trajectory drift; several steps with fresh
+random gradients cover the evolving m, v, b and the per-tensor step counters.
+
+Tolerances, per element. u = 2^-24 (fp32 rounding), ulp_T(x) = spacing of dtype T at x.
+Per-element math is fp32, so the bounds are a first-order fp32 error analysis, computed by
+`reference_step` next to each result (|g| there stands for |g| + |l2 theta|):
+
+| quantity          | bound                                                                  |
+|-------------------|------------------------------------------------------------------------|
+| v (exp_avg_sq)    | 1e-6 * (beta2 v + (1 - beta2) (|g| + |l2 theta|)^2)                    |
+| beta1 (internal)  | dbeta1 = (1 - beta1) * 4e-6 + 2u   (vhat / vbar to 4e-6 relative)      |
+| b (beta1_prod)    | b_old * dbeta1 + u b                                                   |
+| m (exp_avg)       | 3u (|beta1 m| + beta3 |g|) + dbeta1 |m| + d beta3 / (1 - beta1) dbeta1 |g| |
+| theta, float32    | 1 ulp_f32 + lr * dmhat + 2u (|theta| + lr |mhat|)                      |
+| theta, bf16/fp16  | 1 ulp of the dtype + the same fp32 error                               |
+| stats out, v_sums | 1e-5 relative                                                          |
+
+with dmhat = beta0^(1-d) (dm / (1 - b) + |m| db / (1 - b)^2) + 2u |mhat|. For a well
+conditioned element (1 - b of order 1) theta's bound is about 1e-5 of the step lr * mhat.
+It grows only where fp32 itself is ill-conditioned: 1 - b and 1 - beta1 near eps = 1e-3 lose
+~10 bits (b and beta1 are stored and computed near 1), so early steps of low-gradient
+elements are allowed ~1e-4 of their step. The 4e-6 on vhat / vbar: vbar comes from fp32 lane
+sums of <= 32 terms added in double (<= 32u ~ 2e-6, in both V_i and G_i), plus a few u from
+v, 1 / bc2 and pow. Reduced-precision params are rounded once (nearest even) from the fp32
+result, so they land on the float64 value rounded to the dtype or its neighbour. The
+measured errors stay within about half of these bounds.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from adai_kernels import _native
+
+F64 = torch.float64
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+U32 = 2.0 ** -24
+# Relative error of the kernel's vhat / vbar: vbar from fp32 lane sums of <= 32 terms added in
+# double (<= 32 U32 ~ 2e-6, in V_i and G_i), v, 1/bc2 and pow (a few U32 each).
+E_RATIO = 4e-6
+V_RTOL = 1e-6  # v = beta2 v + (1 - beta2) g^2: a few roundings, no cancellation
+
+
+@pytest.fixture(autouse=True)
+def _ops_loaded():
+    assert _native.load_error() is None, _native.load_error()
+
+
+# ---- tensors ------------------------------------------------------------------------------
+
+def _layouts(dtype, gen):
+    """Parameters of odd sizes and layouts: (name, tensor)."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return [
+        ("empty", rnd(0)),
+        ("one", rnd(1)),
+        ("7", rnd(7)),
+        ("1023", rnd(1023)),
+        ("4099", rnd(4099)),
+        ("3d", rnd(3, 5, 7)),
+        ("transposed", rnd(33, 65).t()),
+        ("channels_last", rnd(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)),
+        ("multi_chunk", rnd(40000)),  # more than two of the kernel's 16K-element chunks
+    ]
+
+
+class Bucket:
+    """One bucket's tensors as the optimizer would pass them: states with the parameter's
+    layout, step counters and v_sums as 0-dim views of one vector each."""
+
+    def __init__(self, params):
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.beta1_prod = [torch.ones_like(p, dtype=torch.float32) for p in self.params]
+        self.step_vec = torch.zeros(len(self.params), dtype=torch.float32)
+        self.vsum_vec = torch.zeros(len(self.params), dtype=F64)
+        self.steps = [self.step_vec[i] for i in range(len(self.params))]
+        self.v_sums = [self.vsum_vec[i] for i in range(len(self.params))]
+
+    def clone(self) -> "Bucket":
+        c = Bucket(list(zip(self.names, [p.clone() for p in self.params])))
+        for dst, src in ((c.grads, self.grads), (c.exp_avg, self.exp_avg),
+                         (c.exp_avg_sq, self.exp_avg_sq), (c.beta1_prod, self.beta1_prod)):
+            for d, s in zip(dst, src):
+                d.copy_(s)
+        c.step_vec.copy_(self.step_vec)
+        c.vsum_vec.copy_(self.vsum_vec)
+        return c
+
+    def tensors(self):
+        return (self.params + self.grads + self.exp_avg + self.exp_avg_sq + self.beta1_prod
+                + [self.step_vec, self.vsum_vec])
+
+
+def fresh_grads(bucket: Bucket, gen, zero_fraction=0.1):
+    """New random gradients, a different scale per tensor, some elements exactly zero."""
+    for g in bucket.grads:
+        if g.numel() == 0:
+            continue
+        scale = 10.0 ** (torch.rand((), generator=gen).item() * 3 - 2)
+        x = torch.randn(g.shape, generator=gen) * scale
+        x[torch.rand(g.shape, generator=gen) < zero_fraction] = 0.0
+        g.copy_(x)  # keeps g's strides (those of the parameter)
+
+
+HP = dict(lr=0.1, beta0=0.1, beta2=0.99, eps=1e-3, weight_decay=0.0, decoupled=False,
+          dampening=1.0)
+
+
+def kernel_step(buckets: list[Bucket], hp: dict) -> torch.Tensor:
+    """One optimizer step over all buckets: stats into one slot each, then update."""
+    l2 = 0.0 if hp["decoupled"] else hp["weight_decay"]
+    stats = torch.zeros(len(buckets), dtype=F64)
+    for j, b in enumerate(buckets):
+        torch.ops.adai.stats(b.params, b.grads, b.steps, b.v_sums, hp["beta2"], l2, stats[j])
+    numel = float(sum(p.numel() for b in buckets for p in b.params))
+    for b in buckets:
+        torch.ops.adai.update(b.params, b.grads, b.exp_avg, b.exp_avg_sq, b.beta1_prod,
+                              b.v_sums, b.steps, stats, numel, hp["lr"], hp["beta0"],
+                              hp["beta2"], hp["eps"], hp["weight_decay"], hp["decoupled"],
+                              hp["dampening"])
+    return stats
+
+
+# ---- the float64 reference ----------------------------------------------------------------
+
+def snapshot(buckets: list[Bucket]):
+    """The state before a step, as float64 (per bucket, per tensor)."""
+    return [[dict(p=b.params[i].to(F64), g=b.grads[i].to(F64), m=b.exp_avg[i].to(F64),
+                  v=b.exp_avg_sq[i].to(F64), b=b.beta1_prod[i].to(F64),
+                  k=int(b.steps[i].item())) for i in range(len(b.params))]
+            for b in buckets]
+
+
+def reference_step(pre, hp):
+    """Phase 1 over every tensor of every bucket, the global vbar, then phase 2. Alongside
+    each result, a first-order bound on an fp32 kernel's error (`*_tol`, see the table)."""
+    lr, beta0, beta2, eps = hp["lr"], hp["beta0"], hp["beta2"], hp["eps"]
+    lam, decoupled, d = hp["weight_decay"], hp["decoupled"], hp["dampening"]
+    u = U32
+    bucket_sums, total, count, out = [], 0.0, 0, []
+    for bucket in pre:
+        s_b = 0.0
+        res = []
+        for t in bucket:
+            k = t["k"] + 1
+            bc2 = 1.0 - beta2 ** k
+            theta, g = t["p"], t["g"]
+            g_mag = g.abs()                               # |g| + |l2 theta|: g's scale
+            if lam != 0 and not decoupled:
+                g = g + lam * theta                       # L2, never written back
+                g_mag = g_mag + (lam * theta).abs()
+            theta_tol = torch.zeros_like(theta)
+            if lam != 0 and decoupled:
+                theta = theta * (1.0 - lr * lam)          # decoupled decay
+                theta_tol = u * theta.abs()
+            v = beta2 * t["v"] + (1.0 - beta2) * g * g
+            s_b += v.sum().item() / bc2
+            count += v.numel()
+            res.append(dict(k=k, bc2=bc2, theta=theta, theta_tol=theta_tol, g=g, g_mag=g_mag,
+                            v=v, v_tol=V_RTOL * (beta2 * t["v"] + (1.0 - beta2) * g_mag ** 2),
+                            m_old=t["m"], b_old=t["b"]))
+        bucket_sums.append(s_b)
+        total += s_b
+        out.append(res)
+    vbar = total / count if count else 0.0
+    for res in out:
+        for r in res:
+            vhat = r["v"] / r["bc2"]
+            ratio = vhat / vbar if vbar > 0 else torch.zeros_like(vhat)   # vbar == 0: 0
+            beta1 = (1.0 - beta0 * ratio ** (1.0 / (3.0 - 2.0 * d))).clamp(0.0, 1.0 - eps)
+            beta3 = (1.0 - beta1) ** d
+            b = r["b_old"] * beta1
+            m = beta1 * r["m_old"] + beta3 * r["g"]
+            mhat = m / (1.0 - b) * beta0 ** (1.0 - d)
+            theta = r["theta"] - lr * mhat
+            r.update(b=b, m=m, mhat=mhat, theta_new=theta)
+            # error propagation (first order); g_mag also covers fp32's l2 and ge rounding
+            m_old, g_mag = r["m_old"].abs(), r["g_mag"]
+            d_beta1 = (1.0 - beta1) * E_RATIO + 2 * u
+            d_beta3 = d * beta3 / (1.0 - beta1) * d_beta1
+            r["b_tol"] = r["b_old"] * d_beta1 + u * b
+            r["m_tol"] = (3 * u * (beta1 * m_old + beta3 * g_mag)
+                          + d_beta1 * m_old + d_beta3 * g_mag)
+            d_mhat = (beta0 ** (1.0 - d) * (r["m_tol"] / (1.0 - b)
+                                            + m.abs() * r["b_tol"] / (1.0 - b) ** 2)
+                      + 2 * u * mhat.abs())
+            r["theta_tol"] = (r["theta_tol"] + lr * d_mhat
+                              + 2 * u * (r["theta"].abs() + lr * mhat.abs()))
+    return out, bucket_sums
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at |x| (float64 x), subnormals included."""
+    _, e = torch.frexp(x.abs())  # |x| = f * 2^e, f in [0.5, 1)
+    e = torch.clamp(e - 1, min=MIN_NORMAL_EXP[dtype])
+    return torch.pow(2.0, (e - (MANTISSA[dtype] - 1)).to(F64))
+
+
+def check_step(buckets, pre, stats, hp, what=""):
+    ref, sums = reference_step(pre, hp)
+    torch.testing.assert_close(stats, torch.tensor(sums, dtype=F64), rtol=1e-5, atol=0,
+                               msg=lambda m: f"{what} stats: {m}")
+    for b, res in zip(buckets, ref):
+        for i, r in enumerate(res):
+            name = f"{what} {b.params[i].dtype} {b.names[i]}"
+            assert b.steps[i].item() == r["k"], name
+            v = b.exp_avg_sq[i].to(F64)
+            _le(v - r["v"], r["v_tol"], f"{name} v")
+            _le(b.exp_avg[i].to(F64) - r["m"], r["m_tol"], f"{name} m")
+            _le(b.beta1_prod[i].to(F64) - r["b"], r["b_tol"], f"{name} b")
+            theta = b.params[i].to(F64)
+            # the dtype's rounding of the fp32 result (1 ulp covers a halfway flip), plus the
+            # fp32 result's own error
+            tol = ulp(r["theta_new"], b.params[i].dtype) + r["theta_tol"]
+            _le(theta - r["theta_new"], tol, f"{name} theta")
+            # v_sums: the sum of the new exp_avg_sq, as written by update
+            torch.testing.assert_close(b.v_sums[i], v.sum(), rtol=1e-5, atol=0,
+                                       msg=lambda m: f"{name} v_sums: {m}")
+            assert torch.isfinite(theta).all(), name
+
+
+def _le(err: torch.Tensor, tol, what: str):
+    if err.numel() == 0:
+        return
+    bad = err.abs() > tol
+    if bad.any():
+        tol = torch.as_tensor(tol, dtype=F64).expand_as(err)
+        j = int(torch.argmax((err.abs() / tol.clamp_min(1e-300)).flatten()))
+        pytest.fail(f"{what}: {int(bad.sum())} of {err.numel()} elements out of tolerance, "
+                    f"worst error {err.flatten()[j].item():.3e} vs tol {tol.flatten()[j].item():.3e}")
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+CONFIGS = {
+    "adai": dict(),
+    "l2": dict(weight_decay=0.01),
+    "decoupled": dict(weight_decay=0.05, decoupled=True),
+    "v2": dict(dampening=0.5),
+    "v2_l2": dict(dampening=0.5, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_against_float64(dtype, config):
+    hp = dict(HP, **CONFIGS[config])
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {config}".encode()))
+    # Two buckets share one global vbar: this dtype's tensors, and a small fp32 bucket.
+    buckets = [Bucket(_layouts(dtype, gen)),
+               Bucket([("other", torch.randn(300, generator=gen))])]
+    for step in range(4):
+        for b in buckets:
+            fresh_grads(b, gen)
+        pre = snapshot(buckets)
+        stats = kernel_step(buckets, hp)
+        check_step(buckets, pre, stats, hp, what=f"step {step + 1}")
+
+
+def test_lagging_tensor_counts_its_own_step():
+    """A tensor that skipped steps keeps its own (smaller) k and bias correction."""
+    gen = torch.Generator().manual_seed(1)
+    a = Bucket([("a", torch.randn(100, generator=gen))])
+    b = Bucket([("b", torch.randn(50, generator=gen))])
+    for _ in range(3):
+        fresh_grads(a, gen)
+        kernel_step([a], HP)
+    for _ in range(2):
+        fresh_grads(a, gen)
+        fresh_grads(b, gen)
+        pre = snapshot([a, b])
+        stats = kernel_step([a, b], HP)
+        check_step([a, b], pre, stats, HP)
+    assert a.steps[0].item() == 5 and b.steps[0].item() == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dampening", [1.0, 0.5])
+def test_all_zero_gradients(dtype, dampening):
+    """vbar == 0: vhat / vbar := 0, beta1 = 1 - eps, m stays 0, theta does not move."""
+    gen = torch.Generator().manual_seed(2)
+    bucket = Bucket(_layouts(dtype, gen))
+    before = [p.clone() for p in bucket.params]
+    hp = dict(HP, dampening=dampening)
+    for _ in range(2):
+        stats = kernel_step([bucket], hp)
+        assert stats.item() == 0.0
+    for p, p0, m, v, b, vs in zip(bucket.params, before, bucket.exp_avg, bucket.exp_avg_sq,
+                                  bucket.beta1_prod, bucket.v_sums):
+        assert torch.equal(p, p0)
+        assert torch.equal(m, torch.zeros_like(m))
+        assert torch.equal(v, torch.zeros_like(v))
+        assert not torch.isnan(b).any()
+        beta1 = torch.tensor(1.0 - HP["eps"], dtype=torch.float32)
+        assert torch.equal(b, torch.full_like(b, (beta1 * beta1).item()))
+        assert vs.item() == 0.0
+
+
+def test_grads_not_modified_and_params_not_read_by_stats_without_l2():
+    gen = torch.Generator().manual_seed(3)
+    bucket = Bucket(_layouts(torch.float32, gen))
+    fresh_grads(bucket, gen)
+    grads = [g.clone() for g in bucket.grads]
+    # Non-finite params must not leak into stats when l2 == 0 (params are not read).
+    saved = [p.clone() for p in bucket.params]
+    for p in bucket.params:
+        p.fill_(float("nan"))
+    out = torch.zeros((), dtype=F64)
+    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.steps, bucket.v_sums, 0.99, 0.0,
+                         out)
+    assert math.isfinite(out.item()) and out.item() > 0
+    for p, s in zip(bucket.params, saved):
+        p.copy_(s)
+    kernel_step([bucket], dict(HP, weight_decay=0.01))
+    for g, g0 in zip(bucket.grads, grads):
+        assert torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["adai", "v2_l2"])
+def test_deterministic_across_thread_counts(dtype, config):
+    """Bitwise identical results with 1 and 2 threads (fixed chunks, fixed summation order)."""
+    hp = dict(HP, **CONFIGS[config])
+    gen = torch.Generator().manual_seed(4)
+    base = [Bucket(_layouts(dtype, gen) + [("big", torch.randn(100_003, generator=gen)
+                                                    .to(dtype))])]
+    grads = []
+    for _ in range(3):
+        fresh_grads(base[0], gen)
+        grads.append([g.clone() for g in base[0].grads])
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            buckets = [base[0].clone()]
+            all_stats = []
+            for gs in grads:
+                for g, src in zip(buckets[0].grads, gs):
+                    g.copy_(src)
+                all_stats.append(kernel_step(buckets, hp))
+            results.append((buckets[0].tensors(), all_stats))
+    finally:
+        torch.set_num_threads(old)
+    (t0, s0), *rest = results
+    for t1, s1 in rest:
+        for a, b in zip(s0 + t0, s1 + t1):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_v_matches_update_bitwise(dtype):
+    """sum_v (run when state is loaded) recomputes v_sums exactly as update summed them, for
+    any layout and size and any thread count, so a restored run continues bitwise."""
+    gen = torch.Generator().manual_seed(6)
+    bucket = Bucket(_layouts(dtype, gen) + [("big", torch.randn(70_001, generator=gen)
+                                                     .to(dtype))])
+    for _ in range(3):
+        fresh_grads(bucket, gen)
+        kernel_step([bucket], dict(HP, dampening=0.5))
+    expected = bucket.vsum_vec.clone()
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            bucket.vsum_vec.fill_(float("nan"))
+            torch.ops.adai.sum_v(bucket.exp_avg_sq, bucket.v_sums)
+            assert torch.equal(bucket.vsum_vec, expected)
+    finally:
+        torch.set_num_threads(old)
+    # and the sums are the sums (fp32 lanes of <= 32 terms, added in double)
+    for v, vs in zip(bucket.exp_avg_sq, bucket.v_sums):
+        torch.testing.assert_close(vs, v.to(F64).sum(), rtol=1e-6, atol=0)
+
+
+def test_stats_v_sums_linearity():
+    """stats uses V_i = v_sums[i] instead of reading exp_avg_sq: feeding a V_i changes `out`
+    by beta2 * V_i / bc2."""
+    gen = torch.Generator().manual_seed(5)
+    b1 = Bucket([("x", torch.randn(1000, generator=gen))])
+    fresh_grads(b1, gen)
+    b2 = b1.clone()
+    b2.vsum_vec.fill_(123.0)
+    o1, o2 = torch.zeros((), dtype=F64), torch.zeros((), dtype=F64)
+    torch.ops.adai.stats(b1.params, b1.grads, b1.steps, b1.v_sums, 0.99, 0.0, o1)
+    torch.ops.adai.stats(b2.params, b2.grads, b2.steps, b2.v_sums, 0.99, 0.0, o2)
+    torch.testing.assert_close(o2 - o1, torch.tensor(0.99 * 123.0 / (1 - 0.99), dtype=F64))

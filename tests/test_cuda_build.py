@@ -1,0 +1,210 @@
+"""Checks of the CUDA kernels that need no GPU (they run in CI on a CPU machine).
+
+- When `adai_kernels._C` was built with CUDA: the ops have CUDA kernels, the chunk table the
+  kernels use (`adai::_chunk_table`, a CPU test hook) is right, and the module holds cubins
+  for sm_80 and sm_90. Skipped when it was built without CUDA.
+- Always (needs only a C++ compiler): tests/cuda_host_check.cpp runs the kernels' per-thread
+  element loops (csrc/cuda/elementwise.h, __host__ __device__) on the CPU for every thread of
+  a block and compares them bitwise with adai_math.h applied element by element.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ("stats", "update", "sum_v")
+
+
+def _cuda_build_state() -> tuple[object | None, str | None]:
+    """(the _C module, None) when _C has CUDA kernels, else (module or None, why not)."""
+    try:
+        import adai_kernels._C as C
+    except ImportError as e:
+        return None, f"adai_kernels._C is not importable: {e}"
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("adai::update", "CUDA")
+    except RuntimeError as e:
+        return C, f"adai::update is not registered: {e}"
+    if not has:
+        return C, "adai_kernels._C was built without CUDA kernels"
+    return C, None
+
+
+_C, _WHY_NOT = _cuda_build_state()
+needs_cuda_build = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+
+
+@needs_cuda_build
+def test_ops_have_cuda_kernels():
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adai::{op}", "CUDA"), op
+
+
+def _expected_table(numels, chunk):
+    rows = []
+    for i, n in enumerate(numels):
+        for j, begin in enumerate(range(0, n, chunk)):
+            rows.append((i, j, begin, min(begin + chunk, n)))
+    return rows
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("numels,chunk", [
+    ([], 4),
+    ([0], 4),
+    ([0, 0, 0], 1),
+    ([1], 4),
+    ([3, 0, 4, 5, 0, 8, 9], 4),
+    ([7, 0, 1, 13], 1),
+    ([1000] * 50 + [0] * 3 + [1], 64),
+])
+def test_chunk_table(numels, chunk):
+    table = torch.ops.adai._chunk_table(numels, chunk)
+    assert table.dtype == torch.int64 and table.shape == (len(_expected_table(numels, chunk)), 4)
+    assert [tuple(r) for r in table.tolist()] == _expected_table(numels, chunk)
+
+
+@needs_cuda_build
+def test_chunk_table_default_chunk_and_many_tensors():
+    gen = torch.Generator().manual_seed(0)
+    numels = torch.randint(0, 70000, (1000,), generator=gen).tolist()
+    numels[::7] = [0] * len(numels[::7])
+    table = torch.ops.adai._chunk_table(numels)  # the kernels' own chunk size
+    # The first chunk of a tensor with more elements than one chunk has the full chunk size.
+    big = next(i for i, n in enumerate(numels) if n > 40000)
+    first = table[table[:, 0] == big][0]
+    chunk = int(first[3] - first[2])
+    assert chunk >= 1024 and chunk % 8 == 0  # a multiple of every vector width
+    assert [tuple(r) for r in table.tolist()] == _expected_table(numels, chunk)
+
+
+@needs_cuda_build
+def test_chunk_table_64bit():
+    big = 2**31 + 5
+    table = torch.ops.adai._chunk_table([3, big, 2], 2**20)
+    n_big = -(-big // 2**20)
+    assert table.shape == (1 + n_big + 1, 4)
+    assert tuple(table[-2].tolist()) == (1, n_big - 1, (n_big - 1) * 2**20, big)
+    assert tuple(table[-1].tolist()) == (2, 0, 0, 2)
+
+
+@needs_cuda_build
+def test_chunk_table_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="negative"):
+        torch.ops.adai._chunk_table([4, -1], 4)
+    with pytest.raises(RuntimeError, match="chunk must be positive"):
+        torch.ops.adai._chunk_table([4], 0)
+
+
+# ---- cubins ------------------------------------------------------------------------------
+
+
+def _elf_section(data: bytes, name: str) -> bytes | None:
+    """The contents of section `name` of a 64-bit little-endian ELF file."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def header(i):  # name, type, flags, addr, offset, size, ...
+        return struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+
+    strtab = header(shstrndx)[4]
+    for i in range(shnum):
+        h = header(i)
+        start = strtab + h[0]
+        if data[start:data.index(b"\0", start)].decode() == name:
+            return data[h[4]:h[4] + h[5]]
+    return None
+
+
+def _fatbin_archs(blob: bytes) -> set[tuple[str, int]]:
+    """(kind, sm) of every entry of the fat binaries in an .nv_fatbin section: kind "elf" for
+    a cubin, "ptx" for PTX. Layout (as cuobjdump reads it): containers with magic 0xBA55ED50,
+    a 16-byte header (magic, version, header size, payload size), then entries whose header
+    holds kind (u16 at 0: 1 PTX, 2 ELF), header size (u32 at 4), payload size (u64 at 8) and
+    the sm version (u32 at 28)."""
+    out, off = set(), 0
+    while off + 16 <= len(blob):
+        magic, _version, hsize, fsize = struct.unpack_from("<IHHQ", blob, off)
+        if magic != 0xBA55ED50:
+            off += 8
+            continue
+        entry, end = off + hsize, off + hsize + fsize
+        while entry + 32 <= end:
+            kind, _, ehsize, psize = struct.unpack_from("<HHIQ", blob, entry)
+            arch, = struct.unpack_from("<I", blob, entry + 28)
+            out.add(({1: "ptx", 2: "elf"}.get(kind, str(kind)), arch))
+            if ehsize == 0:
+                break
+            entry += ehsize + psize
+        off = end
+    return out
+
+
+def _cuobjdump() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.access(os.path.join(home, "bin", "cuobjdump"), os.X_OK):
+            return os.path.join(home, "bin", "cuobjdump")
+    return shutil.which("cuobjdump")
+
+
+@needs_cuda_build
+def test_cubins_for_sm80_and_sm90():
+    so = Path(_C.__file__)
+    tool = _cuobjdump()
+    if tool is not None:
+        out = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True,
+                             check=True).stdout
+        archs = {int(a) for a in re.findall(r"sm_(\d+)", out)}
+    else:  # this toolkit has no cuobjdump: read the fat binary headers ourselves
+        section = _elf_section(so.read_bytes(), ".nv_fatbin")
+        assert section is not None, f"{so} has no .nv_fatbin section"
+        archs = {arch for kind, arch in _fatbin_archs(section) if kind == "elf"}
+    assert {80, 90} <= archs, f"cubins in {so.name}: sm_{sorted(archs)}"
+
+
+# ---- the element loops on the CPU -------------------------------------------------------
+
+
+def _cxx() -> str | None:
+    for cand in (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++",
+                 "clang++"):
+        if cand:
+            exe = shutil.which(cand.split()[0])
+            if exe:
+                return exe
+    return None
+
+
+def test_element_loops_on_cpu(tmp_path):
+    cxx = _cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils.cpp_extension import include_paths
+
+    exe = tmp_path / "cuda_host_check"
+    errors = []
+    for std in ("c++20", "c++17"):  # torch's own standard, or what an older compiler has
+        cmd = [cxx, f"-std={std}", "-O2", "-Wall", "-Wextra", "-Werror"]
+        for inc in include_paths():
+            cmd += ["-isystem", inc]
+        cmd += ["-I", str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_host_check.cpp"), "-o",
+                str(exe)]
+        build = subprocess.run(cmd, capture_output=True, text=True)
+        if build.returncode == 0:
+            break
+        errors.append(f"{' '.join(cmd)}\n{build.stdout}{build.stderr}")
+    else:
+        pytest.fail("\n".join(errors))
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
