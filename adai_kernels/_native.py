@@ -22,7 +22,8 @@ _ISA_ORDER = ("avx512", "avx2", "default")
 _C = None
 _cpu = None
 _cpu_isa = "none"
-_errors: list[str] = []
+_errors: list[str] = []  # why a module failed to import
+_notes: list[str] = []   # ignored settings (not errors: the ops still load)
 
 
 def _import(name: str):
@@ -32,25 +33,47 @@ def _import(name: str):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _wanted_isa() -> tuple[str, str]:
-    """(isa, why): the variant to try first."""
+# CPU features each variant is compiled for (setup.py), as torch.cpu.get_capabilities() names them
+_ISA_NEEDS = {
+    "avx512": ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "fma3"),
+    "avx2": ("avx2", "fma3", "f16c"),
+    "default": (),
+}
+
+
+def _hardware_allows(isa: str) -> bool:
+    """Whether this CPU can run the variant (so that forcing one never means SIGILL)."""
+    if isa == "default":
+        return True
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # no cpuinfo: trust torch's own choice only
+        return False
+    return all(caps.get(flag, False) for flag in _ISA_NEEDS[isa])
+
+
+def _wanted_isa() -> str:
+    """The variant to try first: ADAI_CPU_ISA if set (and the CPU has it), else the one that
+    matches torch's own kernels (get_cpu_capability honours ATEN_CPU_CAPABILITY)."""
     forced = os.environ.get("ADAI_CPU_ISA", "").strip().lower()
     if forced:
         if forced not in _ISA_ORDER:
-            _errors.append(f"ignoring ADAI_CPU_ISA={forced!r}: expected one of "
-                           f"{', '.join(_ISA_ORDER)}")
+            _notes.append(f"ignoring ADAI_CPU_ISA={forced!r}: expected one of "
+                          f"{', '.join(_ISA_ORDER)}")
+        elif not _hardware_allows(forced):
+            _notes.append(f"ignoring ADAI_CPU_ISA={forced}: this CPU lacks "
+                          f"{'/'.join(_ISA_NEEDS[forced])}")
         else:
-            return forced, f"ADAI_CPU_ISA={forced}"
+            return forced
     try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # very old torch or an unusual platform
+        cap = torch.backends.cpu.get_cpu_capability().upper()
+    except Exception:  # an unusual platform
         cap = "DEFAULT"
-    cap = cap.upper()
     if cap.startswith("AVX512"):
-        return "avx512", f"cpu capability {cap}"
+        return "avx512"
     if cap.startswith("AVX2"):
-        return "avx2", f"cpu capability {cap}"
-    return "default", f"cpu capability {cap}"
+        return "avx2"
+    return "default"
 
 
 def _load() -> None:
@@ -59,7 +82,7 @@ def _load() -> None:
     if err is not None:
         _errors.append(f"adai_kernels._C: {err}")
         return
-    isa, _ = _wanted_isa()
+    isa = _wanted_isa()
     for cand in _ISA_ORDER[_ISA_ORDER.index(isa):]:
         mod, err = _import(f"_cpu_{cand}")
         if mod is not None:
@@ -83,6 +106,12 @@ def load_error() -> str | None:
 def cpu_isa() -> str:
     """The CPU kernel variant in use: "avx512", "avx2", "default", or "none"."""
     return _cpu_isa
+
+
+def notes() -> list[str]:
+    """Non-fatal problems: ignored settings (e.g. a bad ADAI_CPU_ISA) and fake kernels that
+    could not be registered (eager calls still work then; torch.compile would not)."""
+    return list(_notes) + list(_fake_errors)
 
 
 def cpu_vec_size() -> int:
@@ -177,7 +206,7 @@ def _sum_v_fake(exp_avg_sq, v_sums):
     return None
 
 
-_fake_errors: list[str] = []
+_fake_errors: list[str] = []  # fake kernels that could not be registered
 if _C is not None:
     for _name, _fn in (("stats", _stats_fake), ("update", _update_fake), ("sum_v", _sum_v_fake)):
         try:

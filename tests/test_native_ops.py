@@ -213,7 +213,8 @@ def _probe(env: dict) -> dict:
         "torch.ops.adai.update([p], [gr], [m], [v], [b], [vs], [k], st, 1000.0, 0.1, 0.1,\n"
         "                      0.99, 1e-3, 0.0, False, 0.5)\n"
         "print(json.dumps(dict(isa=_native.cpu_isa(), vec=_native.cpu_vec_size(),\n"
-        "                      err=_native.load_error(), p=p.tolist())))\n")
+        "                      err=_native.load_error(), notes=_native.notes(),\n"
+        "                      p=p.tolist())))\n")
     full_env = dict(os.environ)
     for key in ("ADAI_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         full_env.pop(key, None)
@@ -236,6 +237,10 @@ def test_isa_overrides_in_subprocess():
     # torch's own override is honoured too
     r = _probe({"ATEN_CPU_CAPABILITY": "default"})
     assert r["isa"] == "default", r
+    # a bad value is ignored (and said so), not fatal
+    r = _probe({"ADAI_CPU_ISA": "sse9"})
+    assert r["err"] is None and r["isa"] == _expected_isa(), r
+    assert any("ADAI_CPU_ISA" in n for n in r["notes"]), r
     # every variant computes the same step (not bitwise: lane sums and pow differ by ISA)
     for isa in supported[1:]:
         torch.testing.assert_close(results[isa], results["default"], rtol=1e-5, atol=1e-6)
