@@ -616,8 +616,8 @@ for s_al in (True, False):
     cases = [(K.F32, True, False), (K.F16, True, True), (K.BF16, True, False),
              (K.BF16, False, True)] if s_al else [(K.BF16, True, True)]
     for code, v1, flags in cases:
-        k = compile(K.update_kernel, CODE=code, ADAI_V1=v1, P_ALIGNED=s_al, S_ALIGNED=s_al,
-                    **{f: flags for f in FLAGS}, **EL)
+        k = compile(K.update_kernel, CODE=code, ADAI_V1=v1, HAS_L2=flags, P_ALIGNED=s_al,
+                    S_ALIGNED=s_al, **{f: flags for f in FLAGS}, **EL)
         assert reduce_layouts(k) == vsum, (code, v1, s_al, reduce_layouts(k), vsum)
         ptx = k.asm["ptx"]
         if s_al:

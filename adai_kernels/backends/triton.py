@@ -225,7 +225,8 @@ def _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
         if not _dense(g):
             _fail("stats", i, "grads must be non-overlapping and dense")
         _fail("stats", i, "params and grads must have the same shape and strides")
-    has_l2 = l2 != 0.0
+    l2f = _f32(l2)  # the per-element l2 (adai_math.h::Consts), exact in float64
+    has_l2 = l2f != 0.0  # as adai_math.h::effective_grad: params are read only then
     has_scale = grad_scale is not None
     numels = [g.numel() for g in grads]
     columns = [
@@ -235,7 +236,6 @@ def _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
         [s.data_ptr() for s in v_sums],
         numels,
     ]
-    l2f = _f32(l2)  # the per-element l2 (adai_math.h::Consts), exact in float64
     meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2), 2.0 * l2f, l2f * l2f], columns,
                             numels, device, K.BLOCK)
     P = max(n_chunks, 1)
@@ -309,7 +309,8 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
                 _f32(lr * weight_decay) if decoupled else 0.0,
                 _f32(d), _f32(1.0 / (3.0 - 2.0 * d)), _f32(math.pow(beta0, 1.0 - d)),
                 CODE=_DTYPE_CODES[params[0].dtype], ADAI_V1=(d == 1.0),
-                P_ALIGNED=p_aligned, S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
+                HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
+                S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
                 HAS_LR=lr_tensor is not None, **flags,
                 BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
         K.update_finalize_kernel[(n,)](meta, stats, stats.size(0), partials, n, fi_ptr,

@@ -356,8 +356,8 @@ def _v_sum(v, mask, MASKED: tl.constexpr):
 def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vbar, mult,
                   lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
                   exponent, mhat_scale,
-                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, MULT: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
+                  MULT: tl.constexpr, MASKED: tl.constexpr):
     theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
     g = _load_param(g_ptr, offs, mask, CODE, MASKED)
     m = _ld(m_ptr + offs, mask, MASKED, 0.0)
@@ -366,8 +366,11 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vb
 
     if MULT:  # unscaling and clipping: g * (1 / grad_scale) * c, the product as fp32
         g = g * mult
-    # adai_math.h::update, operation for operation
-    ge = g + l2 * theta
+    # adai_math.h::update, operation for operation (effective_grad: theta only with L2)
+    if HAS_L2:
+        ge = g + l2 * theta
+    else:
+        ge = g
     v = beta2 * v + one_minus_beta2 * ge * ge
     ratio = v * inv_bc2 * inv_vbar
     if ADAI_V1:
@@ -399,8 +402,8 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vb
 def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
                   lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
                   exponent, mhat_scale,
-                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, P_ALIGNED: tl.constexpr,
-                  S_ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
+                  P_ALIGNED: tl.constexpr, S_ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr, HAS_LR: tl.constexpr, CLIP: tl.constexpr,
                   SKIP_NONFINITE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v. When the
@@ -436,12 +439,12 @@ def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
             part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
                                  inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
                                  beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                                 CODE, ADAI_V1, HAS_SCALE or CLIP, False)
+                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, False)
         else:
             part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
                                  inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
                                  beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                                 CODE, ADAI_V1, HAS_SCALE or CLIP, True)
+                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, True)
         tl.store(partials + pid, part.to(tl.float64))
 
 
