@@ -107,9 +107,11 @@ ADAI_HD Globals globals(const double* t, double max_grad_norm, bool skip_nonfini
 }
 
 // The gradient as both phases see it: L2 decay added (never written back to the caller).
+// Without L2 decay theta is not touched, so a non-finite parameter cannot reach v through
+// 0 * inf.
 template <typename T>
 ADAI_HD T effective_grad(T g, T theta, const Consts& c) {
-  return g + T(c.l2) * theta;
+  return c.l2 != 0.0f ? g + T(c.l2) * theta : g;
 }
 
 // Phase 1 contribution of one element to G_i = sum (g + l2 * theta)^2.
