@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from .backends.base import STATS_COLUMNS  # csrc/adai_math.h, StatsColumn
+
 _ISA_ORDER = ("avx512", "avx2", "default")
 
 _C = None
@@ -164,19 +166,31 @@ def _check_scalars(op: str, name: str, ts, dtype: torch.dtype) -> None:
                              f"{t.dtype} of shape {tuple(t.shape)}")
 
 
-def _stats_fake(params, grads, steps, v_sums, beta2, l2, out):
+def _check_control(op: str, name: str, t) -> None:
+    """An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor)."""
+    if t is not None:
+        torch._check(t.dim() == 0 and t.dtype == torch.float32,
+                     lambda: f"{op}: `{name}` must be a 0-dim float32 tensor, got {t.dtype} "
+                             f"of shape {tuple(t.shape)}")
+
+
+def _stats_fake(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
     op = "adai::stats"
     _check_lists(op, len(params), grads=grads, steps=steps, v_sums=v_sums)
     _check_pairs(op, params, grads)
     _check_scalars(op, "steps", steps, torch.float32)
     _check_scalars(op, "v_sums", v_sums, torch.float64)
-    torch._check(out.dim() == 0 and out.dtype == torch.float64,
-                 lambda: f"{op}: `out` must be a 0-dim float64 tensor")
+    _check_control(op, "grad_scale", grad_scale)
+    torch._check(out.dim() == 1 and out.shape[0] == STATS_COLUMNS
+                 and out.dtype == torch.float64,
+                 lambda: f"{op}: `out` must be a 1-D float64 tensor of {STATS_COLUMNS} "
+                         f"elements, got {out.dtype} of shape {tuple(out.shape)}")
     return None
 
 
-def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats, numel,
-                 lr, beta0, beta2, eps, weight_decay, decoupled, dampening):
+def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
+                 grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+                 decoupled, dampening, max_grad_norm, skip_nonfinite):
     op = "adai::update"
     _check_lists(op, len(params), grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                  beta1_prod=beta1_prod, v_sums=v_sums, steps=steps)
@@ -189,8 +203,13 @@ def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
                                  f"params[{i}]")
     _check_scalars(op, "v_sums", v_sums, torch.float64)
     _check_scalars(op, "steps", steps, torch.float32)
-    torch._check(stats.dtype == torch.float64 and stats.dim() <= 1,
-                 lambda: f"{op}: `stats` must be a 1-D float64 tensor")
+    torch._check(stats.dim() == 2 and stats.shape[1] == STATS_COLUMNS
+                 and stats.dtype == torch.float64,
+                 lambda: f"{op}: `stats` must be a 2-D float64 tensor with {STATS_COLUMNS} "
+                         f"columns, got {stats.dtype} of shape {tuple(stats.shape)}")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
+                    ("lr_tensor", lr_tensor)):
+        _check_control(op, name, t)
     return None
 
 

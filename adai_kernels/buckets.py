@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharding import local
+
 ALIGN = 16  # elements; each segment starts 64-byte aligned, so vector loads stay aligned
 
 
@@ -33,7 +35,8 @@ def state_strides(param: torch.Tensor) -> tuple[int, ...]:
 
 
 class Bucket:
-    """State of the parameters of one (group, device, dtype), in join order."""
+    """State of the parameters of one (group, device, dtype), in join order. For a DTensor
+    parameter the state is that of its local shard."""
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 
@@ -64,7 +67,7 @@ class Bucket:
         size = self.size
         for p in params:
             offsets.append(size)
-            size += _round_up(p.numel())
+            size += _round_up(local(p).numel())
         n_old, n_new = len(self.params), len(self.params) + len(params)
 
         new_buffers = {}
@@ -97,7 +100,7 @@ class Bucket:
         # v_sums of loaded state are the owner's to fill (Backend.sum_v); fresh state sums to 0
 
     def _make_views(self, i: int) -> dict[str, torch.Tensor]:
-        p, off = self.params[i], self.offsets[i]
+        p, off = local(self.params[i]), self.offsets[i]
         stride = state_strides(p)
         views = {k: buf.as_strided(p.shape, stride, off) for k, buf in self.buffers.items()}
         views["step"] = self.steps[i]

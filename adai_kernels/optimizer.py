@@ -9,8 +9,10 @@ import torch
 from torch.optim.optimizer import Optimizer, required
 
 from . import backends
+from . import sharding
 from .buckets import Bucket, is_dense, state_strides
-from .work import Work
+from .backends.base import GRAD_NORM_SQ, STATS_COLUMNS
+from .work import Control, Work
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "beta1_prod")
@@ -50,6 +52,15 @@ def validate_hyperparameters(group: dict) -> None:
             raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
 
 
+def _index(key) -> int | str:
+    """A parameter index of a state dict; checkpoint libraries may hand it back as a str or a
+    0-dim tensor (torch.distributed.checkpoint does)."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return key
+
+
 class Adai(Optimizer):
     r"""Adai: Adaptive Inertia (Xie et al., ICML 2022, arXiv 2006.15815).
 
@@ -66,16 +77,41 @@ class Adai(Optimizer):
         dampening: d in [0, 1]; 1 is Adai, < 1 is AdaiV2. Default 1.
         backend: "auto", "cuda", "triton", "cpu" or "reference". "auto" (or the environment
             variable ADAI_BACKEND) picks the fastest backend available for each device.
+        max_grad_norm: clip the global gradient norm (over every parameter of every group, as
+            torch.nn.utils.clip_grad_norm_) inside the step; the gradients are not modified.
+            A non-finite norm skips the step. `grad_norm` holds the norm before clipping.
+        skip_nonfinite: skip the whole step (parameters, states and step counters unchanged)
+            when a gradient is inf or NaN. Off by default: as in the reference code, a
+            non-finite gradient then propagates into the parameters it touches.
+        process_group: when parameters are sharded across processes (ZeRO-style), the group
+            whose sum makes the global statistics; one all-reduce of a few scalars per step.
+
+    With torch.amp.GradScaler, gradients are unscaled inside the step and a step with inf/NaN
+    gradients is skipped, without a device-to-host synchronisation.
     """
 
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
-                 decoupled=False, dampening=1.0, *, backend: str = "auto"):
+                 decoupled=False, dampening=1.0, *, backend: str = "auto",
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 process_group=None):
         if lr is required:
             raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening)
         validate_hyperparameters(defaults)
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and math.isfinite(max_grad_norm)
+                                              and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be a finite "
+                             f"number > 0, or None)")
         backends.check_name(backend)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.process_group = process_group
+        self._last_stats: list[torch.Tensor] = []
+        self._mesh_group = None  # the DTensor parameters' group, found at step time
         self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
@@ -124,25 +160,54 @@ class Adai(Optimizer):
         by_device: dict[torch.device, list[Work]] = defaultdict(list)
         for w in works:
             by_device[w.device].append(w)
+        controls = {device: self._control(device) for device in by_device}
         stats = {}
         for device, ws in by_device.items():
-            buf = torch.empty(len(ws), dtype=torch.float64, device=device)
+            rows = torch.empty(len(ws), STATS_COLUMNS, dtype=torch.float64, device=device)
             backend = self._backends[device]
             for i, w in enumerate(ws):
-                backend.stats(w, buf[i])
-            stats[device] = buf
-        if len(stats) > 1:  # one global mean over every device
-            first = next(iter(stats.values()))
-            total = sum(s.sum().to(first.device) for s in stats.values()).reshape(1)
-            stats = {device: total.to(device) for device in stats}
-        numel = sum(w.numel for w in works)
+                backend.stats(w, rows[i], controls[device])
+            stats[device] = rows
+        stats = self._global_stats(stats)
+        self._last_stats = list(stats.values())[:1]
         for device, ws in by_device.items():
             backend = self._backends[device]
             for w in ws:
-                backend.update(w, stats[device], numel)
+                backend.update(w, stats[device], controls[device])
                 for param, stand_in in w.write_back:
                     param.copy_(stand_in)
         return loss
+
+    def _control(self, device: torch.device) -> Control:
+        """This step's shared inputs on `device`: GradScaler sets `grad_scale` and `found_inf`
+        on the optimizer just for the call to step()."""
+        def here(t):
+            return None if t is None else t.to(device=device, dtype=torch.float32).reshape(())
+        return Control(grad_scale=here(getattr(self, "grad_scale", None)),
+                       found_inf=here(getattr(self, "found_inf", None)),
+                       max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite)
+
+    def _global_stats(self, stats: dict) -> dict:
+        """Make every device's statistics global: one row per bucket on a single device in a
+        single process; otherwise the column sums, added across devices and all-reduced over
+        the process group (still no host synchronisation)."""
+        group = self.process_group if self.process_group is not None else self._mesh_group
+        if len(stats) == 1 and group is None:
+            return stats
+        first = next(iter(stats))
+        total = sum(rows.sum(0, keepdim=True).to(first) for rows in stats.values())
+        if group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(total, group=group)
+        return {device: total.to(device) for device in stats}
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (after unscaling, before clipping) of the last step, as a
+        0-dim float64 tensor on the device; None before the first step."""
+        if not self._last_stats:
+            return None
+        return self._last_stats[0][:, GRAD_NORM_SQ].sum().sqrt()
 
     def _prepare(self) -> list[Work]:
         """Check every gradient, then give new parameters state and build the per-bucket
@@ -156,6 +221,8 @@ class Adai(Optimizer):
                 selected.append((gi, p, p.grad))
         for device in {p.device for _, p, _ in selected}:
             self._backend_for(device)
+        if self.process_group is None:
+            self._mesh_group = sharding.reduce_group([p for _, p, _ in selected])
 
         joining: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for gi, p, _ in selected:
@@ -175,6 +242,7 @@ class Adai(Optimizer):
             if w is None:
                 w = works[key] = Work(self.param_groups[gi], p.device, p.dtype)
             views = self._buckets[key].state_of(p)
+            p, g = sharding.local(p), sharding.local(g)
             dense_p = p if is_dense(p) else p.contiguous()
             if dense_p is not p:
                 w.write_back.append((p, dense_p))
@@ -228,7 +296,8 @@ class Adai(Optimizer):
                 views = bucket.state_of(p)
                 entry = {"step": steps[id(p)]}
                 for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
-                    entry[k] = views[k].clone(memory_format=torch.contiguous_format)
+                    entry[k] = sharding.like_param(
+                        views[k].clone(memory_format=torch.contiguous_format), p)
                 state[index[id(p)]] = entry
         groups = []
         for group in self.param_groups:
@@ -263,10 +332,11 @@ class Adai(Optimizer):
                 raise ValueError(f"param group {gi} of the loaded state dict: {e}") from None
             new_groups.append(merged)
             for saved_index, p in zip(saved["params"], group["params"]):
-                by_saved_index[saved_index] = (gi, p)
+                by_saved_index[_index(saved_index)] = (gi, p)
 
         initial: dict[tuple, list] = defaultdict(list)
         for saved_index, entry in saved_state.items():
+            saved_index = _index(saved_index)
             if saved_index not in by_saved_index:
                 raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
                                  f"which is in none of its param groups")
@@ -302,13 +372,20 @@ class Adai(Optimizer):
         out = {"step": step}
         for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
             t = entry[k]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+            if sharding.is_dtensor(t) and sharding.is_dtensor(p):
+                if t.placements != p.placements or t.shape != p.shape:
+                    raise ValueError(f"loaded state of parameter {index}: {k} is sharded as "
+                                     f"{t.placements} {tuple(t.shape)}, the parameter as "
+                                     f"{p.placements} {tuple(p.shape)}")
+                t = t.to_local()
+            lp = sharding.local(p)
+            if not isinstance(t, torch.Tensor) or t.shape != lp.shape:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"loaded state of parameter {index}: {k} has shape {shape}, "
-                                 f"the parameter has shape {tuple(p.shape)}")
+                                 f"the parameter has shape {tuple(lp.shape)}")
             if t.is_complex() or not t.is_floating_point():
                 raise ValueError(f"loaded state of parameter {index}: {k} is {t.dtype}")
-            out[k] = t.to(device=p.device, dtype=torch.float32)
+            out[k] = t.to(device=lp.device, dtype=torch.float32)
         return out
 
 

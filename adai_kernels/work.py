@@ -7,6 +7,16 @@ import torch
 
 
 @dataclass
+class Control:
+    """Per-step inputs shared by every bucket (docs/design.md, "Native op schemas")."""
+
+    grad_scale: torch.Tensor | None = None  # GradScaler's scale: gradients are divided by it
+    found_inf: torch.Tensor | None = None   # nonzero: skip the step (GradScaler)
+    max_grad_norm: float | None = None      # clip the global gradient norm to this
+    skip_nonfinite: bool = False            # skip the step when the gradient norm is not finite
+
+
+@dataclass
 class Work:
     """One (group, device, dtype) bucket's participating tensors for one step.
 
@@ -36,6 +46,15 @@ class Work:
     @property
     def beta2(self) -> float:
         return float(self.group["betas"][1])
+
+    @property
+    def lr_tensor(self) -> torch.Tensor | None:
+        """The group's learning rate when it is a tensor (read on the device, so a schedule
+        changes no kernel argument), as 0-dim float32 on this bucket's device."""
+        lr = self.group["lr"]
+        if isinstance(lr, torch.Tensor):
+            return lr.to(device=self.device, dtype=torch.float32).reshape(())
+        return None
 
     @property
     def l2(self) -> float:

@@ -67,10 +67,51 @@ ADAI_HD double inv_mean(double sum, double count) {
   return sum > 0.0 ? count / sum : 0.0;
 }
 
+// Columns of a bucket's statistics row (float64), written by `stats`, summed over rows by
+// `update`. g is the gradient after unscaling (grad / grad_scale), before clipping; k_i the
+// incremented step; w_i = (1 - beta2) / bc2_i.
+enum StatsColumn {
+  kA = 0,    // sum_i beta2 * V_i / bc2_i            (V_i: sum of v before this step)
+  kB = 1,    // sum_i w_i * sum_j (g + l2 theta)^2   (the gradient part of S when not clipped)
+  kBgg = 2,  // sum_i w_i * sum_j g^2                (with kBgt, kBtt: the same, expanded,
+  kBgt = 3,  // sum_i w_i * sum_j 2 l2 g theta        so that a clip coefficient c found
+  kBtt = 4,  // sum_i w_i * sum_j (l2 theta)^2        only after the reduction applies:
+             //   S = A + c^2 Bgg + c Bgt + Btt)
+  kGn = 5,   // sum_i sum_j g^2                      (the squared global gradient norm)
+  kN = 6,    // sum_i numel_i
+  kStatsColumns = 7,
+};
+
+// What one step needs from the global statistics, computed alike by every block.
+struct Globals {
+  float inv_vbar;  // 1 / vbar, 0 when vbar == 0
+  float clip;      // gradient multiplier from clipping (1 when not clipping)
+  bool skip;       // skip the whole step: found_inf, or a non-finite norm when checked
+};
+
+ADAI_HD Globals globals(const double* t, double max_grad_norm, bool skip_nonfinite,
+                        bool found_inf) {
+  Globals out;
+  const double gn2 = t[kGn];
+  const bool finite = gn2 - gn2 == 0.0;  // false for inf and NaN, also under fast-math
+  out.skip = found_inf || ((skip_nonfinite || max_grad_norm > 0.0) && !finite);
+  double c = 1.0;
+  if (max_grad_norm > 0.0 && finite) {
+    c = max_grad_norm / (::sqrt(gn2) + 1e-6);  // as torch.nn.utils.clip_grad_norm_
+    if (c > 1.0) c = 1.0;
+  }
+  const double s = c == 1.0 ? t[kA] + t[kB] : t[kA] + c * c * t[kBgg] + c * t[kBgt] + t[kBtt];
+  out.inv_vbar = static_cast<float>(inv_mean(s, t[kN]));
+  out.clip = static_cast<float>(c);
+  return out;
+}
+
 // The gradient as both phases see it: L2 decay added (never written back to the caller).
+// Without L2 decay theta is not touched, so a non-finite parameter cannot reach v through
+// 0 * inf.
 template <typename T>
 ADAI_HD T effective_grad(T g, T theta, const Consts& c) {
-  return g + T(c.l2) * theta;
+  return c.l2 != 0.0f ? g + T(c.l2) * theta : g;
 }
 
 // Phase 1 contribution of one element to G_i = sum (g + l2 * theta)^2.

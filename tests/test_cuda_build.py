@@ -5,7 +5,12 @@
   for sm_80 and sm_90. Skipped when it was built without CUDA.
 - Always (needs only a C++ compiler): tests/cuda_host_check.cpp runs the kernels' per-thread
   element loops (csrc/cuda/elementwise.h, __host__ __device__) on the CPU for every thread of
-  a block and compares them bitwise with adai_math.h applied element by element.
+  a block and compares them bitwise with adai_math.h applied element by element (stats: the
+  unscaled g^2, (g + l2 theta)^2, g theta, theta^2 sums; update: with the gradient multiplier,
+  and a skipped step that writes nothing; sum_v against update), and checks a tensor's share
+  of the statistics row and update's globals (rows summed in row order, adai::globals, skip,
+  multiplier, lr_tensor).
+- Always: the statistics columns of csrc/adai_math.h are the ones the Python side uses.
 """
 from __future__ import annotations
 
@@ -171,6 +176,25 @@ def test_cubins_for_sm80_and_sm90():
         assert section is not None, f"{so} has no .nv_fatbin section"
         archs = {arch for kind, arch in _fatbin_archs(section) if kind == "elf"}
     assert {80, 90} <= archs, f"cubins in {so.name}: sm_{sorted(archs)}"
+
+
+# ---- the statistics row ------------------------------------------------------------------
+
+
+def test_stats_columns_match_python():
+    """adai_math.h's StatsColumn (what the kernels write) against backends/base.py (what the
+    optimizer allocates and reads), and the kernels' row order against docs/design.md. Read
+    as text: importing adai_kernels loads native modules this test does not need."""
+    header = (ROOT / "csrc" / "adai_math.h").read_text()
+    cols = {name: int(v) for name, v in re.findall(r"\bk(\w+)\s*=\s*(\d+),", header)}
+    assert [cols[k] for k in ("A", "B", "Bgg", "Bgt", "Btt", "Gn", "N")] == list(range(7))
+    base = (ROOT / "adai_kernels" / "backends" / "base.py").read_text()
+    py = {name: int(v) for name, v in re.findall(r"^(\w+) = (\d+)", base, re.M)}
+    assert py["STATS_COLUMNS"] == cols["StatsColumns"] == 7
+    assert py["GRAD_NORM_SQ"] == cols["Gn"]
+    schema = (ROOT / "csrc" / "ops.cpp").read_text()
+    assert "Tensor? grad_scale, float beta2, float l2, Tensor(b!) out" in schema
+    assert "Tensor(f!)[] steps, Tensor stats, Tensor? grad_scale, Tensor? found_inf" in schema
 
 
 # ---- the element loops on the CPU -------------------------------------------------------

@@ -1,6 +1,8 @@
 """The CUDA kernels on a GPU: adai::stats / adai::update / adai::sum_v against a float64
-oracle written here, bitwise determinism, many tensors and the launch count, and the optimizer
-with backend="cuda" against backend="reference".
+oracle written here (the statistics row, gradient unscaling, clipping with and without L2
+decay, skipped steps, tensor learning rates), bitwise determinism, many tensors and the
+launch count, and the optimizer with backend="cuda" against backend="reference" (plain,
+clipping, skip_nonfinite, GradScaler).
 
 Marker `gpu`; skipped without a GPU (or when adai_kernels._C has no CUDA kernels, unless
 ADAI_REQUIRE_CUDA=1, as bench/gpu_check.sh sets, makes that a failure). ADAI_TEST_LARGE=1 adds
@@ -56,6 +58,8 @@ HYPER = {
     "plain": dict(betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0, decoupled=False,
                   dampening=1.0),
 }
+COLUMNS = 7  # csrc/adai_math.h StatsColumn: A, B, Bgg, Bgt, Btt, Gn, N
+A, B, BGG, BGT, BTT, GN, N = range(COLUMNS)
 
 
 # ---- tensors laid out as the optimizer lays them out ----------------------------------------
@@ -124,49 +128,94 @@ class Bucket:
         return [*self.params, *self.m, *self.v, *self.b, self.steps_vec, self.vsum_vec]
 
 
-def stats_op(bk, grads, hp, out):
-    ops.stats(bk.params, grads, bk.steps, bk.v_sums, hp["betas"][1],
-              0.0 if hp["decoupled"] else hp["weight_decay"], out)
+def _l2(hp) -> float:
+    return 0.0 if hp["decoupled"] else hp["weight_decay"]
 
 
-def update_op(bk, grads, hp, stats, numel):
-    ops.update(bk.params, grads, bk.m, bk.v, bk.b, bk.v_sums, bk.steps, stats, float(numel),
-               hp["lr"], hp["betas"][0], hp["betas"][1], hp["eps"], hp["weight_decay"],
-               hp["decoupled"], hp["dampening"])
+def stats_op(bk, grads, hp, out, grad_scale=None):
+    ops.stats(bk.params, grads, bk.steps, bk.v_sums, grad_scale, hp["betas"][1], _l2(hp), out)
 
 
-def op_step(bk, grads, hp, extra=None) -> torch.Tensor:
-    """One step of one bucket. `extra` = (S, N): other buckets' share of the global sum and
-    their element count (a second slot of the stats vector)."""
-    stats = torch.zeros(2 if extra else 1, dtype=torch.float64, device=DEVICE)
+def update_op(bk, grads, hp, stats, grad_scale=None, found_inf=None, lr_tensor=None,
+              max_grad_norm=0.0, skip_nonfinite=False):
+    lr = 0.0 if lr_tensor is not None else hp["lr"]
+    ops.update(bk.params, grads, bk.m, bk.v, bk.b, bk.v_sums, bk.steps, stats, grad_scale,
+               found_inf, lr_tensor, lr, hp["betas"][0], hp["betas"][1], hp["eps"],
+               hp["weight_decay"], hp["decoupled"], hp["dampening"], max_grad_norm,
+               skip_nonfinite)
+
+
+def scalar(x) -> torch.Tensor | None:
+    """A 0-dim float32 control tensor on DEVICE (None stays None)."""
+    return None if x is None else torch.tensor(float(x), dtype=torch.float32, device=DEVICE)
+
+
+def op_step(bk, grads, hp, extra=None, grad_scale=None, **control) -> torch.Tensor:
+    """One step of one bucket; returns the statistics matrix (row 0: this bucket's, written by
+    stats). `extra`: another bucket's row (a second row of the matrix). `control`: update's
+    found_inf, lr_tensor, max_grad_norm, skip_nonfinite."""
+    stats = torch.zeros(2 if extra else 1, COLUMNS, dtype=torch.float64, device=DEVICE)
     if extra:
-        stats[1] = extra[0]
-    stats_op(bk, grads, hp, stats[0])
-    update_op(bk, grads, hp, stats, bk.numel + (extra[1] if extra else 0))
+        stats[1] = torch.tensor(extra, dtype=torch.float64)
+    stats_op(bk, grads, hp, stats[0], grad_scale=grad_scale)
+    update_op(bk, grads, hp, stats, grad_scale=grad_scale, **control)
     return stats
+
+
+# Another bucket's row (consistent: B = Bgg + Bgt + Btt), for a second row of the matrix.
+EXTRA = (123.0, 59.0, 60.0, -4.0, 3.0, 700.0, 4567.0)
 
 
 # ---- the float64 oracle of one step (docs/design.md semantics) ------------------------------
 
 
-def oracle_step(snap, grads, hp, extra=None) -> dict:
+def oracle_step(snap, grads, hp, extra=None, grad_scale=None, found_inf=None, lr=None,
+                max_grad_norm=0.0, skip_nonfinite=False) -> dict:
+    """The spec in float64: `row` (this bucket's statistics), `skip`, `clip` and the bucket's
+    tensors after the step (unchanged, steps included, when skipped)."""
     beta0, beta2 = hp["betas"]
-    lr, wd, eps, d = hp["lr"], hp["weight_decay"], hp["eps"], hp["dampening"]
-    l2 = 0.0 if hp["decoupled"] else wd
-    S, N, phase1 = 0.0, 0, []
+    lr = hp["lr"] if lr is None else lr
+    wd, eps, d = hp["weight_decay"], hp["eps"], hp["dampening"]
+    l2 = _l2(hp)
+    row = [0.0] * COLUMNS
+    phase1 = []
     for i, theta in enumerate(snap["params"]):
         k = snap["steps"][i] + 1
         bc2 = 1.0 - beta2**k
-        ge = grads[i].double() + l2 * theta
-        v = beta2 * snap["v"][i] + (1.0 - beta2) * ge * ge
-        S += (beta2 * snap["v_sums"][i] + (1.0 - beta2) * float((ge * ge).sum())) / bc2
-        N += theta.numel()
-        phase1.append((k, bc2, ge, v))
-    S_all, N_all = (S + extra[0], N + extra[1]) if extra else (S, N)
-    inv_vbar = N_all / S_all if S_all > 0 else 0.0
-    out = dict(S=S, params=[], m=[], v=[], b=[], steps=[], v_sums=[])
-    for i, (k, bc2, ge, v) in enumerate(phase1):
+        w = (1.0 - beta2) / bc2
+        g = grads[i].double()
+        if grad_scale is not None:
+            g = g / grad_scale
+        gg = float((g * g).sum())
+        if l2 != 0.0:
+            ge = g + l2 * theta
+            b, gt, tt = (float((ge * ge).sum()), 2 * l2 * float((g * theta).sum()),
+                         l2 * l2 * float((theta * theta).sum()))
+        else:
+            b, gt, tt = gg, 0.0, 0.0
+        for col, x in ((A, beta2 * snap["v_sums"][i] / bc2), (B, w * b), (BGG, w * gg),
+                       (BGT, w * gt), (BTT, w * tt), (GN, gg), (N, theta.numel())):
+            row[col] += x
+        phase1.append((k, bc2, g))
+    total = [x + (extra[c] if extra else 0.0) for c, x in enumerate(row)]
+    finite = math.isfinite(total[GN])
+    skip = bool(found_inf) or ((skip_nonfinite or max_grad_norm > 0) and not finite)
+    clip = 1.0
+    if max_grad_norm > 0 and finite:
+        clip = min(1.0, max_grad_norm / (math.sqrt(total[GN]) + 1e-6))
+    S = (total[A] + total[B] if clip == 1.0
+         else total[A] + clip * clip * total[BGG] + clip * total[BGT] + total[BTT])
+    inv_vbar = total[N] / S if S > 0 else 0.0
+    out = dict(row=row, skip=skip, clip=clip, params=[], m=[], v=[], b=[], steps=[],
+               v_sums=[])
+    if skip:
+        for key in ("params", "m", "v", "b", "steps", "v_sums"):
+            out[key] = list(snap[key])
+        return out
+    for i, (k, bc2, g) in enumerate(phase1):
         theta = snap["params"][i]
+        ge = g * clip + l2 * theta if l2 != 0.0 else g * clip
+        v = beta2 * snap["v"][i] + (1.0 - beta2) * ge * ge
         ratio = v / bc2 * inv_vbar
         beta1 = (1.0 - beta0 * ratio ** (1.0 / (3.0 - 2.0 * d))).clamp(0.0, 1.0 - eps)
         beta3 = (1.0 - beta1) ** d
@@ -183,9 +232,20 @@ def oracle_step(snap, grads, hp, extra=None) -> dict:
     return out
 
 
+def check_row(row, expected, what=""):
+    """The kernel's statistics row against the oracle's: N exact, the rest to float32
+    accumulation accuracy (Bgt, a sum of both signs, relative to Bgg + Btt >= |Bgt|)."""
+    got = row.tolist()
+    assert got[N] == expected[N], f"{what}: N {got[N]} vs {expected[N]}"
+    for col, name in enumerate(("A", "B", "Bgg", "Bgt", "Btt", "Gn")):
+        scale = abs(expected[col]) + (abs(expected[BGG]) + abs(expected[BTT])
+                                      if col == BGT else 0.0)
+        assert abs(got[col] - expected[col]) <= 1e-5 * scale + 1e-300, \
+            f"{what}: stats column {name}: {got[col]!r} vs {expected[col]!r}"
+
+
 def check_against_oracle(bk, grads_before, grads, stats, expected, what=""):
-    assert math.isclose(stats[0].item(), expected["S"], rel_tol=1e-5, abs_tol=1e-300), \
-        f"{what}: stats {stats[0].item()!r} vs {expected['S']!r}"
+    check_row(stats[0], expected["row"], what)
     assert bk.steps_vec.tolist() == expected["steps"], what
     for i, p in enumerate(bk.params):
         where = f"{what} tensor {i} {tuple(p.shape)} {p.dtype} stride {p.stride()}"
@@ -201,6 +261,16 @@ def check_against_oracle(bk, grads_before, grads, stats, expected, what=""):
         assert math.isclose(bk.vsum_vec[i].item(), expected["v_sums"][i], rel_tol=2e-4,
                             abs_tol=1e-30), where
         assert torch.equal(grads[i], grads_before[i]), f"{where}: the gradient was written"
+
+
+def assert_unchanged(bk, snap, what=""):
+    """Bitwise: every tensor of the bucket as in `snap` (a skipped step)."""
+    now = bk.snapshot()
+    assert now["steps"] == snap["steps"], f"{what}: steps {now['steps']} vs {snap['steps']}"
+    assert now["v_sums"] == snap["v_sums"], f"{what}: v_sums were written"
+    for key in ("params", "m", "v", "b"):
+        for i, (x, y) in enumerate(zip(now[key], snap[key])):
+            assert torch.equal(_bits(x), _bits(y)), f"{what}: {key}[{i}] was written"
 
 
 # ---- the test matrix ---------------------------------------------------------------------
@@ -230,12 +300,206 @@ def test_ops_match_oracle(dtype, hyper, state_offset):
     for step in range(3):
         grads = make_grads(bk.params, gen)
         grads_before = [g.clone() for g in grads]
-        extra = (123.0, 4567) if step == 1 else None
+        extra = EXTRA if step == 1 else None
         snap = bk.snapshot()
         stats = op_step(bk, grads, hp, extra)
         expected = oracle_step(snap, grads, hp, extra)
         check_against_oracle(bk, grads_before, grads, stats, expected,
                              f"{dtype} {hyper} state_offset={state_offset} step {step}")
+
+
+# Gradient norms here: about sqrt(numel of SHAPES) ~ 1060 (plus EXTRA's sqrt(700)).
+CONTROLS = {
+    "grad_scale": dict(grad_scale=3000.0),
+    "clip": dict(max_grad_norm=100.0),
+    "clip_inactive": dict(max_grad_norm=1e7),
+    "clip_scale_extra": dict(grad_scale=0.37, max_grad_norm=300.0, extra=True),
+    "lr_tensor": dict(lr_tensor=True),
+    "found_inf_zero": dict(found_inf=0.0, skip_nonfinite=True),
+}
+
+
+@pytest.mark.parametrize("control", list(CONTROLS))
+@pytest.mark.parametrize("hyper", ["coupled", "decoupled_d0.5", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_with_controls_match_oracle(dtype, hyper, control):
+    """grad_scale (gradients scaled by it, unscaled in both ops), clipping (active and not,
+    with and without L2 decay, with another bucket's row), lr from a tensor, found_inf = 0."""
+    ctl = CONTROLS[control]
+    hp = dict(HYPER[hyper], lr=1e-2 if dtype == torch.float32 else 5e-2)
+    bk, gen = make_bucket(dtype, seed=11)
+    scale = ctl.get("grad_scale")
+    extra = EXTRA if ctl.get("extra") else None
+    for step in range(2):
+        grads = make_grads(bk.params, gen)
+        if scale is not None:
+            grads = [(g.float() * scale).to(dtype) for g in grads]
+        grads_before = [g.clone() for g in grads]
+        snap = bk.snapshot()
+        kwargs = dict(max_grad_norm=ctl.get("max_grad_norm", 0.0),
+                      skip_nonfinite=ctl.get("skip_nonfinite", False))
+        if "found_inf" in ctl:
+            kwargs["found_inf"] = scalar(ctl["found_inf"])
+        if ctl.get("lr_tensor"):
+            kwargs["lr_tensor"] = scalar(hp["lr"])
+        stats = op_step(bk, grads, hp, extra, grad_scale=scalar(scale), **kwargs)
+        expected = oracle_step(snap, grads, hp, extra, grad_scale=scale,
+                               lr=float(torch.tensor(hp["lr"], dtype=torch.float32))
+                               if ctl.get("lr_tensor") else None,
+                               max_grad_norm=kwargs["max_grad_norm"],
+                               skip_nonfinite=kwargs["skip_nonfinite"])
+        assert not expected["skip"]
+        if control == "clip" or control == "clip_scale_extra":
+            assert expected["clip"] < 0.5, expected["clip"]  # the test clips
+        if control == "clip_inactive":
+            assert expected["clip"] == 1.0
+        check_against_oracle(bk, grads_before, grads, stats, expected,
+                             f"{dtype} {hyper} {control} step {step}")
+
+
+@pytest.mark.parametrize("hyper", ["coupled", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_power_of_two_grad_scale_is_bitwise_unscaled(dtype, hyper):
+    """Gradients scaled by 2^10 with grad_scale = 2^10 step bitwise like the unscaled ones
+    (float(1 / 1024.0) is exact), stats rows included."""
+    hp = dict(HYPER[hyper], lr=1e-2)
+    plain, gen = make_bucket(dtype, seed=12)
+    scaled, _ = make_bucket(dtype, seed=12)
+    for _ in range(2):
+        grads = make_grads(plain.params, gen)
+        rows_plain = op_step(plain, grads, hp)
+        rows_scaled = op_step(scaled, [(g * 1024).to(dtype) for g in grads], hp,
+                              grad_scale=scalar(1024.0))
+        assert torch.equal(rows_plain, rows_scaled)
+    for i, (x, y) in enumerate(zip(plain.tensors(), scaled.tensors())):
+        assert torch.equal(x, y), f"output tensor {i}"
+
+
+@pytest.mark.parametrize("hyper", ["coupled", "decoupled_d0.5"])
+def test_lr_tensor_is_read_on_the_device(hyper):
+    """lr_tensor (with lr = 0.0 in the call) steps bitwise like the same float lr (2^-7 and
+    2^-6: exact in float32), also after the tensor changed in place between steps."""
+    hp = dict(HYPER[hyper], lr=2.0**-7)
+    a, gen = make_bucket(torch.float32, seed=13)
+    b, _ = make_bucket(torch.float32, seed=13)
+    lr = scalar(hp["lr"])
+    for step in range(3):
+        if step == 2:
+            hp["lr"] = 2.0**-6
+            lr.fill_(hp["lr"])
+        grads = make_grads(a.params, gen)
+        op_step(a, grads, hp)
+        op_step(b, grads, hp, lr_tensor=lr)
+    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
+        assert torch.equal(x, y), f"output tensor {i}"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as integers (NaN-safe bitwise comparison)."""
+    return t.contiguous().view(-1).view({2: torch.int16, 4: torch.int32,
+                                         8: torch.int64}[t.element_size()])
+
+
+def _poison(grads, value, which=3, where=5):
+    grads = [g.clone() for g in grads]
+    grads[which].view(-1)[where] = value
+    return grads
+
+
+SKIPS = {
+    "found_inf": dict(found_inf=1.0),
+    "found_inf_nan": dict(found_inf=float("nan")),
+    "inf_skip_nonfinite": dict(bad=float("inf"), skip_nonfinite=True),
+    "nan_skip_nonfinite": dict(bad=float("nan"), skip_nonfinite=True),
+    "inf_clip": dict(bad=float("inf"), max_grad_norm=1.0),
+    "nan_clip_scaled": dict(bad=float("nan"), max_grad_norm=1.0, grad_scale=256.0),
+    "inf_other_bucket": dict(other_bad=float("inf"), skip_nonfinite=True),
+}
+
+
+@pytest.mark.parametrize("skip", list(SKIPS))
+@pytest.mark.parametrize("hyper", ["coupled", "decoupled_d0.5"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_skipped_step_changes_nothing(dtype, hyper, skip):
+    """A skipped step (found_inf != 0, or a non-finite gradient norm with skip_nonfinite or
+    clipping, also when the non-finite gradient is in another bucket's row) leaves params,
+    states and v_sums bitwise as they were and takes back the step increments; the next
+    step is a normal step from there."""
+    sk = SKIPS[skip]
+    hp = dict(HYPER[hyper], lr=1e-2 if dtype == torch.float32 else 5e-2)
+    bk, gen = make_bucket(dtype, seed=14)
+    other, _ = make_bucket(dtype, seed=15, shapes=SHAPES[:4])
+    op_step(bk, make_grads(bk.params, gen), hp)  # a normal first step: nonzero states
+    snap = bk.snapshot()
+    grads = make_grads(bk.params, gen)
+    if "bad" in sk:
+        grads = _poison(grads, sk["bad"])
+    grads_before = [g.clone() for g in grads]
+    scale = sk.get("grad_scale")
+    control = dict(max_grad_norm=sk.get("max_grad_norm", 0.0),
+                   skip_nonfinite=sk.get("skip_nonfinite", False))
+    if "found_inf" in sk:
+        control["found_inf"] = scalar(sk["found_inf"])
+
+    stats = torch.zeros(2, COLUMNS, dtype=torch.float64, device=DEVICE)
+    other_grads = make_grads(other.params, gen)
+    if "other_bad" in sk:
+        other_grads = _poison(other_grads, sk["other_bad"])
+    stats_op(other, other_grads, hp, stats[1])
+    stats_op(bk, grads, hp, stats[0], grad_scale=scalar(scale))
+    assert bk.steps_vec.tolist() == [k + 1 for k in snap["steps"]]  # stats incremented them
+    update_op(bk, grads, hp, stats, grad_scale=scalar(scale), **control)
+    update_op(other, other_grads, hp, stats, **control)
+
+    assert_unchanged(bk, snap, f"{dtype} {hyper} {skip}")
+    assert other.steps_vec.tolist() == [0.0] * len(other.params)
+    for g, g0 in zip(grads, grads_before):
+        assert torch.equal(_bits(g), _bits(g0)), "a gradient was written"
+    if "bad" in sk or "other_bad" in sk:
+        assert not math.isfinite(stats[:, GN].sum().item())
+    # The step after the skipped one is a normal step from the unchanged state.
+    grads = make_grads(bk.params, gen)
+    expected = oracle_step(snap, grads, hp)
+    stats = op_step(bk, grads, hp)
+    check_against_oracle(bk, grads, grads, stats, expected, f"{dtype} {hyper} after {skip}")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_nonfinite_gradient_without_skip(bad):
+    """Neither skip_nonfinite nor clipping: nothing is skipped; the tensor with the bad
+    gradient becomes non-finite, the others step with vhat / vbar := 0 (vbar is not finite)
+    and stay finite."""
+    hp = dict(HYPER["coupled"], lr=1e-2)
+    bk, gen = make_bucket(torch.float32, seed=16)
+    grads = _poison(make_grads(bk.params, gen), bad, which=3)
+    snap = bk.snapshot()
+    stats = op_step(bk, grads, hp)
+    assert not math.isfinite(stats[0, GN].item())
+    assert bk.steps_vec.tolist() == [k + 1 for k in snap["steps"]]
+    assert not torch.isfinite(bk.params[3]).all()
+    for i, p in enumerate(bk.params):
+        if i != 3:
+            assert torch.isfinite(p).all() and torch.isfinite(bk.m[i]).all(), i
+            # beta1 = 1 - eps everywhere: m = eps * g, b = 1 - eps
+            torch.testing.assert_close(bk.b[i], torch.full_like(bk.b[i], 1 - 1e-3))
+
+
+def test_nonfinite_param_without_l2_does_not_reach_the_state():
+    """Without L2 decay the kernels never compute l2 * theta: an inf parameter stays
+    non-finite (inf, or NaN from the decoupled-decay term 0 * inf) but its v, m, b and v_sum
+    (and every other tensor) stay finite."""
+    hp = dict(HYPER["plain"], lr=1e-2)
+    bk, gen = make_bucket(torch.float32, seed=17)
+    bk.params[3].view(-1)[7] = float("inf")
+    for _ in range(2):
+        stats = op_step(bk, make_grads(bk.params, gen), hp)
+        assert math.isfinite(stats[0].sum().item())
+    for i in range(len(bk.params)):
+        for t in (bk.v[i], bk.m[i], bk.b[i]):
+            assert torch.isfinite(t).all(), i
+    assert math.isfinite(bk.vsum_vec.sum().item())
+    assert not torch.isfinite(bk.params[3].view(-1)[7])
+    assert torch.isfinite(bk.params[3].view(-1)[8:]).all()
 
 
 def test_zero_gradients_leave_params_unchanged():
@@ -244,7 +508,7 @@ def test_zero_gradients_leave_params_unchanged():
     before = [p.clone() for p in bk.params]
     grads = [torch.zeros_like(p) for p in bk.params]
     stats = op_step(bk, grads, hp)
-    assert stats[0].item() == 0.0
+    assert stats[0].tolist() == [0.0] * 6 + [float(bk.numel)]
     for p, p0, m, v, b in zip(bk.params, before, bk.m, bk.v, bk.b):
         assert torch.equal(p, p0)
         assert torch.count_nonzero(m) == 0 and torch.count_nonzero(v) == 0
@@ -253,25 +517,27 @@ def test_zero_gradients_leave_params_unchanged():
     assert bk.vsum_vec.tolist() == [0.0] * len(bk.params)
 
 
-def _run(dtype, seed, hyper, steps=3, stream=None):
+def _run(dtype, seed, hyper, steps=3, stream=None, **control):
     hp = dict(HYPER[hyper], lr=1e-2)
     bk, gen = make_bucket(dtype, seed)
     outs = []
     for _ in range(steps):
         grads = make_grads(bk.params, gen)
         if stream is None:
-            outs.append(op_step(bk, grads, hp).clone())
+            outs.append(op_step(bk, grads, hp, **control).clone())
         else:
             with torch.cuda.stream(stream):
-                outs.append(op_step(bk, grads, hp).clone())
+                outs.append(op_step(bk, grads, hp, **control).clone())
             torch.cuda.current_stream().wait_stream(stream)
     return bk.tensors() + outs
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "scaled_clipped"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bitwise_deterministic(dtype):
-    a = _run(dtype, 3, "coupled")
-    b = _run(dtype, 3, "coupled")
+def test_bitwise_deterministic(dtype, clip):
+    control = dict(grad_scale=scalar(3.0), max_grad_norm=100.0) if clip else {}
+    a = _run(dtype, 3, "coupled", **control)
+    b = _run(dtype, 3, "coupled", **control)
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"run-to-run difference in output tensor {i}"
@@ -292,7 +558,8 @@ def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
     bk, gen = make_bucket(dtype, seed=5, state_offset=state_offset)
     hp = dict(HYPER["coupled"], lr=1e-2)
     for _ in range(2):
-        op_step(bk, make_grads(bk.params, gen), hp)
+        op_step(bk, make_grads(bk.params, gen), hp, grad_scale=scalar(7.0),
+                max_grad_norm=200.0)
     # The bucket's own views, and fresh (16-byte aligned) copies with the same strides.
     for v_list in (bk.v, [v.clone(memory_format=torch.preserve_format) for v in bk.v]):
         assert all(c.stride() == v.stride() for c, v in zip(v_list, bk.v))
@@ -302,20 +569,46 @@ def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
 
 
 def test_empty_lists():
-    out = torch.full((), float("nan"), dtype=torch.float64, device=DEVICE)
-    ops.stats([], [], [], [], 0.99, 0.0, out)
-    assert out.item() == 0.0
-    stats = torch.ones(1, dtype=torch.float64, device=DEVICE)
-    ops.update([], [], [], [], [], [], [], stats, 0.0, 1e-2, 0.1, 0.99, 1e-3, 0.0, False, 1.0)
+    out = torch.full((COLUMNS,), float("nan"), dtype=torch.float64, device=DEVICE)
+    ops.stats([], [], [], [], None, 0.99, 0.0, out)
+    assert out.tolist() == [0.0] * COLUMNS
+    stats = torch.ones(1, COLUMNS, dtype=torch.float64, device=DEVICE)
+    ops.update([], [], [], [], [], [], [], stats, None, None, None, 1e-2, 0.1, 0.99, 1e-3, 0.0,
+               False, 1.0, 0.0, False)
+    ops.update([], [], [], [], [], [], [], stats, scalar(2.0), scalar(1.0), scalar(1e-2), 0.0,
+               0.1, 0.99, 1e-3, 0.0, False, 1.0, 1.0, True)
 
 
 def test_all_tensors_empty():
     bk = Bucket([strided((0,), (1,), torch.float32), strided((0, 3), (3, 1), torch.float32)])
     grads = [torch.empty_like(p) for p in bk.params]
-    stats = op_step(bk, grads, dict(HYPER["plain"], lr=1e-2))
-    assert stats[0].item() == 0.0
+    stats = op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2))
+    assert stats[0].tolist() == [0.0] * COLUMNS
     assert bk.steps_vec.tolist() == [1.0, 1.0]
     assert bk.vsum_vec.tolist() == [0.0, 0.0]
+    # skipped: the increments are taken back
+    op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2), found_inf=scalar(1.0))
+    assert bk.steps_vec.tolist() == [1.0, 1.0]
+
+
+def test_stats_row_layout_and_strided_rows():
+    """`out` may be a strided row (a column of a transposed matrix); update reads a
+    transposed (column-major) stats matrix the same way."""
+    hp = dict(HYPER["coupled"], lr=1e-2)
+    a, gen = make_bucket(torch.float32, seed=18, shapes=SHAPES[:6])
+    b, _ = make_bucket(torch.float32, seed=18, shapes=SHAPES[:6])
+    grads = make_grads(a.params, gen)
+    rows = torch.zeros(2, COLUMNS, dtype=torch.float64, device=DEVICE)
+    rows[1] = torch.tensor(EXTRA, dtype=torch.float64)
+    cols = torch.zeros(COLUMNS, 2, dtype=torch.float64, device=DEVICE)
+    cols[:, 1] = torch.tensor(EXTRA, dtype=torch.float64)
+    stats_op(a, grads, hp, rows[0])
+    stats_op(b, grads, hp, cols[:, 0])
+    assert torch.equal(rows, cols.t())
+    update_op(a, grads, hp, rows)
+    update_op(b, grads, hp, cols.t())
+    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
+        assert torch.equal(x, y), f"output tensor {i}"
 
 
 @cuda_only
@@ -324,32 +617,56 @@ def test_validation_messages():
     g = torch.zeros(4, device=DEVICE)
     step = torch.zeros((), device=DEVICE)
     vs = torch.zeros((), dtype=torch.float64, device=DEVICE)
-    out = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    out = torch.zeros(COLUMNS, dtype=torch.float64, device=DEVICE)
+    one = scalar(1.0)
     with pytest.raises(RuntimeError, match="grads has 0 tensors"):
-        ops.stats([p], [], [step], [vs], 0.99, 0.0, out)
+        ops.stats([p], [], [step], [vs], None, 0.99, 0.0, out)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is on cpu"):
-        ops.stats([p], [g.cpu()], [step], [vs], 0.99, 0.0, out)
+        ops.stats([p], [g.cpu()], [step], [vs], None, 0.99, 0.0, out)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype"):
-        ops.stats([p], [g.half()], [step], [vs], 0.99, 0.0, out)
+        ops.stats([p], [g.half()], [step], [vs], None, 0.99, 0.0, out)
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be a 0-dim"):
-        ops.stats([p], [g], [vs], [vs], 0.99, 0.0, out)
-    with pytest.raises(RuntimeError, match="out must be a 0-dim float64"):
-        ops.stats([p], [g], [step], [vs], 0.99, 0.0, out.float())
+        ops.stats([p], [g], [vs], [vs], None, 0.99, 0.0, out)
+    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, out.float())
+    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, out[:6])
+    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, vs)
+    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+        ops.stats([p], [g], [step], [vs], vs, 0.99, 0.0, out)
+    with pytest.raises(RuntimeError, match="grad_scale is on cpu"):
+        ops.stats([p], [g], [step], [vs], one.cpu(), 0.99, 0.0, out)
     with pytest.raises(RuntimeError, match="non-overlapping and dense"):
         q = torch.zeros(8, device=DEVICE)[::2]
-        ops.stats([q], [q], [step], [vs], 0.99, 0.0, out)
+        ops.stats([q], [q], [step], [vs], None, 0.99, 0.0, out)
     with pytest.raises(RuntimeError, match=r"params must be float32, float16 or bfloat16"):
-        ops.stats([p.double()], [g.double()], [step], [vs], 0.99, 0.0, out)
-    stats = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+        ops.stats([p.double()], [g.double()], [step], [vs], None, 0.99, 0.0, out)
+    stats = torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE)
+    tail = (1e-2, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
+
+    def up(states=(p, p, p), stats=stats, grad_scale=None, found_inf=None, lr_tensor=None):
+        ops.update([p], [g], [states[0]], [states[1]], [states[2]], [vs], [step], stats,
+                   grad_scale, found_inf, lr_tensor, *tail)
+
     with pytest.raises(RuntimeError, match=r"exp_avg\[0\] has dtype"):
-        ops.update([p], [g], [p.double()], [p], [p], [vs], [step], stats, 4.0, 1e-2, 0.1,
-                   0.99, 1e-3, 0.0, False, 1.0)
+        up(states=(p.double(), p, p))
     with pytest.raises(RuntimeError, match=r"exp_avg_sq\[0\] has shape"):
-        ops.update([p], [g], [p], [p.view(2, 2)], [p], [vs], [step], stats, 4.0, 1e-2, 0.1,
-                   0.99, 1e-3, 0.0, False, 1.0)
-    with pytest.raises(RuntimeError, match="stats must be a 1-D float64"):
-        ops.update([p], [g], [p], [p], [p], [vs], [step], stats.float(), 4.0, 1e-2, 0.1,
-                   0.99, 1e-3, 0.0, False, 1.0)
+        up(states=(p, p.view(2, 2), p))
+    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+        up(stats=stats.float())
+    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+        up(stats=stats[0])
+    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+        up(stats=stats[:, :6])
+    with pytest.raises(RuntimeError, match="found_inf must be a 0-dim float32"):
+        up(found_inf=torch.ones(2, device=DEVICE))
+    with pytest.raises(RuntimeError, match="found_inf is on cpu"):
+        up(found_inf=one.cpu())
+    with pytest.raises(RuntimeError, match="lr_tensor must be a 0-dim float32"):
+        up(lr_tensor=vs)
+    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+        up(grad_scale=one.half())
     with pytest.raises(RuntimeError, match=r"v_sums has 2 tensors"):
         ops.sum_v([p], [vs, vs])
 
@@ -381,9 +698,10 @@ def test_many_tensors_match_oracle():
         grads = make_grads(bk.params, gen)
         grads_before = [g.clone() for g in grads]
         snap = bk.snapshot()
-        stats = op_step(bk, grads, hp)
-        check_against_oracle(bk, grads_before, grads, stats, oracle_step(snap, grads, hp),
-                             f"1000 x 4096 step {step}")
+        control = dict(max_grad_norm=500.0) if step == 1 else {}
+        stats = op_step(bk, grads, hp, **control)
+        check_against_oracle(bk, grads_before, grads, stats,
+                             oracle_step(snap, grads, hp, **control), f"1000 x 4096 step {step}")
 
 
 @cuda_only
@@ -391,11 +709,13 @@ def test_many_tensors_launch_count():
     hp = dict(HYPER["coupled"], lr=1e-2)
     bk, gen = make_bucket(torch.float32, seed=7, shapes=MANY)
     grads = make_grads(bk.params, gen)
-    stats = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    stats = torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE)
+    scale, found_inf, lr = scalar(2.0), scalar(0.0), scalar(1e-2)
 
     def step():
-        stats_op(bk, grads, hp, stats[0])
-        update_op(bk, grads, hp, stats, bk.numel)
+        stats_op(bk, grads, hp, stats[0], grad_scale=scale)
+        update_op(bk, grads, hp, stats, grad_scale=scale, found_inf=found_inf, lr_tensor=lr,
+                  max_grad_norm=1e3, skip_nonfinite=True)
 
     step()  # warm-up (pinned memory, allocator)
     kernels, names = _kernels_in(step)
@@ -406,18 +726,21 @@ def test_many_tensors_launch_count():
 
 @cuda_only
 def test_ops_do_not_synchronise_with_the_host():
-    """A step (table upload from pinned memory, both kernels) never waits for the GPU."""
+    """A step (table upload from pinned memory, both kernels; the skip decision, clipping,
+    unscaling and the learning rate on the device) never waits for the GPU."""
     hp = dict(HYPER["coupled"], lr=1e-2)
     bk, gen = make_bucket(torch.float32, seed=10)
     grads = make_grads(bk.params, gen)
-    stats = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    stats = torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE)
+    scale, found_inf, lr = scalar(2.0), scalar(0.0), scalar(1e-2)
     op_step(bk, grads, hp)  # warm-up: pinned memory, allocator
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            stats_op(bk, grads, hp, stats[0])
-            update_op(bk, grads, hp, stats, bk.numel)
+        for k in range(3):
+            stats_op(bk, grads, hp, stats[0], grad_scale=scale)
+            update_op(bk, grads, hp, stats, grad_scale=scale, found_inf=found_inf,
+                      lr_tensor=lr, max_grad_norm=10.0 if k else 0.0, skip_nonfinite=k == 2)
             ops.sum_v(bk.v, bk.v_sums)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -487,6 +810,110 @@ def test_optimizer_cuda_matches_reference_and_oracle(dtype):
                                                msg=lambda m: f"{where} {k}: {m}")
 
 
+def _compare_optimizers(opt, ref, groups, ref_groups, dtype, what=""):
+    for gi, (g, rg) in enumerate(zip(groups, ref_groups)):
+        for pi, (p, rp) in enumerate(zip(g["params"], rg["params"])):
+            where = f"{what} param {gi}.{pi} {tuple(p.shape)} {dtype}"
+            torch.testing.assert_close(p.detach().double(), rp.detach().double(),
+                                       **PARAM_TOL[dtype], msg=lambda m: f"{where}: {m}")
+            st, rst = opt.state.get(p), ref.state.get(rp)
+            assert (st is None) == (rst is None), where
+            if st is not None:
+                assert float(st["step"]) == float(rst["step"]), where
+                for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+                    torch.testing.assert_close(st[k].double(), rst[k].double(), **STATE_TOL,
+                                               msg=lambda m: f"{where} {k}: {m}")
+
+
+def _snapshot(opt, groups):
+    params = [p.detach().clone() for g in groups for p in g["params"]]
+    state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    return params, state
+
+
+def _assert_same(a, b, what=""):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(_bits(x), _bits(y)), what
+    assert a[1].keys() == b[1].keys(), what
+    for k in a[1]:
+        for n in a[1][k]:
+            assert torch.equal(_bits(a[1][k][n]), _bits(b[1][k][n])), f"{what}: {n}"
+
+
+OPT_MODES = {
+    "clip": dict(max_grad_norm=1.0),
+    "clip_loose": dict(max_grad_norm=1e4),
+    "skip_nonfinite": dict(skip_nonfinite=True),
+    "clip_nonfinite": dict(max_grad_norm=5.0, skip_nonfinite=True),
+}
+
+
+@pytest.mark.parametrize("mode", list(OPT_MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_optimizer_clipping_and_skipping_match_reference(dtype, mode):
+    """Adai(backend=cuda, max_grad_norm=..., skip_nonfinite=...) against the reference
+    backend: parameters, states, step counters and grad_norm; step 2 has an inf gradient
+    (skipped by both: nothing changes), step 3 steps again."""
+    from adai_kernels import Adai
+
+    kwargs = OPT_MODES[mode]
+    groups = _optimizer_groups(dtype, seed=20)
+    ref_groups = _clone(groups)
+    opt = Adai(groups, lr=1e-2, backend=BACKEND, **kwargs)
+    ref = Adai(ref_groups, lr=1e-2, backend="reference", **kwargs)
+    for step in range(4):
+        _set_grads(groups, step)
+        _set_grads(ref_groups, step)
+        if step == 2:
+            for gs in (groups, ref_groups):
+                gs[1]["params"][2].grad.view(-1)[3] = float("inf")
+            before = _snapshot(opt, groups)
+        opt.step()
+        ref.step()
+        norm, ref_norm = opt.grad_norm, ref.grad_norm
+        if step == 2:
+            _assert_same(before, _snapshot(opt, groups), f"{mode}: skipped step")
+            assert not math.isfinite(norm.item()) and not math.isfinite(ref_norm.item())
+        else:
+            assert math.isclose(norm.item(), ref_norm.item(), rel_tol=1e-5), (norm, ref_norm)
+        _compare_optimizers(opt, ref, groups, ref_groups, dtype, f"{mode} step {step}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_optimizer_grad_scaler(dtype):
+    """torch.amp.GradScaler on the device: scaled gradients are unscaled inside the step
+    (as the reference backend does); a step with an inf gradient changes nothing and the
+    scale backs off; the scaler's attributes are gone after the step."""
+    from adai_kernels import Adai
+
+    groups = _optimizer_groups(dtype, seed=21)
+    ref_groups = _clone(groups)
+    opt = Adai(groups, lr=1e-2, backend=BACKEND)
+    ref = Adai(ref_groups, lr=1e-2, backend="reference")
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=1024.0, growth_interval=1000)
+               for _ in range(2)]
+    for step in range(4):
+        for o, gs, scaler in ((opt, groups, scalers[0]), (ref, ref_groups, scalers[1])):
+            _set_grads(gs, step)
+            scale = float(scaler.scale(torch.ones((), device=DEVICE)))
+            for g in gs:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad = (p.grad.float() * scale).to(dtype)
+            if step == 2:
+                gs[0]["params"][3].grad.view(-1)[1] = float("inf")
+                if o is opt:
+                    before = _snapshot(opt, groups)
+            scaler.step(o)
+            scaler.update()
+            if step == 2:
+                assert scaler.get_scale() < scale
+        if step == 2:
+            _assert_same(before, _snapshot(opt, groups), "GradScaler skipped step")
+        _compare_optimizers(opt, ref, groups, ref_groups, dtype, f"GradScaler step {step}")
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+
+
 def test_optimizer_checkpoint_resume_is_bitwise():
     """A run restored from a state dict (v_sums recomputed by adai::sum_v) continues exactly
     as the uninterrupted run."""
@@ -544,6 +971,20 @@ def test_optimizer_step_does_not_synchronise_with_the_host():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    # clipping, skip_nonfinite, a tensor learning rate and GradScaler's inputs: still none
+    groups = [dict(g, lr=torch.tensor(g["lr"], dtype=torch.float32, device=DEVICE))
+              for g in groups]
+    opt = Adai(groups, lr=1.0, backend=BACKEND, max_grad_norm=1.0, skip_nonfinite=True)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.grad_scale = torch.tensor(4.0, device=DEVICE)
+        opt.found_inf = torch.zeros((), device=DEVICE)
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        del opt.grad_scale, opt.found_inf
 
 
 # ---- 64-bit indexing ----------------------------------------------------------------------
@@ -569,7 +1010,10 @@ def test_tensor_of_2_pow_31_plus_3_elements():
 
     stats = op_step(bk, grads, hp)
 
-    assert math.isclose(stats[0].item(), S, rel_tol=1e-5), (stats[0].item(), S)
+    row = stats[0].tolist()
+    assert row[A] == 0.0 and row[BGT] == 0.0 and row[BTT] == 0.0 and row[N] == n + 5, row
+    for col in (B, BGG, GN):  # w = (1 - beta2) / bc2 = 1 at k = 1
+        assert math.isclose(row[col], S, rel_tol=1e-5), (col, row[col], S)
     beta0, beta2 = hp["betas"]
     bc2, inv_vbar = 1.0 - beta2, (n + 5) / S
     for (t, a, e), theta in before.items():

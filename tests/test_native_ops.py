@@ -14,6 +14,7 @@ from adai_kernels import _native
 from adai_kernels.backends import native
 
 F64 = torch.float64
+COLS = 7  # the stats row: A, B, Bgg, Bgt, Btt, Gn, N
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,7 +38,12 @@ def _params(dtype):
     ]
 
 
-def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0):
+def _f32(x):
+    return None if x is None else torch.tensor(x, dtype=torch.float32)
+
+
+def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=None,
+           found_inf=None, lr_tensor=None, max_grad_norm=0.0, skip_nonfinite=False):
     """(stats_args, update_args) for one bucket, its states after one earlier step."""
     params = _params(dtype)
     grads = [torch.randn_like(p) for p in params]         # the parameter's strides
@@ -48,30 +54,35 @@ def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0):
     vsum_vec = torch.tensor([v.double().sum().item() for v in exp_avg_sq], dtype=F64)
     steps = [step_vec[i] for i in range(len(params))]
     v_sums = [vsum_vec[i] for i in range(len(params))]
-    stats = torch.zeros(2, dtype=F64)
+    stats = torch.zeros(2, COLS, dtype=F64)
     l2 = 0.0 if decoupled else weight_decay
-    stats_args = (params, grads, steps, v_sums, 0.99, l2, stats[0])
-    numel = float(sum(p.numel() for p in params))
-    stats[1] = 0.5  # another bucket's share
+    stats_args = (params, grads, steps, v_sums, _f32(grad_scale), 0.99, l2, stats[0])
+    torch.ops.adai.stats(*stats_args)  # a real row for update ...
+    step_vec.sub_(1.0)                 # ... and the counters as before that call
+    stats[1] = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0, 3.0, 100.0])  # another bucket's row
     update_args = (params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                   numel, 0.1, 0.1, 0.99, 1e-3, weight_decay, decoupled, dampening)
+                   _f32(grad_scale), _f32(found_inf), _f32(lr_tensor), 0.1, 0.1, 0.99, 1e-3,
+                   weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
     return stats_args, update_args
 
 
 SAMPLES = [
     dict(dtype=torch.float32),
-    dict(dtype=torch.bfloat16, weight_decay=0.01),
-    dict(dtype=torch.float16, weight_decay=0.01, decoupled=True, dampening=0.5),
+    dict(dtype=torch.bfloat16, weight_decay=0.01, grad_scale=1024.0, found_inf=0.0),
+    dict(dtype=torch.float16, weight_decay=0.01, decoupled=True, dampening=0.5,
+         lr_tensor=0.05, max_grad_norm=1.0, skip_nonfinite=True),
+    dict(dtype=torch.float32, weight_decay=0.01, grad_scale=3.0, found_inf=1.0),  # skips
 ]
+SAMPLE_IDS = ["fp32", "bf16-scaled", "fp16-clip-lr_tensor", "fp32-found_inf"]
 
 
-@pytest.mark.parametrize("kw", SAMPLES, ids=lambda kw: str(kw["dtype"]))
+@pytest.mark.parametrize("kw", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck_stats(kw):
     args, _ = sample(**kw)
     torch.library.opcheck(torch.ops.adai.stats.default, args)
 
 
-@pytest.mark.parametrize("kw", SAMPLES, ids=lambda kw: str(kw["dtype"]))
+@pytest.mark.parametrize("kw", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck_update(kw):
     _, args = sample(**kw)
     torch.library.opcheck(torch.ops.adai.update.default, args)
@@ -83,18 +94,40 @@ def test_opcheck_sum_v():
     torch.library.opcheck(torch.ops.adai.sum_v.default, (exp_avg_sq, v_sums))
 
 
+def _fake(mode, args):
+    return [[mode.from_tensor(t) for t in a] if isinstance(a, list) else
+            mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def test_fake_kernels_check_inputs():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args, uargs = sample(torch.float32)
+    args, uargs = sample(torch.float32, grad_scale=2.0, found_inf=0.0, lr_tensor=0.1)
     with FakeTensorMode() as mode:
-        fa = [[mode.from_tensor(t) for t in a] if isinstance(a, list) else
-              mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fa, fu = _fake(mode, args), _fake(mode, uargs)
         torch.ops.adai.stats(*fa)  # fine
+        torch.ops.adai.update(*fu)
         bad = list(fa)
         bad[1] = bad[1][:-1]  # one gradient short
         with pytest.raises(Exception, match="grads"):
             torch.ops.adai.stats(*bad)
+        bad = list(fa)
+        bad[7] = mode.from_tensor(torch.zeros(6, dtype=F64))
+        with pytest.raises(Exception, match="`out` must be a 1-D float64 tensor of 7"):
+            torch.ops.adai.stats(*bad)
+        bad = list(fa)
+        bad[4] = mode.from_tensor(torch.ones(1))
+        with pytest.raises(Exception, match="`grad_scale` must be a 0-dim float32"):
+            torch.ops.adai.stats(*bad)
+        bad = list(fu)
+        bad[7] = mode.from_tensor(torch.zeros(COLS, dtype=F64))
+        with pytest.raises(Exception, match="`stats` must be a 2-D float64 tensor with 7"):
+            torch.ops.adai.update(*bad)
+        for j, name in ((8, "grad_scale"), (9, "found_inf"), (10, "lr_tensor")):
+            bad = list(fu)
+            bad[j] = mode.from_tensor(torch.zeros((), dtype=F64))
+            with pytest.raises(Exception, match=f"`{name}` must be a 0-dim float32"):
+                torch.ops.adai.update(*bad)
 
 
 # ---- eager input validation (messages name the argument) -----------------------------------
@@ -106,25 +139,34 @@ def _expect(match, fn, *args):
 
 def test_stats_validation():
     args, _ = sample(torch.float32)
-    params, grads, steps, v_sums, beta2, l2, out = args
+    params, grads, steps, v_sums, scale, beta2, l2, out = args
     st = torch.ops.adai.stats
-    _expect("`grads` has 5 tensors", st, params, grads[:-1], steps, v_sums, beta2, l2, out)
-    _expect("`steps`", st, params, grads, steps[:-1], v_sums, beta2, l2, out)
+    _expect("`grads` has 5 tensors", st, params, grads[:-1], steps, v_sums, scale, beta2, l2,
+            out)
+    _expect("`steps`", st, params, grads, steps[:-1], v_sums, scale, beta2, l2, out)
     _expect(r"grads\[2\] has dtype", st, params,
-            grads[:2] + [grads[2].double()] + grads[3:], steps, v_sums, beta2, l2, out)
+            grads[:2] + [grads[2].double()] + grads[3:], steps, v_sums, scale, beta2, l2, out)
     _expect(r"grads\[4\].*strides", st, params,
-            grads[:4] + [grads[4].contiguous()] + grads[5:], steps, v_sums, beta2, l2, out)
+            grads[:4] + [grads[4].contiguous()] + grads[5:], steps, v_sums, scale, beta2, l2,
+            out)
     _expect(r"params\[3\] must be non-overlapping and dense", st,
             params[:3] + [torch.randn(74)[::2]] + params[4:],
-            grads[:3] + [torch.randn(74)[::2]] + grads[4:], steps, v_sums, beta2, l2, out)
+            grads[:3] + [torch.randn(74)[::2]] + grads[4:], steps, v_sums, scale, beta2, l2,
+            out)
     _expect(r"params\[0\] has dtype", st, [p.double() for p in params],
-            [g.double() for g in grads], steps, v_sums, beta2, l2, out)
+            [g.double() for g in grads], steps, v_sums, scale, beta2, l2, out)
     _expect(r"steps\[1\] must be a 0-dim", st, params, grads,
-            steps[:1] + [torch.ones(1)] + steps[2:], v_sums, beta2, l2, out)
+            steps[:1] + [torch.ones(1)] + steps[2:], v_sums, scale, beta2, l2, out)
     _expect(r"v_sums\[0\] has dtype", st, params, grads, steps,
-            [v_sums[0].float()] + v_sums[1:], beta2, l2, out)
-    _expect("`out` must be a 0-dim float64", st, params, grads, steps, v_sums, beta2, l2,
-            torch.zeros(1, dtype=F64))
+            [v_sums[0].float()] + v_sums[1:], scale, beta2, l2, out)
+    for bad_out in (torch.zeros((), dtype=F64), torch.zeros(COLS), torch.zeros(COLS - 1,
+                                                                              dtype=F64),
+                    torch.zeros(1, COLS, dtype=F64)):
+        _expect("`out` must be a 1-D float64 tensor of 7 elements", st, params, grads, steps,
+                v_sums, scale, beta2, l2, bad_out)
+    for bad_scale in (torch.ones(1), torch.ones((), dtype=F64)):
+        _expect("`grad_scale` must be a 0-dim float32", st, params, grads, steps, v_sums,
+                bad_scale, beta2, l2, out)
 
 
 def test_update_validation():
@@ -139,9 +181,24 @@ def test_update_validation():
     a = list(args)
     a[4] = a[4][:4] + [a[4][4].contiguous()] + a[4][5:]
     _expect(r"beta1_prod\[4\].*strides", up, *a)
-    a = list(args)
-    a[7] = a[7].float()
-    _expect("`stats` must be a 1-D float64", up, *a)
+    for bad in (a[7].float(), a[7][0], a[7][:, :6]):
+        a = list(args)
+        a[7] = bad
+        _expect("`stats` must be a 2-D float64 tensor with 7 columns", up, *a)
+    for j, name in ((8, "grad_scale"), (9, "found_inf"), (10, "lr_tensor")):
+        a = list(args)
+        a[j] = torch.ones(1)
+        _expect(f"`{name}` must be a 0-dim float32", up, *a)
+
+
+def test_update_skip_writes_only_steps():
+    """found_inf != 0: update only takes back stats' increments."""
+    _, args = sample(torch.float32, found_inf=1.0)
+    before = [[t.clone() for t in a] if isinstance(a, list) else a for a in args[:7]]
+    torch.ops.adai.update(*args)
+    for i, (xs, ys) in enumerate(zip(args[:7], before)):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x, y - 1.0 if i == 6 else y), i
 
 
 def test_sum_v_validation():
@@ -158,11 +215,11 @@ def test_sum_v_validation():
 
 
 def test_empty_lists():
-    out = torch.full((), 7.0, dtype=F64)
-    torch.ops.adai.stats([], [], [], [], 0.99, 0.0, out)
-    assert out.item() == 0.0
-    torch.ops.adai.update([], [], [], [], [], [], [], torch.zeros(1, dtype=F64), 0.0, 0.1,
-                          0.1, 0.99, 1e-3, 0.0, False, 1.0)
+    out = torch.full((COLS,), 7.0, dtype=F64)
+    torch.ops.adai.stats([], [], [], [], None, 0.99, 0.0, out)
+    assert out.tolist() == [0.0] * COLS
+    torch.ops.adai.update([], [], [], [], [], [], [], torch.zeros(1, COLS, dtype=F64), None,
+                          None, None, 0.1, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
     # (sum_v has no tensor argument to dispatch on when its lists are empty: not callable)
 
 
@@ -208,10 +265,10 @@ def _probe(env: dict) -> dict:
         "p = torch.randn(1000, generator=g); gr = torch.randn(1000, generator=g)\n"
         "m, v, b = torch.zeros(1000), torch.zeros(1000), torch.ones(1000)\n"
         "k = torch.zeros((), dtype=torch.float32); vs = torch.zeros((), dtype=torch.float64)\n"
-        "st = torch.zeros(1, dtype=torch.float64)\n"
-        "torch.ops.adai.stats([p], [gr], [k], [vs], 0.99, 0.0, st[0])\n"
-        "torch.ops.adai.update([p], [gr], [m], [v], [b], [vs], [k], st, 1000.0, 0.1, 0.1,\n"
-        "                      0.99, 1e-3, 0.0, False, 0.5)\n"
+        "st = torch.zeros(1, 7, dtype=torch.float64)\n"
+        "torch.ops.adai.stats([p], [gr], [k], [vs], None, 0.99, 0.0, st[0])\n"
+        "torch.ops.adai.update([p], [gr], [m], [v], [b], [vs], [k], st, None, None, None,\n"
+        "                      0.1, 0.1, 0.99, 1e-3, 0.0, False, 0.5, 0.0, False)\n"
         "print(json.dumps(dict(isa=_native.cpu_isa(), vec=_native.cpu_vec_size(),\n"
         "                      err=_native.load_error(), notes=_native.notes(),\n"
         "                      p=p.tolist())))\n")

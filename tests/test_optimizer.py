@@ -242,3 +242,24 @@ def test_load_casts_and_moves_state():
     opt.load_state_dict(sd)
     for st in opt.state.values():
         assert st["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("saver, loader", [(a, b) for a in BACKENDS for b in BACKENDS if a != b])
+def test_checkpoint_moves_between_backends(saver, loader):
+    """Saved on one backend, loaded on another: the run continues on the oracle's path."""
+    groups = make_groups()
+    oracle = Oracle(clone_groups(groups))
+    opt = Adai(groups, lr=1.0, backend=saver)
+    for k in range(2):
+        grads = make_grads(groups, k)
+        set_grads(groups, grads)
+        opt.step()
+        oracle.step(grads)
+    moved = Adai(groups, lr=1.0, backend=loader)
+    moved.load_state_dict(opt.state_dict())
+    for k in range(2, 4):
+        grads = make_grads(groups, k)
+        set_grads(groups, grads)
+        moved.step()
+        oracle.step(grads)
+    assert_matches_oracle(moved, groups, oracle)

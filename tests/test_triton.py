@@ -103,30 +103,67 @@ class Bucket:
 
 
 # ------------------------------------------------------------------ float64, from the spec
-def spec_stats(snap, grads, beta2, l2):
-    """Phase 1: k += 1, v_new = beta2 v + (1 - beta2) (g + l2 theta)^2; the bucket's share
-    S = sum_i sum(v_new_i) / (1 - beta2^k_i)."""
+def f32(x):
+    return triton_backend._f32(x)
+
+
+def spec_row(snap, grads, beta2, l2, inv_scale=1.0):
+    """The bucket's statistics row (docs/design.md), float64, from the definitions: k += 1,
+    g = grad * inv_scale. Returns (k, row, mass): mass[j] is the sum of the absolute values of
+    column j's terms (what its float32 chunk sums can be off by, relative)."""
     k = snap["steps"].double() + 1.0
-    total = 0.0
+    row = torch.zeros(7, dtype=torch.float64)
+    mass = torch.zeros(7, dtype=torch.float64)
     for i, (p, g, v) in enumerate(zip(snap["params"], grads, snap["exp_avg_sq"])):
-        ge = g.double() + l2 * p.double()
-        v_new = beta2 * v.double() + (1.0 - beta2) * ge * ge
-        total += float(v_new.sum()) / (1.0 - beta2 ** float(k[i]))
-    return k, total
-
-
-def spec_update(snap, grads, stats_sum, numel, lr, beta0, beta2, eps, wd, decoupled, d):
-    """Phase 2 (steps 5 to 11 of the spec) and the decoupled decay, in float64.
-    `snap["steps"]` already incremented by phase 1."""
-    vbar = stats_sum / numel
-    l2 = 0.0 if decoupled else wd
-    out = {k: [] for k in ("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums")}
-    for i, (p, g, m, v, b) in enumerate(zip(snap["params"], grads, snap["exp_avg"],
-                                            snap["exp_avg_sq"], snap["beta1_prod"])):
+        bc2 = 1.0 - beta2 ** float(k[i])
+        w = (1.0 - beta2) / bc2
+        g = g.double() * inv_scale
         theta = p.double()
-        ge = g.double() + l2 * theta
+        a = beta2 * v.double().sum() / bc2
+        terms = [None, (g + l2 * theta) ** 2, g * g, 2.0 * l2 * g * theta, (l2 * theta) ** 2]
+        row[0] += a
+        mass[0] += a.abs()
+        for j in range(1, 5):
+            row[j] += w * terms[j].sum()
+            mass[j] += w * terms[j].abs().sum()
+        row[5] += (g * g).sum()
+        mass[5] += (g * g).sum()
+        row[6] += g.numel()
+    return k, row, mass
+
+
+def other_s(row, c):
+    """S of a statistics row for the clip coefficient c (adai_math.h::globals)."""
+    A, B, Bgg, Bgt, Btt = (float(x) for x in row[:5])
+    return A + B if c == 1.0 else A + c * c * Bgg + c * Bgt + Btt
+
+
+def spec_update(snap, grads, other, hp, inv_scale=1.0, max_norm=0.0):
+    """Phase 2 (steps 5 to 11 of the spec) with the decoupled decay, in float64, for this
+    bucket and the statistics `other` (float64 row: the other buckets' sum). Gradients are
+    unscaled, then clipped as torch.nn.utils.clip_grad_norm_ over every bucket, then the L2
+    term is added. `snap["steps"]` already incremented by phase 1. vbar comes from the spec's
+    definition (sum of the new v / bc2 over this bucket), not from the kernels' row."""
+    beta0, beta2, eps, d, lr, wd = (hp[k] for k in ("beta0", "beta2", "eps", "d", "lr", "wd"))
+    decoupled = hp["decoupled"]
+    l2 = 0.0 if decoupled else wd
+    gs = [g.double() * inv_scale for g in grads]
+    gn2 = sum(float((g * g).sum()) for g in gs) + float(other[5])
+    c = min(1.0, max_norm / (gn2 ** 0.5 + 1e-6)) if max_norm > 0 else 1.0
+    gs = [g * c for g in gs]
+    total, count = other_s(other, c), float(other[6])
+    out = {k: [] for k in ("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums")}
+    phase2 = []
+    for i, (p, g, v) in enumerate(zip(snap["params"], gs, snap["exp_avg_sq"])):
+        theta = p.double()
+        ge = g + l2 * theta
         v = beta2 * v.double() + (1.0 - beta2) * ge * ge
         bc2 = 1.0 - beta2 ** float(snap["steps"][i])
+        total += float(v.sum()) / bc2
+        count += v.numel()
+        phase2.append((theta, ge, v, bc2))
+    vbar = total / count
+    for (theta, ge, v, bc2), m, b in zip(phase2, snap["exp_avg"], snap["beta1_prod"]):
         ratio = (v / bc2) / vbar if vbar != 0 else torch.zeros_like(v)  # vhat / vbar := 0
         beta1 = (1.0 - beta0 * ratio ** (1.0 / (3.0 - 2.0 * d))).clamp(0.0, 1.0 - eps)
         beta3 = (1.0 - beta1) ** d
@@ -139,23 +176,30 @@ def spec_update(snap, grads, stats_sum, numel, lr, beta0, beta2, eps, wd, decoup
         for k, x in (("params", theta), ("exp_avg", m), ("exp_avg_sq", v),
                      ("beta1_prod", b), ("v_sums", v.sum())):
             out[k].append(x)
-    return out
+    return out, c
 
 
 # ------------------------------------------------------------------------------- helpers
-def run_stats(bk, grads, beta2, l2, slots=1):
-    """stats into slot 0 of a `slots`-long vector (the other slots hold other buckets'
-    shares, as in the optimizer). Returns the vector."""
-    stats = torch.zeros(slots, dtype=torch.float64)
-    stats[1:] = 0.25 * torch.arange(1, slots, dtype=torch.float64)
-    ops.stats(bk.params, grads, bk.steps, bk.v_sums, beta2, l2, stats[0])
+# Another bucket's row (as the optimizer's other buckets would have written it): B is
+# Bgg + Bgt + Btt, as for real rows.
+OTHER = torch.tensor([50.0, 2.6, 2.0, 0.1, 0.5, 0.3, 1000.0], dtype=torch.float64)
+
+
+def run_stats(bk, grads, beta2, l2, others=1, grad_scale=None):
+    """stats into row 0 of a (1 + others) x 7 matrix whose other rows are OTHER / others
+    (other buckets' rows). Returns the matrix."""
+    stats = torch.zeros(1 + others, 7, dtype=torch.float64)
+    stats[1:] = OTHER / others if others else 0.0
+    ops.stats(bk.params, grads, bk.steps, bk.v_sums, grad_scale, beta2, l2, stats[0])
     return stats
 
 
-def run_update(bk, grads, stats, numel, hp):
+def run_update(bk, grads, stats, hp, grad_scale=None, found_inf=None, lr_tensor=None,
+               max_norm=0.0, skip_nonfinite=False):
     ops.update(bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod, bk.v_sums,
-               bk.steps, stats, float(numel), hp["lr"], hp["beta0"], hp["beta2"], hp["eps"],
-               hp["wd"], hp["decoupled"], hp["d"])
+               bk.steps, stats, grad_scale, found_inf, lr_tensor,
+               0.0 if lr_tensor is not None else hp["lr"], hp["beta0"], hp["beta2"],
+               hp["eps"], hp["wd"], hp["decoupled"], hp["d"], max_norm, skip_nonfinite)
 
 
 def hyper(decay, d, lr=0.05):
@@ -164,22 +208,28 @@ def hyper(decay, d, lr=0.05):
                 d=d)
 
 
-def check_step(bk, grads, hp, slots=2):
-    """One step of both ops against the float64 spec, from the bucket's current state."""
+def check_step(bk, grads, hp, others=1, scale=None, max_norm=0.0):
+    """One step of both ops against the float64 spec, from the bucket's current state.
+    Returns the clip coefficient the spec found."""
     snap = bk.snapshot()
     grads_before = [g.clone() for g in grads]
     l2 = 0.0 if hp["decoupled"] else hp["wd"]
-    numel = sum(p.numel() for p in bk.params) + 1000  # other buckets' elements count too
+    gs = None if scale is None else torch.tensor(scale, dtype=torch.float32)
+    inv_scale = 1.0 if scale is None else f32(1.0 / scale)
 
-    stats = run_stats(bk, grads, hp["beta2"], l2, slots)
-    k, share = spec_stats(snap, grads, hp["beta2"], l2)
+    stats = run_stats(bk, grads, hp["beta2"], l2, others, grad_scale=gs)
+    k, row, mass = spec_row(snap, grads, hp["beta2"], l2, inv_scale)
     assert torch.equal(bk.step_buf, k.float())
-    torch.testing.assert_close(stats[0].item(), share, **SUM_TOL)
+    assert torch.all((stats[0] - row).abs() <= 2e-6 * mass), (stats[0], row)
+    assert stats[0, 6].item() == sum(p.numel() for p in bk.params)
+    if l2 == 0.0:  # params not read: B is Bgg, and no decay terms
+        assert stats[0, 1].item() == stats[0, 2].item()
+        assert stats[0, 3].item() == 0.0 and stats[0, 4].item() == 0.0
 
-    run_update(bk, grads, stats, numel, hp)
+    run_update(bk, grads, stats, hp, grad_scale=gs, max_norm=max_norm)
     snap["steps"] = k
-    ref = spec_update(snap, grads, float(stats.sum()), numel, hp["lr"], hp["beta0"],
-                      hp["beta2"], hp["eps"], hp["wd"], hp["decoupled"], hp["d"])
+    other = stats[1:].sum(0)
+    ref, c = spec_update(snap, grads, other, hp, inv_scale, max_norm)
     for i in range(len(bk.params)):
         p = bk.params[i]
         assert p.dtype == bk.dtype and p.stride() == snap["params"][i].stride()
@@ -193,8 +243,21 @@ def check_step(bk, grads, hp, slots=2):
         torch.testing.assert_close(bk.v_sums[i].item(), float(bk.exp_avg_sq[i].double().sum()),
                                    **SUM_TOL)
         assert torch.equal(grads[i], grads_before[i])  # the caller's gradient is untouched
+    assert torch.equal(bk.step_buf, k.float())  # not skipped: the increment stays
     for key in ("params", "exp_avg", "exp_avg_sq", "beta1_prod"):
         assert all(torch.isfinite(t).all() for t in getattr(bk, key))
+    return c
+
+
+def bits(x):
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def assert_bitwise(a, b):
+    for key in a:
+        xs, ys = (a[key], b[key]) if isinstance(a[key], list) else ([a[key]], [b[key]])
+        for x, y in zip(xs, ys):
+            assert torch.equal(bits(x), bits(y)), key
 
 
 # --------------------------------------------------------------------------------- tests
@@ -204,7 +267,7 @@ def check_step(bk, grads, hp, slots=2):
 def test_matches_spec_over_steps(dtype, decay, d):
     bk = Bucket(dtype, seed=100 * DTYPES.index(dtype) + 10 * len(decay) + int(4 * d))
     hp = hyper(decay, d)
-    for _ in range(3):
+    for _ in range(2):
         check_step(bk, bk.grads(), hp)
 
 
@@ -213,8 +276,142 @@ def test_fresh_state_first_steps(dtype):
     bk = Bucket(dtype, seed=5, fresh=True)
     hp = hyper("none", 1.0)
     for _ in range(2):
-        check_step(bk, bk.grads(), hp, slots=1)
+        check_step(bk, bk.grads(), hp, others=0)
     assert torch.equal(bk.step_buf, torch.full((len(SHAPES),), 2.0))
+
+
+def test_stats_row_columns():
+    """The row's seven columns against float64 sums, written through a strided `out` (a
+    column of a 7 x rows matrix) and read by update as a non-contiguous rows x 7 matrix."""
+    bk = Bucket(torch.float32, seed=21)
+    hp = hyper("coupled", 1.0)
+    snap = bk.snapshot()
+    grads = bk.grads()
+    buf = torch.full((7, 3), -1.0, dtype=torch.float64)
+    buf[:, 1:] = (OTHER / 2).unsqueeze(1)
+    ops.stats(bk.params, grads, bk.steps, bk.v_sums, None, hp["beta2"], hp["wd"], buf[:, 0])
+    k, row, mass = spec_row(snap, grads, hp["beta2"], hp["wd"])
+    assert torch.all((buf[:, 0] - row).abs() <= 2e-6 * mass), (buf[:, 0], row)
+    assert torch.equal(buf[:, 1:], (OTHER / 2).unsqueeze(1).expand(7, 2))  # only its row
+    # the expansion: B = Bgg + Bgt + Btt up to rounding
+    torch.testing.assert_close(buf[1, 0], buf[2:5, 0].sum(), rtol=1e-6, atol=0)
+    stats = buf.t()
+    assert not stats.is_contiguous()
+    run_update(bk, grads, stats, hp)
+    snap["steps"] = k
+    ref, _ = spec_update(snap, grads, OTHER, hp)
+    for p, q in zip(bk.params, ref["params"]):
+        torch.testing.assert_close(p.double(), q, **PARAM_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_grad_scale_is_unscaling(dtype):
+    """Scaled gradients with grad_scale = 2^10 step bitwise like the unscaled ones (the
+    unscaling multiplier is exact); a scale of 3 matches the spec with float32(1/3)."""
+    hp = hyper("coupled", 1.0)
+    a, b = Bucket(dtype, seed=7), Bucket(dtype, seed=7)
+    for _ in range(2):
+        grads = a.grads()
+        b.grads()
+        scaled = [g * 1024.0 for g in grads]
+        gs = torch.tensor(1024.0)
+        run_update(a, grads, run_stats(a, grads, hp["beta2"], hp["wd"]), hp)
+        stats = run_stats(b, scaled, hp["beta2"], hp["wd"], grad_scale=gs)
+        run_update(b, scaled, stats, hp, grad_scale=gs)
+        assert_bitwise(a.snapshot(), b.snapshot())
+    bk = Bucket(dtype, seed=8)
+    check_step(bk, [g * 3.0 for g in bk.grads()], hp, scale=3.0)
+
+
+@pytest.mark.parametrize("decay", ("none", "coupled"))
+@pytest.mark.parametrize("active", (True, False), ids=("clipped", "not-clipped"))
+def test_clipping(decay, active):
+    """Fused clipping against the spec (clip_grad_norm_'s coefficient over every row, applied
+    before the L2 term)."""
+    bk = Bucket(torch.float32, seed=30 + len(decay))
+    hp = hyper(decay, 1.0)
+    for _ in range(2):
+        grads = bk.grads()
+        norm = (sum(float(g.double().pow(2).sum()) for g in grads) + float(OTHER[5])) ** 0.5
+        max_norm = norm / 4 if active else norm * 2
+        c = check_step(bk, grads, hp, max_norm=max_norm)
+        assert (c < 0.3) if active else (c == 1.0)
+
+
+def test_clipping_with_grad_scale_and_dampening():
+    bk = Bucket(torch.float32, seed=40)
+    hp = hyper("coupled", 0.5)
+    grads = [g * 3.0 for g in bk.grads()]
+    norm = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5 / 3.0
+    assert check_step(bk, grads, hp, scale=3.0, max_norm=norm / 2) < 0.6
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("why", ("found_inf", "nan-skip_nonfinite", "inf-clipping",
+                                 "inf-scaled-skip_nonfinite"))
+def test_skipped_step_writes_nothing(dtype, why):
+    """A skipped step leaves params, states and v_sums bitwise as they were and takes the
+    step increments back, decided on the device."""
+    bk = Bucket(dtype, seed=50)
+    hp = hyper("coupled", 1.0)
+    before = bk.snapshot()
+    grads = bk.grads()
+    kwargs, gs = {}, None
+    if why == "found_inf":
+        kwargs["found_inf"] = torch.tensor(1.0)
+    elif why == "nan-skip_nonfinite":
+        grads[3][5] = float("nan")
+        kwargs["skip_nonfinite"] = True
+    elif why == "inf-clipping":
+        grads[5][1, 2] = float("inf")
+        kwargs["max_norm"] = 1.0
+    else:
+        grads[4][0] = float("inf")
+        gs = kwargs["grad_scale"] = torch.tensor(2.0**16)
+        kwargs["skip_nonfinite"] = True
+    stats = run_stats(bk, grads, hp["beta2"], hp["wd"], grad_scale=gs)
+    assert torch.equal(bk.step_buf, before["steps"] + 1.0)
+    if why != "found_inf":
+        assert not torch.isfinite(stats[0, 5])
+    run_update(bk, grads, stats, hp, **kwargs)
+    assert_bitwise(before, bk.snapshot())
+
+
+def test_not_skipped_without_the_flags():
+    """found_inf = 0 skips nothing; a non-finite gradient without skip_nonfinite or clipping
+    reaches its own tensor only (the others step with inv_vbar = 0)."""
+    hp = hyper("none", 1.0)
+    a, b = Bucket(torch.float32, seed=60), Bucket(torch.float32, seed=60)
+    grads = a.grads()
+    run_update(a, grads, run_stats(a, grads, hp["beta2"], 0.0), hp)
+    run_update(b, grads, run_stats(b, grads, hp["beta2"], 0.0), hp,
+               found_inf=torch.tensor(0.0))
+    assert_bitwise(a.snapshot(), b.snapshot())
+    before = b.snapshot()
+    grads[3][0] = float("inf")
+    run_update(b, grads, run_stats(b, grads, hp["beta2"], 0.0), hp)
+    assert torch.equal(b.step_buf, before["steps"] + 1.0)
+    assert not torch.isfinite(b.params[3]).all()
+    for i, p in enumerate(b.params):
+        if i != 3:
+            assert torch.isfinite(p).all() and (p.numel() == 0 or not torch.equal(
+                p, before["params"][i]))
+
+
+@pytest.mark.parametrize("decay", ("coupled", "decoupled"))
+def test_lr_tensor(decay):
+    """lr read from a device tensor steps bitwise like the same (float32) lr as a float,
+    decoupled decay included; changing the tensor in place changes the step."""
+    hp = hyper(decay, 1.0)
+    a, b = Bucket(torch.float32, seed=70), Bucket(torch.float32, seed=70)
+    lr = torch.tensor(0.0)
+    for step in range(2):
+        lr.fill_(0.03 * (step + 1))
+        hp["lr"] = lr.item()
+        grads = a.grads()
+        run_update(a, grads, run_stats(a, grads, hp["beta2"], 0.0), hp)
+        run_update(b, grads, run_stats(b, grads, hp["beta2"], 0.0), hp, lr_tensor=lr)
+        assert_bitwise(a.snapshot(), b.snapshot())
 
 
 @pytest.mark.parametrize("d", (1.0, 0.5))
@@ -224,9 +421,9 @@ def test_all_zero_gradients(d):
     before = bk.snapshot()
     grads = [torch.zeros_like(p) for p in bk.params]
     hp = hyper("none", d)
-    stats = run_stats(bk, grads, hp["beta2"], 0.0)
-    assert stats[0].item() == 0.0
-    run_update(bk, grads, stats, sum(p.numel() for p in bk.params), hp)
+    stats = run_stats(bk, grads, hp["beta2"], 0.0, others=0)
+    assert torch.equal(stats[0, :6], torch.zeros(6, dtype=torch.float64))
+    run_update(bk, grads, stats, hp)
     for i, p in enumerate(bk.params):
         assert torch.equal(p, before["params"][i])
         assert torch.equal(bk.exp_avg[i], torch.zeros_like(p))
@@ -239,24 +436,17 @@ def test_all_zero_gradients(d):
 def _run_steps(dtype, d, steps=2):
     bk = Bucket(dtype, seed=11, shapes=[((4099,), "c"), ((33, 17), "t"), ((7,), "c")])
     hp = hyper("coupled", d)
-    numel = sum(p.numel() for p in bk.params)
     for _ in range(steps):
         grads = bk.grads()
-        stats = run_stats(bk, grads, hp["beta2"], hp["wd"], slots=3)
-        run_update(bk, grads, stats, numel, hp)
+        stats = run_stats(bk, grads, hp["beta2"], hp["wd"], others=2,
+                          grad_scale=torch.tensor(3.0))
+        run_update(bk, grads, stats, hp, grad_scale=torch.tensor(3.0), max_norm=1.0)
     return bk.snapshot()
 
 
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 0.5), (torch.bfloat16, 1.0)], ids=str)
 def test_deterministic(dtype, d):
-    a, b = _run_steps(dtype, d), _run_steps(dtype, d)
-
-    def bits(x):
-        return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-
-    for key in a:
-        for x, y in zip(a[key], b[key]):
-            assert torch.equal(bits(x), bits(y)), key
+    assert_bitwise(_run_steps(dtype, d), _run_steps(dtype, d))
 
 
 def test_sum_v_matches_update_bitwise():
@@ -265,7 +455,7 @@ def test_sum_v_matches_update_bitwise():
     grads = bk.grads()
     hp = hyper("none", 1.0)
     stats = run_stats(bk, grads, hp["beta2"], 0.0)
-    run_update(bk, grads, stats, 10**4, hp)
+    run_update(bk, grads, stats, hp)
     fresh = torch.full_like(bk.vsum_buf, -1.0)
     ops.sum_v(bk.exp_avg_sq, list(fresh.unbind()))
     assert torch.equal(fresh, bk.vsum_buf)
@@ -280,8 +470,7 @@ def test_bf16_store_rounds_to_nearest_even():
     theta32 = [p.float() for p in bk.params]
     grads = bk.grads()
     stats = run_stats(bk, grads, hp["beta2"], 0.0)
-    run_update(bk, grads, stats, 10**4, hp)
-    f32 = triton_backend._f32
+    run_update(bk, grads, stats, hp)
     lr_wd, lr = f32(hp["lr"] * hp["wd"]), f32(hp["lr"])
     differs = 0
     for p, t32, m, b in zip(bk.params, theta32, bk.exp_avg, bk.beta1_prod):
@@ -304,40 +493,65 @@ def test_launch_count_does_not_grow_with_tensors(monkeypatch):
             launches.append(self.name)
             return self.fn[grid]
 
-    for name in ("stats_partials_kernel", "stats_finalize_kernel", "sum_kernel",
-                 "update_kernel", "vsum_finalize_kernel"):
+    for name in ("stats_partials_kernel", "stats_finalize_kernel", "row_sum_kernel",
+                 "update_kernel", "update_finalize_kernel"):
         monkeypatch.setattr(K, name, Counting(name, getattr(K, name)))
 
     def count(n_tensors):
         launches.clear()
         bk = Bucket(torch.float32, seed=1, shapes=[((5,), "c")] * n_tensors)
         grads = bk.grads()
-        stats = run_stats(bk, grads, 0.99, 0.0)
-        run_update(bk, grads, stats, 5 * n_tensors, hyper("none", 1.0))
+        gs = torch.tensor(2.0)
+        stats = run_stats(bk, grads, 0.99, 0.1, grad_scale=gs)
+        run_update(bk, grads, stats, hyper("coupled", 1.0), grad_scale=gs,
+                   found_inf=torch.tensor(0.0), lr_tensor=torch.tensor(0.1), max_norm=1.0,
+                   skip_nonfinite=True)
         return list(launches)
 
     assert count(2) == count(12) and len(count(2)) == 5
 
 
 def test_empty_lists():
-    out = torch.full((), 7.0, dtype=torch.float64)
-    ops.stats([], [], [], [], 0.99, 0.0, out)
-    assert out.item() == 0.0
-    ops.update([], [], [], [], [], [], [], torch.zeros(1, dtype=torch.float64), 1.0, 0.1, 0.1,
-               0.99, 1e-3, 0.0, False, 1.0)
+    out = torch.full((7,), 7.0, dtype=torch.float64)
+    ops.stats([], [], [], [], None, 0.99, 0.0, out)
+    assert torch.equal(out, torch.zeros(7, dtype=torch.float64))
+    ops.update([], [], [], [], [], [], [], torch.zeros(1, 7, dtype=torch.float64), None, None,
+               None, 1.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
     ops.sum_v([], [])
+
+
+def test_bad_shapes_are_rejected():
+    bk = Bucket(torch.float32, seed=4, shapes=[((7,), "c")])
+    grads = bk.grads()
+    with pytest.raises(RuntimeError, match="out must be a 1-D float64"):
+        ops.stats(bk.params, grads, bk.steps, bk.v_sums, None, 0.99, 0.0,
+                  torch.zeros((), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="stats must be a 2-D float64"):
+        run_update(bk, grads, torch.zeros(7, dtype=torch.float64), hyper("none", 1.0))
+    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+        ops.stats(bk.params, grads, bk.steps, bk.v_sums, torch.tensor(2.0, dtype=torch.float64),
+                  0.99, 0.0, torch.zeros(7, dtype=torch.float64))
 
 
 def test_opcheck():
     bk = Bucket(torch.float32, seed=4, shapes=[((7,), "c"), ((3, 5), "t")])
     grads = bk.grads()
-    stats = torch.zeros(2, dtype=torch.float64)
-    torch.library.opcheck(ops.stats.default,
-                          (bk.params, grads, bk.steps, bk.v_sums, 0.99, 0.1, stats[0]))
+    stats = torch.zeros(2, 7, dtype=torch.float64)
+    stats[1] = OTHER
+    gs = torch.tensor(2.0)
+    for scale in (None, gs):
+        torch.library.opcheck(ops.stats.default,
+                              (bk.params, grads, bk.steps, bk.v_sums, scale, 0.99, 0.1,
+                               stats[0]))
     torch.library.opcheck(ops.update.default,
                           (bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
-                           bk.v_sums, bk.steps, stats, 100.0, 0.1, 0.1, 0.99, 1e-3, 0.1,
-                           True, 0.5))
+                           bk.v_sums, bk.steps, stats, None, None, None, 0.1, 0.1, 0.99,
+                           1e-3, 0.1, True, 0.5, 0.0, False))
+    torch.library.opcheck(ops.update.default,
+                          (bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
+                           bk.v_sums, bk.steps, stats, gs, torch.tensor(0.0),
+                           torch.tensor(0.05), 0.0, 0.1, 0.99, 1e-3, 0.1, False, 1.0, 1.0,
+                           True))
     torch.library.opcheck(ops.sum_v.default, (bk.exp_avg_sq, bk.v_sums))
 
 
@@ -371,9 +585,10 @@ from adai_kernels.backends import triton_kernels as K
 
 F = ("lr beta0 beta2 one_minus_beta2 beta1_max l2 lr_wd dampening exponent mhat_scale").split()
 TYPES = dict(meta="*i64", stats="*fp64", partials="*fp64", contrib="*fp64", x="*fp64",
-             out="*fp64", n_stats="i32", T="i32", n="i32", **{f: "fp32" for f in F})
-TYPES["l2"] = "fp32"
+             out="*fp64", gs_ptr="*fp32", fi_ptr="*fp32", lr_ptr="*fp32", n_rows="i32",
+             P="i32", T="i32", n="i32", out_stride="i32", **{f: "fp32" for f in F})
 EL = dict(BLOCK=K.BLOCK, VEC=K.VEC)
+FLAGS = ("HAS_SCALE", "HAS_FOUND_INF", "HAS_LR", "CLIP", "SKIP_NONFINITE")
 
 
 def compile(fn, **constexprs):
@@ -398,27 +613,35 @@ def reduce_layouts(k):
 
 for s_al in (True, False):
     vsum = reduce_layouts(compile(K.vsum_partials_kernel, S_ALIGNED=s_al, **EL))
-    cases = [(K.F32, True), (K.F16, True), (K.BF16, True), (K.BF16, False)] if s_al else [
-        (K.BF16, True)]
-    for code, v1 in cases:
-        k = compile(K.update_kernel, CODE=code, ADAI_V1=v1, P_ALIGNED=s_al, S_ALIGNED=s_al,
-                    **EL)
+    cases = [(K.F32, True, False), (K.F16, True, True), (K.BF16, True, False),
+             (K.BF16, False, True)] if s_al else [(K.BF16, True, True)]
+    for code, v1, flags in cases:
+        k = compile(K.update_kernel, CODE=code, ADAI_V1=v1, HAS_L2=flags, P_ALIGNED=s_al,
+                    S_ALIGNED=s_al, **{f: flags for f in FLAGS}, **EL)
         assert reduce_layouts(k) == vsum, (code, v1, s_al, reduce_layouts(k), vsum)
+        ptx = k.asm["ptx"]
         if s_al:
-            assert "ld.global.v4.b32" in k.asm["ptx"], "no vector loads"
-        assert "div.full" not in k.asm["ptx"]
-compile(K.stats_partials_kernel, CODE=K.BF16, HAS_L2=True, P_ALIGNED=True, **EL)
-compile(K.stats_finalize_kernel, FB=K.FBLOCK)
-compile(K.sum_kernel, FB=K.FBLOCK)
+            assert "ld.global.v4.b32" in ptx, "no vector loads"
+        assert "div.full" not in ptx and "sqrt.approx" not in ptx
+        if flags:  # the clip coefficient in IEEE float64
+            assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx
+for flags in (True, False):
+    compile(K.stats_partials_kernel, CODE=K.BF16, HAS_SCALE=flags, HAS_L2=flags,
+            P_ALIGNED=True, **EL)
+    compile(K.stats_finalize_kernel, HAS_L2=flags, FB=K.FBLOCK)
+    compile(K.update_finalize_kernel, HAS_FOUND_INF=flags, CLIP=flags,
+            SKIP_NONFINITE=flags, FB=K.FBLOCK)
+compile(K.row_sum_kernel, FB=K.FBLOCK)
 compile(K.vsum_finalize_kernel, FB=K.FBLOCK)
 print("ok")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """The GPU path, without a GPU: every kernel compiles to sm_90 PTX (fp64 exp, pointer
-    tables, bit casts, div_rn...), aligned chunks use vector accesses, and update's chunk
-    sums of v reduce in the same register layout as sum_v's (so they are bitwise equal)."""
+    """The GPU path, without a GPU: every kernel compiles to sm_90 PTX (fp64 exp and sqrt,
+    pointer tables, bit casts, div_rn, the device-side skip branch...), aligned chunks use
+    vector accesses, and update's chunk sums of v reduce in the same register layout as
+    sum_v's (so they are bitwise equal)."""
     from triton.backends import backends as triton_backends
     if "nvidia" not in triton_backends:
         pytest.skip("triton has no NVIDIA backend here")

@@ -98,3 +98,43 @@ def test_step_errors_change_nothing(backend, bad):
     for k in before[1]:
         for n in before[1][k]:
             assert torch.equal(before[1][k][n], after[1][k][n])
+
+
+def test_empty_and_duplicate_parameters():
+    with pytest.raises(ValueError, match="empty"):
+        Adai([], lr=1e-3)
+    shared = p(3)
+    with pytest.raises(ValueError, match="more than one"):
+        Adai([{"params": [shared]}, {"params": [shared, p(2)]}], lr=1e-3)
+    opt = Adai([shared], lr=1e-3)
+    with pytest.raises(ValueError, match="more than one"):
+        opt.add_param_group({"params": [shared]})
+    assert len(opt.param_groups) == 1
+
+
+def test_invalid_max_grad_norm():
+    for bad in (0.0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            Adai([p(3)], lr=1e-3, max_grad_norm=bad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_parameters_added_and_frozen_mid_training(backend):
+    """A group added after some steps gets fresh state (step 1 on its first step) and joins
+    the global mean; a parameter whose grad becomes None keeps its state untouched."""
+    a, b = p(6, 2), p(5)
+    opt = Adai([a], lr=0.1, backend=backend)
+    for _ in range(2):
+        a.grad = torch.randn(6, 2)
+        opt.step()
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    a.grad, b.grad = torch.randn(6, 2), torch.randn(5)
+    opt.step()
+    assert int(opt.state[a]["step"]) == 3 and int(opt.state[b]["step"]) == 1
+    a.grad = None
+    frozen = {k: v.clone() for k, v in opt.state[a].items()}
+    b.grad = torch.randn(5)
+    opt.step()
+    for k, v in opt.state[a].items():
+        assert torch.equal(v, frozen[k])
+    assert int(opt.state[b]["step"]) == 2

@@ -1,13 +1,16 @@
-"""The two calls every backend implements (docs/design.md, "Two phases, two calls")."""
+"""The calls every backend implements (docs/design.md, "Two phases, two calls")."""
 from __future__ import annotations
 
 import torch
 
-from ..work import Work
+from ..work import Control, Work
+
+STATS_COLUMNS = 7  # csrc/adai_math.h, StatsColumn
+GRAD_NORM_SQ = 5   # the column with the squared gradient norm
 
 
 class Backend:
-    """A way to run the fused step. Subclasses implement the three methods below."""
+    """A way to run the fused step. Subclasses implement the methods below."""
 
     name: str = "?"
 
@@ -15,13 +18,14 @@ class Backend:
         """None if this backend can step parameters on `device`, else the reason why not."""
         raise NotImplementedError
 
-    def stats(self, work: Work, out: torch.Tensor) -> None:
-        """Phase 1: increment `work.steps` and write the bucket's share of the global sum of
-        bias-corrected second moments into the 0-dim float64 tensor `out`."""
+    def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
+        """Phase 1: increment `work.steps` and write the bucket's row of statistics into the
+        float64 vector `out` (STATS_COLUMNS long)."""
         raise NotImplementedError
 
-    def update(self, work: Work, stats: torch.Tensor, numel: int) -> None:
-        """Phase 2: vbar = stats.sum() / numel, then one pass over every element."""
+    def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
+        """Phase 2: sum the rows of `stats` (float64, rows x STATS_COLUMNS), then one pass over
+        every element; a skipped step only takes back the step increments."""
         raise NotImplementedError
 
     def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:
@@ -31,9 +35,9 @@ class Backend:
 
 
 class OpsBackend(Backend):
-    """A backend whose two phases are the custom ops `<namespace>::stats` / `::update`
-    (docs/design.md, "Native op schemas"). The C++ CPU and CUDA kernels and the Triton
-    kernels all share that schema, so they share this wrapper."""
+    """A backend whose phases are the custom ops `<namespace>::stats` / `::update` /
+    `::sum_v` (docs/design.md, "Native op schemas"). The C++ CPU and CUDA kernels and the
+    Triton kernels all share that schema, so they share this wrapper."""
 
     def __init__(self, name: str, namespace: str, device_types: tuple[str, ...], load):
         self.name = name
@@ -51,16 +55,19 @@ class OpsBackend(Backend):
     def _ops(self):
         return getattr(torch.ops, self._namespace)
 
-    def stats(self, work: Work, out: torch.Tensor) -> None:
-        self._ops.stats(work.params, work.grads, work.steps, work.v_sums,
+    def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
+        self._ops.stats(work.params, work.grads, work.steps, work.v_sums, ctl.grad_scale,
                         work.beta2, work.l2, out)
 
-    def update(self, work: Work, stats: torch.Tensor, numel: int) -> None:
+    def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g = work.group
+        lr_tensor = work.lr_tensor
         self._ops.update(work.params, work.grads, work.exp_avg, work.exp_avg_sq,
-                         work.beta1_prod, work.v_sums, work.steps, stats, float(numel),
-                         g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
-                         g["decoupled"], g["dampening"])
+                         work.beta1_prod, work.v_sums, work.steps, stats, ctl.grad_scale,
+                         ctl.found_inf, lr_tensor, 0.0 if lr_tensor is not None else g["lr"],
+                         g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
+                         g["decoupled"], g["dampening"], ctl.max_grad_norm or 0.0,
+                         ctl.skip_nonfinite)
 
     def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:
         self._ops.sum_v(exp_avg_sq, v_sums)

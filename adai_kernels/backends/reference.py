@@ -4,13 +4,15 @@ It is the oracle the fused kernels are tested against and the fallback where no 
 runs, so it favours the spec's literal order of operations over speed: it allocates
 temporaries the size of the parameters and launches many small kernels. Math is float32 (the
 state dtype) for every parameter dtype; global sums are float64 where the device has it.
+Like the kernels, it never synchronises with the host: a skipped step is a device-side
+select, not a Python branch.
 """
 from __future__ import annotations
 
 import torch
 
-from ..work import Work
-from .base import Backend
+from ..work import Control, Work
+from .base import STATS_COLUMNS, Backend
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
@@ -23,30 +25,67 @@ class ReferenceBackend(Backend):
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
-    def stats(self, work: Work, out: torch.Tensor) -> None:
+    def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         acc = _acc_dtype(work.device)
         params = [p.float() for p in work.params]  # copies unless already float32
-        grads = [g.float() for g in work.grads]
-        if work.l2 != 0.0:
-            grads = torch._foreach_add(grads, params, alpha=work.l2)  # never the caller's grad
-        beta2 = work.beta2
-        v = torch._foreach_mul(work.exp_avg_sq, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+        grads = [g.float() for g in work.grads]    # likewise: the caller's grads stay as they are
+        if ctl.grad_scale is not None:
+            grads = torch._foreach_mul(grads, ctl.grad_scale.double().reciprocal().float())
+        beta2, l2 = work.beta2, work.l2
         torch._foreach_add_(work.steps, 1.0)
         bc2 = 1.0 - torch.pow(beta2, torch.stack(work.steps).to(acc))
-        v_sums = torch.stack([t.sum(dtype=acc) for t in v])
-        out.copy_((v_sums / bc2).sum())
-        work.scratch.update(params=params, grads=grads, v=v, bc2=bc2, v_sums=v_sums)
+        w = (1.0 - beta2) / bc2
 
-    def update(self, work: Work, stats: torch.Tensor, numel: int) -> None:
+        def per_tensor(ts):
+            return torch.stack([t.sum(dtype=acc) for t in ts])
+
+        gg = per_tensor(torch._foreach_mul(grads, grads))
+        if l2 != 0.0:
+            ge = torch._foreach_add(grads, params, alpha=l2)
+            b = per_tensor(torch._foreach_mul(ge, ge))
+            gt = per_tensor(torch._foreach_mul(grads, params)) * (2.0 * l2)
+            tt = per_tensor(torch._foreach_mul(params, params)) * (l2 * l2)
+        else:
+            b, gt, tt = gg, torch.zeros_like(gg), torch.zeros_like(gg)
+        v_sums = torch.stack(work.v_sums).to(acc)
+        row = torch.stack([
+            (beta2 * v_sums / bc2).sum(), (w * b).sum(), (w * gg).sum(), (w * gt).sum(),
+            (w * tt).sum(), gg.sum(), torch.tensor(float(work.numel), dtype=acc,
+                                                   device=work.device)])
+        assert row.numel() == STATS_COLUMNS
+        out.copy_(row)
+        work.scratch.update(params=params, grads=grads, bc2=bc2)
+
+    def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         s = work.scratch
-        params, grads, v, bc2 = s["params"], s["grads"], s["v"], s["bc2"]
+        params, grads, bc2 = s["params"], s["grads"], s["bc2"]
         g = work.group
-        lr, (beta0, _), eps = g["lr"], g["betas"], g["eps"]
-        d = float(g["dampening"])
+        lr = work.lr_tensor if work.lr_tensor is not None else g["lr"]
+        (beta0, beta2), eps, d = g["betas"], g["eps"], float(g["dampening"])
+        l2 = work.l2
 
-        vbar = stats.sum() / numel
+        t = stats.sum(0)
+        A, B, Bgg, Bgt, Btt, Gn, N = t.unbind()
+        finite = torch.isfinite(Gn)
+        skip = torch.zeros((), dtype=torch.bool, device=work.device)
+        if ctl.found_inf is not None:
+            skip = skip | (ctl.found_inf.to(work.device) != 0)
+        clip = torch.ones_like(Gn)
+        if ctl.max_grad_norm is not None:
+            clip = torch.clamp(ctl.max_grad_norm / (Gn.sqrt() + 1e-6), max=1.0)
+            clip = torch.where(finite, clip, torch.ones_like(clip))
+        if ctl.skip_nonfinite or ctl.max_grad_norm is not None:
+            skip = skip | ~finite
+        S = torch.where(clip == 1.0, A + B, A + clip * clip * Bgg + clip * Bgt + Btt)
+        vbar = S / N
         inv_vbar = torch.where(vbar > 0, 1.0 / vbar, torch.zeros_like(vbar))  # vbar = 0 rule
+
+        if ctl.max_grad_norm is not None:
+            grads = torch._foreach_mul(grads, clip.float())
+        if l2 != 0.0:
+            grads = torch._foreach_add(grads, params, alpha=l2)
+        v = torch._foreach_mul(work.exp_avg_sq, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
         ratio = torch._foreach_div(v, list(bc2.float().unbind()))  # vhat
         torch._foreach_mul_(ratio, inv_vbar.float())  # vhat / vbar
         if d != 1.0:
@@ -60,23 +99,32 @@ class ReferenceBackend(Backend):
         if d != 1.0:
             torch._foreach_pow_(beta3, d)
 
-        torch._foreach_mul_(work.beta1_prod, beta1)
-        torch._foreach_mul_(work.exp_avg, beta1)
-        torch._foreach_addcmul_(work.exp_avg, beta3, grads)
-        denom = torch._foreach_mul(work.beta1_prod, -1.0)
+        b = torch._foreach_mul(work.beta1_prod, beta1)
+        m = torch._foreach_mul(work.exp_avg, beta1)
+        torch._foreach_addcmul_(m, beta3, grads)
+        denom = torch._foreach_mul(b, -1.0)
         torch._foreach_add_(denom, 1.0)
-        mhat = torch._foreach_div(work.exp_avg, denom)
+        mhat = torch._foreach_div(m, denom)
         if d != 1.0:
             torch._foreach_mul_(mhat, beta0 ** (1.0 - d))
+        new_params = list(params)
         if g["decoupled"] and g["weight_decay"] != 0.0:
             # theta - (lr * wd) * theta, not theta * (1 - lr * wd): the latter rounds the
             # small decay to float32 precision relative to 1
-            torch._foreach_add_(params, torch._foreach_mul(params, -lr * g["weight_decay"]))
-        torch._foreach_add_(params, mhat, alpha=-lr)
-        if params[0] is not work.params[0]:  # float32 temporaries of bf16/fp16 params
-            torch._foreach_copy_(work.params, params)
-        torch._foreach_copy_(work.exp_avg_sq, v)
-        torch._foreach_copy_(work.v_sums, list(s["v_sums"].to(torch.float64).unbind()))
+            decay = torch._foreach_mul(params, g["weight_decay"])
+            new_params = torch._foreach_sub(new_params, torch._foreach_mul(decay, lr))
+        new_params = torch._foreach_sub(new_params, torch._foreach_mul(mhat, lr))
+        v_sums = [x.sum(dtype=_acc_dtype(work.device)) for x in v]
+
+        def commit(dst, src):
+            torch._foreach_copy_(dst, [torch.where(skip, d_, s_) for d_, s_ in zip(dst, src)])
+
+        commit(work.params, new_params)
+        commit(work.exp_avg_sq, v)
+        commit(work.exp_avg, m)
+        commit(work.beta1_prod, b)
+        commit(work.v_sums, v_sums)
+        torch._foreach_sub_(work.steps, [skip.float()] * len(work.steps))
         work.scratch.clear()
 
     def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:

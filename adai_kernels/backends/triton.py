@@ -10,8 +10,9 @@ under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 A launch never synchronises with the host: per-launch tables (data_ptr values, numel, the
 chunk map, float64 constants) are built on the host from shapes and pointers only, staged in
 pinned memory and copied with `non_blocking=True`; scalars that live on the device (steps,
-v_sums, stats) are read by the kernels. Per op: stats = 3 launches, update = 2, sum_v = 2,
-whatever the number of tensors.
+v_sums, stats, grad_scale, found_inf, lr_tensor) are read by the kernels, and a skipped step
+is decided by the kernels themselves (no Python branch on a tensor's value). Per op:
+stats = 3 launches, update = 2, sum_v = 2, whatever the number of tensors.
 """
 import contextlib
 import math
@@ -19,10 +20,11 @@ import os
 import struct
 import threading
 from itertools import accumulate
+from typing import Optional
 
 import torch
 
-from .base import OpsBackend
+from .base import STATS_COLUMNS, OpsBackend
 
 NAMESPACE = "adai_triton"
 
@@ -100,8 +102,7 @@ def _fail(op: str, i: int, what: str):
 def _check_update_inputs(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats):
     """Host-side checks of the schema's contract that keep the kernels in bounds (dtypes,
     sizes, devices, dense layouts). A fast pass over plain attributes; details on failure."""
-    if stats.dtype is not torch.float64 or stats.dim() != 1:
-        raise RuntimeError("adai_triton::update: stats must be a 1-D float64 tensor")
+    _check_stats(stats)
     dtype = params[0].dtype
     if dtype not in _DTYPE_CODES:
         raise RuntimeError(f"adai_triton::update: params must be float32, bfloat16 or "
@@ -142,6 +143,34 @@ def _check_update_inputs(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums,
         _fail("update", i, "invalid inputs")  # pragma: no cover
 
 
+def _check_stats(stats: torch.Tensor) -> None:
+    torch._check(stats.dtype == torch.float64 and stats.dim() == 2
+                 and stats.size(1) == STATS_COLUMNS,
+                 lambda: f"adai_triton::update: stats must be a 2-D float64 tensor of "
+                         f"{STATS_COLUMNS} columns, got {stats.dtype} of sizes "
+                         f"{tuple(stats.shape)}")
+
+
+def _check_out(out: torch.Tensor) -> None:
+    torch._check(out.dtype == torch.float64 and out.dim() == 1
+                 and out.size(0) == STATS_COLUMNS,
+                 lambda: f"adai_triton::stats: out must be a 1-D float64 tensor of "
+                         f"{STATS_COLUMNS} elements, got {out.dtype} of sizes "
+                         f"{tuple(out.shape)}")
+
+
+def _check_scalar(op: str, name: str, t, dev) -> None:
+    """An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor)."""
+    if t is None:
+        return
+    if t.dtype is not torch.float32 or t.numel() != 1:
+        raise RuntimeError(f"adai_triton::{op}: {name} must be a 0-dim float32 tensor, got "
+                           f"{t.dtype} of sizes {tuple(t.shape)}")
+    if t.get_device() != dev:
+        raise RuntimeError(f"adai_triton::{op}: {name} is on {t.device}, not on the device "
+                           f"of the other tensors")
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, and the same strides in every dim of size > 1."""
     return a.shape == b.shape and all(
@@ -163,11 +192,10 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- op bodies
-def _stats_impl(params, grads, steps, v_sums, beta2, l2, out):
+def _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
     K = _state["kernels"]
     _check_lists("stats", grads, ("params", params), ("steps", steps), ("v_sums", v_sums))
-    torch._check(out.dtype == torch.float64 and out.dim() == 0,
-                 lambda: "adai_triton::stats: out must be a 0-dim float64 tensor")
+    _check_out(out)
     n = len(grads)
     if n == 0:
         out.zero_()
@@ -178,6 +206,7 @@ def _stats_impl(params, grads, steps, v_sums, beta2, l2, out):
         raise RuntimeError(f"adai_triton::stats: grads must be float32, bfloat16 or float16, "
                            f"not {dtype}")
     f32, f64, dev = torch.float32, torch.float64, out.get_device()
+    _check_scalar("stats", "grad_scale", grad_scale, dev)
     for i, (p, g, k, s) in enumerate(zip(params, grads, steps, v_sums)):
         if (g.dtype is dtype and p.dtype is dtype and g.numel() == p.numel()
                 and k.dtype is f32 and k.dim() == 0 and s.dtype is f64 and s.dim() == 0
@@ -196,7 +225,9 @@ def _stats_impl(params, grads, steps, v_sums, beta2, l2, out):
         if not _dense(g):
             _fail("stats", i, "grads must be non-overlapping and dense")
         _fail("stats", i, "params and grads must have the same shape and strides")
-    has_l2 = l2 != 0.0
+    l2f = _f32(l2)  # the per-element l2 (adai_math.h::Consts), exact in float64
+    has_l2 = l2f != 0.0  # as adai_math.h::effective_grad: params are read only then
+    has_scale = grad_scale is not None
     numels = [g.numel() for g in grads]
     columns = [
         [g.data_ptr() for g in grads],
@@ -205,22 +236,27 @@ def _stats_impl(params, grads, steps, v_sums, beta2, l2, out):
         [s.data_ptr() for s in v_sums],
         numels,
     ]
-    meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2)], columns, numels, device,
-                            K.BLOCK)
-    partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
-    contrib = torch.empty(n, dtype=torch.float64, device=device)
+    meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2), 2.0 * l2f, l2f * l2f], columns,
+                            numels, device, K.BLOCK)
+    P = max(n_chunks, 1)
+    # per chunk: sum g^2 and, with L2, sum (g + l2 theta)^2, sum g theta, sum theta^2
+    partials = torch.empty((4 if has_l2 else 1) * P, dtype=torch.float64, device=device)
+    contrib = torch.empty(STATS_COLUMNS * n, dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
             aligned = _aligned(grads) and (not has_l2 or _aligned(params))
             K.stats_partials_kernel[(n_chunks,)](
-                meta, partials, n, _f32(l2), CODE=_DTYPE_CODES[dtype], HAS_L2=has_l2,
+                meta, partials, P, n, grad_scale if has_scale else partials, l2f,
+                CODE=_DTYPE_CODES[dtype], HAS_SCALE=has_scale, HAS_L2=has_l2,
                 P_ALIGNED=aligned, BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
-        K.stats_finalize_kernel[(n,)](meta, partials, contrib, n, FB=K.FBLOCK, num_warps=4)
-        K.sum_kernel[(1,)](contrib, n, out, FB=K.FBLOCK, num_warps=4)
+        K.stats_finalize_kernel[(n,)](meta, partials, P, contrib, n, HAS_L2=has_l2,
+                                      FB=K.FBLOCK, num_warps=4)
+        K.row_sum_kernel[(1,)](contrib, n, out, out.stride(0), FB=K.FBLOCK, num_warps=4)
 
 
 def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                 numel, lr, beta0, beta2, eps, weight_decay, decoupled, dampening):
+                 grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+                 decoupled, dampening, max_grad_norm, skip_nonfinite):
     K = _state["kernels"]
     _check_lists("update", params, ("grads", grads), ("exp_avg", exp_avg),
                  ("exp_avg_sq", exp_avg_sq), ("beta1_prod", beta1_prod), ("v_sums", v_sums),
@@ -229,6 +265,10 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
     if n == 0:
         return
     _check_update_inputs(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats)
+    dev = stats.get_device()
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
+                    ("lr_tensor", lr_tensor)):
+        _check_scalar("update", name, t, dev)
     device = stats.device
     if not stats.is_contiguous():
         stats = stats.contiguous()
@@ -243,8 +283,14 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
         [s.data_ptr() for s in v_sums],
         numels,
     ]
-    meta, n_chunks = _table([_ln(beta2), numel], columns, numels, device, K.BLOCK)
+    clip = max_grad_norm > 0.0
+    decay = float(weight_decay) if decoupled else 0.0
+    meta, n_chunks = _table([_ln(beta2), max_grad_norm if clip else 0.0, decay, 1e-6],
+                            columns, numels, device, K.BLOCK)
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
+    flags = dict(HAS_FOUND_INF=found_inf is not None, CLIP=clip,
+                 SKIP_NONFINITE=bool(skip_nonfinite))
+    fi_ptr = found_inf if found_inf is not None else stats
     with _on(device):
         if n_chunks:
             # adai_math.h::make_consts: computed in double, rounded to float
@@ -255,15 +301,20 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
             s_aligned = _aligned(exp_avg) and _aligned(exp_avg_sq) and _aligned(beta1_prod)
             p_aligned = s_aligned and _aligned(params) and _aligned(grads)
             K.update_kernel[(n_chunks,)](
-                meta, stats, stats.numel(), partials, n,
+                meta, stats, stats.size(0), partials, n,
+                grad_scale if grad_scale is not None else stats, fi_ptr,
+                lr_tensor if lr_tensor is not None else stats,
                 _f32(lr), _f32(beta0), _f32(beta2), _f32(1.0 - beta2), _f32(1.0 - eps),
                 0.0 if decoupled else _f32(weight_decay),
                 _f32(lr * weight_decay) if decoupled else 0.0,
                 _f32(d), _f32(1.0 / (3.0 - 2.0 * d)), _f32(math.pow(beta0, 1.0 - d)),
                 CODE=_DTYPE_CODES[params[0].dtype], ADAI_V1=(d == 1.0),
-                P_ALIGNED=p_aligned, S_ALIGNED=s_aligned,
+                HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
+                S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
+                HAS_LR=lr_tensor is not None, **flags,
                 BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
-        K.vsum_finalize_kernel[(n,)](meta, partials, n, FB=K.FBLOCK, num_warps=4)
+        K.update_finalize_kernel[(n,)](meta, stats, stats.size(0), partials, n, fi_ptr,
+                                       **flags, FB=K.FBLOCK, num_warps=4)
 
 
 def _sum_v_impl(exp_avg_sq, v_sums):
@@ -283,7 +334,7 @@ def _sum_v_impl(exp_avg_sq, v_sums):
     zeros = [0] * n
     columns = [zeros, zeros, zeros, [v.data_ptr() for v in exp_avg_sq], zeros, zeros,
                [s.data_ptr() for s in v_sums], numels]
-    meta, n_chunks = _table([0.0, 0.0], columns, numels, device, K.BLOCK)
+    meta, n_chunks = _table([0.0] * 4, columns, numels, device, K.BLOCK)
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
@@ -300,35 +351,37 @@ def _register() -> None:
 
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
     def stats(params: list[Tensor], grads: list[Tensor], steps: list[Tensor],
-              v_sums: list[Tensor], beta2: float, l2: float, out: Tensor) -> None:
-        _stats_impl(params, grads, steps, v_sums, beta2, l2, out)
+              v_sums: list[Tensor], grad_scale: Optional[Tensor], beta2: float, l2: float,
+              out: Tensor) -> None:
+        _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out)
 
     @stats.register_fake
-    def _(params, grads, steps, v_sums, beta2, l2, out):
+    def _(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
         _check_lists("stats", grads, ("params", params), ("steps", steps), ("v_sums", v_sums))
-        torch._check(out.dtype == torch.float64 and out.dim() == 0,
-                     lambda: "adai_triton::stats: out must be a 0-dim float64 tensor")
+        _check_out(out)
         return None
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
-        mutates_args=("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums"))
+        mutates_args=("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums", "steps"))
     def update(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor],
                exp_avg_sq: list[Tensor], beta1_prod: list[Tensor], v_sums: list[Tensor],
-               steps: list[Tensor], stats: Tensor, numel: float, lr: float, beta0: float,
-               beta2: float, eps: float, weight_decay: float, decoupled: bool,
-               dampening: float) -> None:
+               steps: list[Tensor], stats: Tensor, grad_scale: Optional[Tensor],
+               found_inf: Optional[Tensor], lr_tensor: Optional[Tensor], lr: float,
+               beta0: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+               dampening: float, max_grad_norm: float, skip_nonfinite: bool) -> None:
         _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                     numel, lr, beta0, beta2, eps, weight_decay, decoupled, dampening)
+                     grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+                     decoupled, dampening, max_grad_norm, skip_nonfinite)
 
     @update.register_fake
-    def _(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats, numel, lr,
-          beta0, beta2, eps, weight_decay, decoupled, dampening):
+    def _(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats, grad_scale,
+          found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay, decoupled, dampening,
+          max_grad_norm, skip_nonfinite):
         _check_lists("update", params, ("grads", grads), ("exp_avg", exp_avg),
                      ("exp_avg_sq", exp_avg_sq), ("beta1_prod", beta1_prod),
                      ("v_sums", v_sums), ("steps", steps))
-        torch._check(stats.dtype == torch.float64 and stats.dim() == 1,
-                     lambda: "adai_triton::update: stats must be a 1-D float64 tensor")
+        _check_stats(stats)
         return None
 
     @torch.library.custom_op(f"{NAMESPACE}::sum_v", mutates_args=("v_sums",))

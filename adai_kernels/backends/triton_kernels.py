@@ -27,6 +27,15 @@ layout (VEC elements per thread), hence the same reduction order for the chunk s
 a checkpoint restored through `sum_v` continues bitwise (checked in the compiled TTGIR for
 sm_90 by tests/test_triton.py).
 
+`stats` writes per chunk fp32 sums of g^2 (and, with L2, of (g + l2 theta)^2, g theta and
+theta^2) as float64 partials, one program per tensor turns them into the tensor's share of
+each column of the statistics row (adai_math.h StatsColumn), and one program adds the shares
+in a fixed order. `update` needs no extra launch for adai_math.h::globals: every program sums
+the rows of `stats` (few: one per bucket) and derives inv_vbar, the clip coefficient and the
+skip flag itself. A skipped step is a branch on that device-side flag: no program of
+`update` reads or writes an element, and its finalizer takes back the step increments
+instead of writing v_sums.
+
 Portability notes (the same code runs compiled on CUDA/ROCm and under TRITON_INTERPRET=1):
 - pow(x, e) is exp2(e * log2(x)) (the interpreter has no pow); x == 0 is handled explicitly,
   and d == 1 (Adai proper) needs no pow at all (ADAI_V1 is a constexpr).
@@ -34,9 +43,11 @@ Portability notes (the same code runs compiled on CUDA/ROCm and under TRITON_INT
   to nearest even with integer ops (NaN -> 0x7FC0), like torch's own conversion. The
   interpreter's fp32 -> bf16 cast truncates, so this keeps both paths bitwise identical.
 - fp32 division m / (1 - b) is `div_rn` (IEEE); Triton's `/` on NVIDIA is div.full (approx).
-- float64 constants (beta2, numel, ln beta2) come through the table: Triton passes Python
-  floats as fp32. fp32 constants (adai_math.h's Consts) are rounded on the host, so the
-  launcher's conversion is exact.
+- float64 constants (beta2, ln beta2, the l2 factors, max_grad_norm, clip_grad_norm_'s 1e-6,
+  the decoupled decay for a device-side lr) come through the table: Triton passes Python
+  floats as fp32. The clip coefficient is IEEE float64 (sqrt.rn.f64, div.rn.f64). fp32
+  constants (adai_math.h's Consts) are rounded on the host, so the launcher's conversion is
+  exact.
 - beta2^k is exp(k * ln beta2) in float64 (tl.exp on fp64 lowers to __nv_exp/__ocml_exp_f64).
 - Compiled, fp32 mul + add may contract to FMA (as nvcc does by default); the interpreter
   (numpy) never contracts.
@@ -172,76 +183,164 @@ def _segment_sum(meta, T, t, partials, NC: tl.constexpr, NCOL: tl.constexpr,
     return tl.sum(acc, axis=0)
 
 
+@triton.jit
+def _inv_scale(gs_ptr):
+    """GradScaler's multiplier: float32(1 / double(grad_scale)), as GradScaler.unscale_."""
+    return (1.0 / tl.load(gs_ptr).to(tl.float64)).to(tl.float32)
+
+
 # ----------------------------------------------------------------------------- stats
 # the stats table: S_NC float64 constants, then these columns
-S_NC = tl.constexpr(3)  # beta2, 1 - beta2, ln(beta2)
+S_NC = tl.constexpr(5)  # beta2, 1 - beta2, ln(beta2), 2 * l2, l2 * l2 (l2 rounded to fp32)
 S_G, S_P, S_STEP, S_VSUM, S_NUMEL = (tl.constexpr(i) for i in range(5))
 S_NCOL = tl.constexpr(5)
+# adai_math.h StatsColumn
+C_A, C_B, C_BGG, C_BGT, C_BTT, C_GN, C_N = (tl.constexpr(i) for i in range(7))
+N_COLS = tl.constexpr(7)
 
 
 @triton.jit
-def _grad_sq_sum(g_ptr, p_ptr, offs, mask, l2, CODE: tl.constexpr, HAS_L2: tl.constexpr,
-                 MASKED: tl.constexpr):
-    g = _load_param(g_ptr, offs, mask, CODE, MASKED)
-    if HAS_L2:
-        ge = g + l2 * _load_param(p_ptr, offs, mask, CODE, MASKED)
-    else:
-        ge = g
-    sq = ge * ge
+def _masked_sum(x, mask, MASKED: tl.constexpr):
     if MASKED:
-        sq = tl.where(mask, sq, 0.0)
-    return tl.sum(sq, axis=0)
+        x = tl.where(mask, x, 0.0)
+    return tl.sum(x, axis=0)
 
 
 @triton.jit
-def stats_partials_kernel(meta, partials, T, l2, CODE: tl.constexpr, HAS_L2: tl.constexpr,
+def _stats_chunk(g_ptr, p_ptr, offs, mask, inv_scale, l2, partials, P, pid,
+                 CODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_L2: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """A chunk's fp32 sums of g^2 and, with L2, of (g + l2 theta)^2, g theta and theta^2
+    (g unscaled), stored as float64 in partials[q * P + pid], q = 0, 1, 2, 3."""
+    g = _load_param(g_ptr, offs, mask, CODE, MASKED)
+    if HAS_SCALE:
+        g = g * inv_scale
+    tl.store(partials + pid, _masked_sum(g * g, mask, MASKED).to(tl.float64))
+    if HAS_L2:
+        theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
+        ge = g + l2 * theta  # adai_math.h::grad_sq
+        tl.store(partials + P + pid, _masked_sum(ge * ge, mask, MASKED).to(tl.float64))
+        tl.store(partials + 2 * P + pid, _masked_sum(g * theta, mask, MASKED).to(tl.float64))
+        tl.store(partials + 3 * P + pid,
+                 _masked_sum(theta * theta, mask, MASKED).to(tl.float64))
+
+
+@triton.jit
+def stats_partials_kernel(meta, partials, P, T, gs_ptr, l2, CODE: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_L2: tl.constexpr,
                           P_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """partials[c] = sum over chunk c of (g + l2 * theta)^2 (adai_math.h::grad_sq)."""
+    """Per chunk c: partials[q * P + c] (see _stats_chunk)."""
     pid = tl.program_id(0)
     t, local = _chunk(meta, pid, T, S_NC, S_NCOL)
     numel = _col(meta, T, t, S_NUMEL, S_NC)
     offs = _offsets(local, BLOCK, VEC)
     g_ptr = _param_ptr(meta, T, t, S_G, S_NC, CODE, P_ALIGNED)
     p_ptr = _param_ptr(meta, T, t, S_P, S_NC, CODE, P_ALIGNED)
-    if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
-        part = _grad_sq_sum(g_ptr, p_ptr, offs, offs < numel, l2, CODE, HAS_L2, False)
+    if HAS_SCALE:
+        inv_scale = _inv_scale(gs_ptr)
     else:
-        part = _grad_sq_sum(g_ptr, p_ptr, offs, offs < numel, l2, CODE, HAS_L2, True)
-    tl.store(partials + pid, part.to(tl.float64))
+        inv_scale = 1.0
+    if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
+        _stats_chunk(g_ptr, p_ptr, offs, offs < numel, inv_scale, l2, partials, P, pid,
+                     CODE, HAS_SCALE, HAS_L2, False)
+    else:
+        _stats_chunk(g_ptr, p_ptr, offs, offs < numel, inv_scale, l2, partials, P, pid,
+                     CODE, HAS_SCALE, HAS_L2, True)
 
 
 @triton.jit
-def stats_finalize_kernel(meta, partials, contrib, T, FB: tl.constexpr):
-    """One program per tensor t: k += 1 and
-    contrib[t] = (beta2 * V_t + (1 - beta2) * G_t) / (1 - beta2^k), all float64."""
+def stats_finalize_kernel(meta, partials, P, contrib, T, HAS_L2: tl.constexpr,
+                          FB: tl.constexpr):
+    """One program per tensor t: k += 1, then tensor t's share of every column of the
+    statistics row (adai_math.h StatsColumn), float64, into contrib[col * T + t]."""
     t = tl.program_id(0).to(tl.int64)
     beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
     one_minus_beta2 = tl.load(meta + 1).to(tl.float64, bitcast=True)
     ln_beta2 = tl.load(meta + 2).to(tl.float64, bitcast=True)
-    G = _segment_sum(meta, T, t, partials, S_NC, S_NCOL, FB)
+    GG = _segment_sum(meta, T, t, partials, S_NC, S_NCOL, FB)
     step_ptr = _col(meta, T, t, S_STEP, S_NC).to(tl.pointer_type(tl.float32))
     k = tl.load(step_ptr) + 1.0
     tl.store(step_ptr, k)
     bc2 = 1.0 - tl.exp(k.to(tl.float64) * ln_beta2)
+    w = one_minus_beta2 / bc2
     V = tl.load(_col(meta, T, t, S_VSUM, S_NC).to(tl.pointer_type(tl.float64)))
-    tl.store(contrib + t, (beta2 * V + one_minus_beta2 * G) / bc2)
+    Bgg = w * GG
+    if HAS_L2:
+        two_l2 = tl.load(meta + 3).to(tl.float64, bitcast=True)
+        l2_sq = tl.load(meta + 4).to(tl.float64, bitcast=True)
+        B = w * _segment_sum(meta, T, t, partials + P, S_NC, S_NCOL, FB)
+        Bgt = w * (two_l2 * _segment_sum(meta, T, t, partials + 2 * P, S_NC, S_NCOL, FB))
+        Btt = w * (l2_sq * _segment_sum(meta, T, t, partials + 3 * P, S_NC, S_NCOL, FB))
+    else:
+        B = Bgg
+        Bgt = tl.zeros([], dtype=tl.float64)
+        Btt = tl.zeros([], dtype=tl.float64)
+    tl.store(contrib + C_A * T + t, beta2 * V / bc2)
+    tl.store(contrib + C_B * T + t, B)
+    tl.store(contrib + C_BGG * T + t, Bgg)
+    tl.store(contrib + C_BGT * T + t, Bgt)
+    tl.store(contrib + C_BTT * T + t, Btt)
+    tl.store(contrib + C_GN * T + t, GG)
+    tl.store(contrib + C_N * T + t, _col(meta, T, t, S_NUMEL, S_NC).to(tl.float64))
 
 
 @triton.jit
-def sum_kernel(x, n, out, FB: tl.constexpr):
-    """out = sum(x[0:n]) in float64, in a fixed order (one program)."""
-    acc = tl.zeros([FB], dtype=tl.float64)
-    for start in range(0, n, FB):
-        idx = start + tl.arange(0, FB)
-        acc += tl.load(x + idx, mask=idx < n, other=0.0)
-    tl.store(out, tl.sum(acc, axis=0))
+def row_sum_kernel(contrib, T, out, out_stride, FB: tl.constexpr):
+    """out[col * out_stride] = sum over tensors of contrib[col * T : (col + 1) * T], float64,
+    in a fixed order (one program)."""
+    for col in tl.static_range(N_COLS):
+        acc = tl.zeros([FB], dtype=tl.float64)
+        for start in range(0, T, FB):
+            idx = start + tl.arange(0, FB)
+            acc += tl.load(contrib + col * T + idx, mask=idx < T, other=0.0)
+        tl.store(out + col * out_stride, tl.sum(acc, axis=0))
 
 
 # ----------------------------------------------------------------------------- update
 # the update (and sum_v) table: U_NC float64 constants, then these columns
-U_NC = tl.constexpr(2)  # ln(beta2), numel (the global element count N)
+U_NC = tl.constexpr(4)  # ln(beta2), max_grad_norm, weight decay when decoupled, 1e-6
 U_P, U_G, U_M, U_V, U_B, U_STEP, U_VSUM, U_NUMEL = (tl.constexpr(i) for i in range(8))
 U_NCOL = tl.constexpr(8)
+
+
+@triton.jit
+def _column(acc, cols, j):
+    """Element j of a small float64 vector (the others are added as exact zeros)."""
+    return tl.sum(tl.where(cols == j, acc, 0.0), axis=0)
+
+
+@triton.jit
+def _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF: tl.constexpr, CLIP: tl.constexpr,
+             SKIP_NONFINITE: tl.constexpr):
+    """adai_math.h::globals: the rows of `stats` (n_rows x 7, float64, contiguous) summed in
+    row order; returns (inv_vbar fp32, clip coefficient fp32, skip). Every program computes
+    it alike."""
+    cols = tl.arange(0, 8)
+    acc = tl.zeros([8], dtype=tl.float64)
+    for r in range(0, n_rows):
+        acc += tl.load(stats + r * N_COLS + cols, mask=cols < N_COLS, other=0.0)
+    gn2 = _column(acc, cols, C_GN)
+    finite = gn2 - gn2 == 0.0  # false for inf and NaN
+    if HAS_FOUND_INF:
+        skip = tl.load(fi_ptr) != 0.0
+    else:
+        skip = tl.full([], 0, dtype=tl.int1)
+    if CLIP or SKIP_NONFINITE:
+        skip = skip | (gn2 - gn2 != 0.0)
+    c = tl.full([], 1.0, dtype=tl.float64)
+    if CLIP:
+        max_norm = tl.load(meta + 1).to(tl.float64, bitcast=True)
+        norm_eps = tl.load(meta + 3).to(tl.float64, bitcast=True)  # 1e-6, as clip_grad_norm_
+        q = max_norm / (tl.sqrt(tl.where(finite, gn2, 0.0)) + norm_eps)
+        c = tl.where(finite & (q < 1.0), q, c)
+    A = _column(acc, cols, C_A)
+    s = tl.where(c == 1.0, A + _column(acc, cols, C_B),
+                 A + c * c * _column(acc, cols, C_BGG) + c * _column(acc, cols, C_BGT)
+                 + _column(acc, cols, C_BTT))
+    count = _column(acc, cols, C_N)
+    pos = s > 0.0
+    inv_vbar = tl.where(pos, count / tl.where(pos, s, 1.0), 0.0).to(tl.float32)
+    return inv_vbar, c.to(tl.float32), skip
 
 
 @triton.jit
@@ -254,18 +353,24 @@ def _v_sum(v, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vbar,
+def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vbar, mult,
                   lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
                   exponent, mhat_scale,
-                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, MASKED: tl.constexpr):
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
+                  MULT: tl.constexpr, MASKED: tl.constexpr):
     theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
     g = _load_param(g_ptr, offs, mask, CODE, MASKED)
     m = _ld(m_ptr + offs, mask, MASKED, 0.0)
     v = _ld(v_ptr + offs, mask, MASKED, 0.0)
     b = _ld(b_ptr + offs, mask, MASKED, 0.0)
 
-    # adai_math.h::update, operation for operation
-    ge = g + l2 * theta
+    if MULT:  # unscaling and clipping: g * (1 / grad_scale) * c, the product as fp32
+        g = g * mult
+    # adai_math.h::update, operation for operation (effective_grad: theta only with L2)
+    if HAS_L2:
+        ge = g + l2 * theta
+    else:
+        ge = g
     v = beta2 * v + one_minus_beta2 * ge * ge
     ratio = v * inv_bc2 * inv_vbar
     if ADAI_V1:
@@ -294,43 +399,69 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vb
 
 
 @triton.jit
-def update_kernel(meta, stats, n_stats, partials, T,
+def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
                   lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
                   exponent, mhat_scale,
-                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, P_ALIGNED: tl.constexpr,
-                  S_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v."""
+                  CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
+                  P_ALIGNED: tl.constexpr, S_ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr, HAS_LR: tl.constexpr, CLIP: tl.constexpr,
+                  SKIP_NONFINITE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v. When the
+    step is skipped, nothing is read or written."""
     pid = tl.program_id(0)
-    t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
-    ln_beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
-    count = tl.load(meta + 1).to(tl.float64, bitcast=True)
+    inv_vbar, clip, skip = _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF, CLIP,
+                                    SKIP_NONFINITE)
+    if not skip:
+        t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
+        ln_beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
+        # inv_bc2 per tensor: float64, then fp32 (adai_math.h)
+        inv_bc2 = (1.0 / _bc2(meta, T, t, U_STEP, ln_beta2, U_NC)).to(tl.float32)
+        if HAS_SCALE:
+            if CLIP:
+                mult = _inv_scale(gs_ptr) * clip
+            else:
+                mult = _inv_scale(gs_ptr)
+        else:
+            mult = clip
+        if HAS_LR:  # adai_math.h::make_consts with the device's lr
+            lr = tl.load(lr_ptr)
+            wd = tl.load(meta + 2).to(tl.float64, bitcast=True)  # 0 unless decoupled
+            lr_wd = (lr.to(tl.float64) * wd).to(tl.float32)
 
-    # inv_bc2 (per tensor) and inv_vbar (global): float64, then fp32 (adai_math.h)
-    inv_bc2 = (1.0 / _bc2(meta, T, t, U_STEP, ln_beta2, U_NC)).to(tl.float32)
-    s = tl.zeros([], dtype=tl.float64)
-    for j in range(0, n_stats):  # the stats vector, in index order
-        s += tl.load(stats + j)
-    pos = s > 0.0
-    inv_vbar = tl.where(pos, count / tl.where(pos, s, 1.0), 0.0).to(tl.float32)
+        numel = _col(meta, T, t, U_NUMEL, U_NC)
+        offs = _offsets(local, BLOCK, VEC)
+        p_ptr = _param_ptr(meta, T, t, U_P, U_NC, CODE, P_ALIGNED)
+        g_ptr = _param_ptr(meta, T, t, U_G, U_NC, CODE, P_ALIGNED)
+        m_ptr = _ptr(meta, T, t, U_M, U_NC, tl.float32, S_ALIGNED)
+        v_ptr = _ptr(meta, T, t, U_V, U_NC, tl.float32, S_ALIGNED)
+        b_ptr = _ptr(meta, T, t, U_B, U_NC, tl.float32, S_ALIGNED)
+        if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
+            part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
+                                 inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
+                                 beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
+                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, False)
+        else:
+            part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
+                                 inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
+                                 beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
+                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, True)
+        tl.store(partials + pid, part.to(tl.float64))
 
-    numel = _col(meta, T, t, U_NUMEL, U_NC)
-    offs = _offsets(local, BLOCK, VEC)
-    p_ptr = _param_ptr(meta, T, t, U_P, U_NC, CODE, P_ALIGNED)
-    g_ptr = _param_ptr(meta, T, t, U_G, U_NC, CODE, P_ALIGNED)
-    m_ptr = _ptr(meta, T, t, U_M, U_NC, tl.float32, S_ALIGNED)
-    v_ptr = _ptr(meta, T, t, U_V, U_NC, tl.float32, S_ALIGNED)
-    b_ptr = _ptr(meta, T, t, U_B, U_NC, tl.float32, S_ALIGNED)
-    if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
-        part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
-                             inv_bc2, inv_vbar, lr, beta0, beta2, one_minus_beta2,
-                             beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                             CODE, ADAI_V1, False)
+
+@triton.jit
+def update_finalize_kernel(meta, stats, n_rows, partials, T, fi_ptr,
+                           HAS_FOUND_INF: tl.constexpr, CLIP: tl.constexpr,
+                           SKIP_NONFINITE: tl.constexpr, FB: tl.constexpr):
+    """One program per tensor t: v_sums[t] = sum of its chunks' partials (float64, in order);
+    on a skipped step instead steps[t] -= 1 (the increment of `stats` taken back)."""
+    t = tl.program_id(0).to(tl.int64)
+    _, _, skip = _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF, CLIP, SKIP_NONFINITE)
+    if skip:
+        step_ptr = _col(meta, T, t, U_STEP, U_NC).to(tl.pointer_type(tl.float32))
+        tl.store(step_ptr, tl.load(step_ptr) - 1.0)
     else:
-        part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
-                             inv_bc2, inv_vbar, lr, beta0, beta2, one_minus_beta2,
-                             beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                             CODE, ADAI_V1, True)
-    tl.store(partials + pid, part.to(tl.float64))
+        total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
+        tl.store(_col(meta, T, t, U_VSUM, U_NC).to(tl.pointer_type(tl.float64)), total)
 
 
 @triton.jit

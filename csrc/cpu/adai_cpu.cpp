@@ -1,5 +1,5 @@
 // Fused CPU kernels for adai::stats, adai::update and adai::sum_v (semantics:
-// docs/design.md).
+// docs/design.md, "Native op schemas").
 //
 // This one source is compiled once per ISA into separate extension modules
 // (adai_kernels._cpu_default / _cpu_avx2 / _cpu_avx512, see setup.py); only one of them is
@@ -13,7 +13,18 @@
 // tensors in list order. Inside a chunk, sums run in Vectorized<float> lanes and are flushed
 // into a double every kFlush elements. Which elements go through the vector body and which
 // through the scalar tail depends only on the element's index inside its tensor, so results
-// are bitwise identical for any number of threads.
+// are bitwise identical for any number of threads. `update` has no scalar math: a tensor's
+// last partial block runs through the vector code on a zero-padded copy, so every element
+// gets the same arithmetic wherever it sits.
+//
+// pow: AdaiV2 (dampening < 1) needs two per element, and Vectorized<float>::pow (SLEEF's
+// powf) made its update ~5x slower than Adai's. The kernel computes pow(x, e) as
+// 2^(e log2 x) with inline polynomials instead (vec_pow.h; the default build: std::pow per
+// lane). Its relative error is at most (|e ln x| + 2) ulp instead of powf's 1 (the rounding
+// of the float exponent, amplified by 2^y): ~2-4 ulp for vhat / vbar near 1, ~15 ulp (1e-6)
+// at vhat / vbar = 1e-13; tests/test_cpu_kernel.py adds exactly this term to its bounds.
+// pow(0, e) = 0 for e > 0 and pow(x, 0) = 1, as powf. The CUDA kernels use powf, so CPU and
+// CUDA results of AdaiV2 differ in the last bits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -24,11 +35,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "adai_math.h"
+#include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -62,7 +75,8 @@ static_assert(sizeof(static_cast<__m256>(std::declval<fVec>())) == 32, "not __m2
 namespace adai {
 template <>
 struct Ops<fVec> {
-  static inline fVec pow(fVec x, fVec e) { return x.pow(e); }
+  // 2^(e log2 x), inline (vec_pow.h; see the top of this file for why and for its error)
+  static inline fVec pow(fVec x, fVec e) { return adai_vec::pow(x, e); }
   // Same semantics as the scalar Ops<float>::clamp: comparisons with NaN are false, so a NaN
   // passes through unchanged (at::vec::clamp's generic version would turn it into `lo`).
   static inline fVec clamp(fVec x, fVec lo, fVec hi) {
@@ -131,105 +145,165 @@ inline double hsum(const fVec& v) {
 
 // ---- per-chunk kernels ------------------------------------------------------------------------
 
-// The one summation order of every per-chunk sum (stats' G, update's and sum_v's v sums):
-// vector blocks of kBlock elements go into two float accumulators (first and second half of
-// the block), which are added into a double every kFlush elements, so no fp32 lane adds more
-// than kFlush / kBlock (= 32) terms; then the scalar tail, element by element, in double.
-// `vec(i, x0, x1)` produces block i's two vectors of terms, `tail(i)` element i's term.
-// update and sum_v both sum the stored new v through here, so their sums agree bitwise.
+// The one summation order of every per-chunk sum (stats' columns, update's and sum_v's v
+// sums): vector blocks of kBlock elements go into two float accumulators per sum (first and
+// second half of the block), which are added into a double every kFlush elements, so no fp32
+// lane adds more than kFlush / kBlock (= 32) terms; then the scalar tail, element by element,
+// in double. `vec(i, x0, x1)` produces block i's two vectors of terms of each of the K sums
+// (x0[k], x1[k]), `tail(i, t)` element i's K terms. update and sum_v both sum the stored new
+// v through here, so their sums agree bitwise.
 constexpr int64_t kFlush = 1024;
 static_assert(kFlush % kBlock == 0 && kChunk % kFlush == 0, "bad flush size");
 
-template <typename VecBody, typename TailBody>
-inline double blocked_sum(int64_t n, const VecBody& vec, const TailBody& tail) {
+template <int K, typename VecBody, typename TailBody>
+inline void blocked_sums(int64_t n, double* s, const VecBody& vec, const TailBody& tail) {
   const int64_t n_vec = n - n % kBlock;
-  double s = 0.0;
+  for (int k = 0; k < K; ++k) s[k] = 0.0;
   int64_t i = 0;
   while (i < n_vec) {
     const int64_t stop = std::min(n_vec, i + kFlush);
-    fVec acc0(0.0f), acc1(0.0f);
+    fVec acc0[K], acc1[K];
+    for (int k = 0; k < K; ++k) acc0[k] = acc1[k] = fVec(0.0f);
     for (; i < stop; i += kBlock) {
-      fVec x0, x1;
+      fVec x0[K], x1[K];
       vec(i, x0, x1);
-      acc0 = acc0 + x0;
-      acc1 = acc1 + x1;
+      for (int k = 0; k < K; ++k) {
+        acc0[k] = acc0[k] + x0[k];
+        acc1[k] = acc1[k] + x1[k];
+      }
     }
-    s += hsum(acc0 + acc1);
+    for (int k = 0; k < K; ++k) s[k] += hsum(acc0[k] + acc1[k]);
   }
-  for (; i < n; ++i) s += static_cast<double>(tail(i));
-  return s;
+  for (; i < n; ++i) {
+    float t[K];
+    tail(i, t);
+    for (int k = 0; k < K; ++k) s[k] += static_cast<double>(t[k]);
+  }
 }
 
-// sum_j (g_j + l2 * theta_j)^2 over n elements; theta is read only when kL2.
+// Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32):
+//   s[kSgg] = sum g^2; with kL2 also s[kSge] = sum (g + l2 theta)^2, s[kSgt] = sum g theta,
+//   s[kStt] = sum theta^2 (theta is read only when kL2).
+enum ChunkSum { kSgg = 0, kSge = 1, kSgt = 2, kStt = 3, kChunkSums = 4 };
+
 template <typename scalar_t, bool kL2>
-double grad_sq_chunk(const scalar_t* g, const scalar_t* p, int64_t n, const adai::Consts& c) {
-  return blocked_sum(
-      n,
-      [&](int64_t i, fVec& x0, fVec& x1) {
-        fVec g0, g1;
-        IO<scalar_t>::load(g + i, g0, g1);
-        if constexpr (kL2) {
-          fVec p0, p1;
+void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scale,
+                 const adai::Consts& c, double* s) {
+  const fVec scale(inv_scale);
+  if constexpr (kL2) {
+    blocked_sums<kChunkSums>(
+        n, s,
+        [&](int64_t i, fVec* x0, fVec* x1) {
+          fVec g0, g1, p0, p1;
+          IO<scalar_t>::load(g + i, g0, g1);
           IO<scalar_t>::load(p + i, p0, p1);
-          x0 = adai::grad_sq(g0, p0, c);
-          x1 = adai::grad_sq(g1, p1, c);
-        } else {
-          x0 = g0 * g0;
-          x1 = g1 * g1;
-        }
-      },
-      [&](int64_t i) {
-        const float gi = static_cast<float>(g[i]);
-        if constexpr (kL2) {
-          return adai::grad_sq(gi, static_cast<float>(p[i]), c);
-        } else {
-          return gi * gi;
-        }
-      });
+          g0 = g0 * scale;
+          g1 = g1 * scale;
+          x0[kSgg] = g0 * g0;
+          x1[kSgg] = g1 * g1;
+          x0[kSge] = adai::grad_sq(g0, p0, c);
+          x1[kSge] = adai::grad_sq(g1, p1, c);
+          x0[kSgt] = g0 * p0;
+          x1[kSgt] = g1 * p1;
+          x0[kStt] = p0 * p0;
+          x1[kStt] = p1 * p1;
+        },
+        [&](int64_t i, float* t) {
+          const float gi = static_cast<float>(g[i]) * inv_scale;
+          const float pi = static_cast<float>(p[i]);
+          t[kSgg] = gi * gi;
+          t[kSge] = adai::grad_sq(gi, pi, c);
+          t[kSgt] = gi * pi;
+          t[kStt] = pi * pi;
+        });
+  } else {
+    blocked_sums<1>(
+        n, s,
+        [&](int64_t i, fVec* x0, fVec* x1) {
+          fVec g0, g1;
+          IO<scalar_t>::load(g + i, g0, g1);
+          g0 = g0 * scale;
+          g1 = g1 * scale;
+          x0[0] = g0 * g0;
+          x1[0] = g1 * g1;
+        },
+        [&](int64_t i, float* t) {
+          const float gi = static_cast<float>(g[i]) * inv_scale;
+          t[0] = gi * gi;
+        });
+  }
 }
 
-// One fused pass over n elements; returns the sum of the new v.
+// One vector block of the update: kBlock elements at p, g, m, v, b; returns the new v.
+template <typename scalar_t>
+inline void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, float* b,
+                         const fVec& gmul, const fVec& inv_bc2, const fVec& inv_vbar,
+                         const adai::Consts& c, fVec& v0, fVec& v1) {
+  fVec p0, p1, g0, g1;
+  IO<scalar_t>::load(p, p0, p1);
+  IO<scalar_t>::load(g, g0, g1);
+  g0 = g0 * gmul;  // unscaling and clipping: one multiply, before the L2 term
+  g1 = g1 * gmul;
+  fVec m0 = fVec::loadu(m), m1 = fVec::loadu(m + kW);
+  v0 = fVec::loadu(v);
+  v1 = fVec::loadu(v + kW);
+  fVec b0 = fVec::loadu(b), b1 = fVec::loadu(b + kW);
+  adai::update(p0, g0, m0, v0, b0, inv_bc2, inv_vbar, c);
+  adai::update(p1, g1, m1, v1, b1, inv_bc2, inv_vbar, c);
+  IO<scalar_t>::store(p, p0, p1);
+  m0.store(m);
+  m1.store(m + kW);
+  v0.store(v);
+  v1.store(v + kW);
+  b0.store(b);
+  b1.store(b + kW);
+}
+
+// One fused pass over n elements; returns the sum of the new v. The last n % kBlock elements
+// go through update_block on zero-padded copies (the padding lanes are computed and dropped).
 template <typename scalar_t>
 double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b, int64_t n,
-                    float inv_bc2, float inv_vbar, const adai::Consts& c) {
-  const fVec inv_bc2_v(inv_bc2), inv_vbar_v(inv_vbar);
-  return blocked_sum(
-      n,
-      [&](int64_t i, fVec& x0, fVec& x1) {
-        fVec p0, p1, g0, g1;
-        IO<scalar_t>::load(p + i, p0, p1);
-        IO<scalar_t>::load(g + i, g0, g1);
-        fVec m0 = fVec::loadu(m + i), m1 = fVec::loadu(m + i + kW);
-        fVec v0 = fVec::loadu(v + i), v1 = fVec::loadu(v + i + kW);
-        fVec b0 = fVec::loadu(b + i), b1 = fVec::loadu(b + i + kW);
-        x0 = adai::update(p0, g0, m0, v0, b0, inv_bc2_v, inv_vbar_v, c);
-        x1 = adai::update(p1, g1, m1, v1, b1, inv_bc2_v, inv_vbar_v, c);
-        IO<scalar_t>::store(p + i, p0, p1);
-        m0.store(m + i);
-        m1.store(m + i + kW);
-        v0.store(v + i);
-        v1.store(v + i + kW);
-        b0.store(b + i);
-        b1.store(b + i + kW);
+                    float gmul, float inv_bc2, float inv_vbar, const adai::Consts& c) {
+  const fVec gmul_v(gmul), inv_bc2_v(inv_bc2), inv_vbar_v(inv_vbar);
+  const int64_t n_vec = n - n % kBlock;
+  if (n_vec < n) {
+    const int64_t r = n - n_vec;
+    scalar_t pb[kBlock] = {}, gb[kBlock] = {};
+    __at_align__ float mb[kBlock] = {}, vb[kBlock] = {}, bb[kBlock] = {};
+    std::copy(p + n_vec, p + n, pb);
+    std::copy(g + n_vec, g + n, gb);
+    std::copy(m + n_vec, m + n, mb);
+    std::copy(v + n_vec, v + n, vb);
+    std::copy(b + n_vec, b + n, bb);
+    fVec v0, v1;
+    update_block(pb, gb, mb, vb, bb, gmul_v, inv_bc2_v, inv_vbar_v, c, v0, v1);
+    std::copy(pb, pb + r, p + n_vec);
+    std::copy(mb, mb + r, m + n_vec);
+    std::copy(vb, vb + r, v + n_vec);
+    std::copy(bb, bb + r, b + n_vec);
+  }
+  double s;
+  blocked_sums<1>(
+      n, &s,
+      [&](int64_t i, fVec* x0, fVec* x1) {
+        update_block(p + i, g + i, m + i, v + i, b + i, gmul_v, inv_bc2_v, inv_vbar_v, c,
+                     x0[0], x1[0]);
       },
-      [&](int64_t i) {
-        float th = static_cast<float>(p[i]);
-        const float vn = adai::update(th, static_cast<float>(g[i]), m[i], v[i], b[i], inv_bc2,
-                                      inv_vbar, c);
-        p[i] = static_cast<scalar_t>(th);  // c10::BFloat16 / c10::Half round to nearest even
-        return vn;
-      });
+      [&](int64_t i, float* t) { t[0] = v[i]; });  // updated above
+  return s;
 }
 
 // The sum of v over n elements, exactly as update_chunk sums the v it stores.
 double sum_v_chunk(const float* v, int64_t n) {
-  return blocked_sum(
-      n,
-      [&](int64_t i, fVec& x0, fVec& x1) {
-        x0 = fVec::loadu(v + i);
-        x1 = fVec::loadu(v + i + kW);
+  double s;
+  blocked_sums<1>(
+      n, &s,
+      [&](int64_t i, fVec* x0, fVec* x1) {
+        x0[0] = fVec::loadu(v + i);
+        x1[0] = fVec::loadu(v + i + kW);
       },
-      [&](int64_t i) { return v[i]; });
+      [&](int64_t i, float* t) { t[0] = v[i]; });
+  return s;
 }
 
 // ---- chunk list ---------------------------------------------------------------------------
@@ -241,28 +315,34 @@ struct Chunk {
 };
 
 // Chunks of every tensor, tensor by tensor, in memory order; first[i] is tensor i's first.
-std::vector<Chunk> make_chunks(at::TensorList ts, std::vector<int64_t>& first) {
+std::vector<Chunk> make_chunks(const std::vector<int64_t>& numel, std::vector<int64_t>& first) {
   std::vector<Chunk> chunks;
-  first.assign(ts.size() + 1, 0);
-  for (size_t i = 0; i < ts.size(); ++i) {
+  const size_t n = numel.size();
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += (numel[i] + kChunk - 1) / kChunk;
+  chunks.reserve(static_cast<size_t>(total));
+  first.assign(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
     first[i] = static_cast<int64_t>(chunks.size());
-    const int64_t n = ts[i].numel();
-    for (int64_t s = 0; s < n; s += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), s, std::min(kChunk, n - s)});
+    for (int64_t s = 0; s < numel[i]; s += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numel[i] - s)});
     }
   }
-  first[ts.size()] = static_cast<int64_t>(chunks.size());
+  first[n] = static_cast<int64_t>(chunks.size());
   return chunks;
 }
 
-// Per-tensor sums: each tensor's chunk slots added in chunk order.
+// Per-tensor sums of K interleaved sums: out[i * K + k] = tensor i's chunk slots
+// partial[j * K + k] added in chunk order.
 std::vector<double> tensor_sums(const std::vector<double>& partial,
-                                const std::vector<int64_t>& first, size_t n) {
-  std::vector<double> sums(n, 0.0);
+                                const std::vector<int64_t>& first, size_t n, int K) {
+  std::vector<double> sums(n * K, 0.0);
   for (size_t i = 0; i < n; ++i) {
-    double s = 0.0;
-    for (int64_t k = first[i]; k < first[i + 1]; ++k) s += partial[k];
-    sums[i] = s;
+    for (int k = 0; k < K; ++k) {
+      double s = 0.0;
+      for (int64_t j = first[i]; j < first[i + 1]; ++j) s += partial[j * K + k];
+      sums[i * K + k] = s;
+    }
   }
   return sums;
 }
@@ -284,6 +364,10 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   }
   const int64_t n_tasks = static_cast<int64_t>(task_begin.size());
   task_begin.push_back(static_cast<int64_t>(chunks.size()));
+  if (n_tasks == 1) {  // nothing to share: skip the parallel region
+    for (size_t k = 0; k < chunks.size(); ++k) f(static_cast<int64_t>(k), chunks[k]);
+    return;
+  }
   at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = task_begin[b]; k < task_begin[e]; ++k) f(k, chunks[k]);
   });
@@ -298,9 +382,11 @@ bool is_param_dtype(at::ScalarType t) {
 // Same element -> memory mapping (and so the same memory order): same sizes, and the same
 // strides in every dimension of size > 1 (strides of size-1 dimensions are irrelevant).
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  const auto as = a.sizes(), bs = b.sizes();
+  if (as != bs) return false;
+  const auto at_ = a.strides(), bt = b.strides();
+  for (size_t d = 0; d < as.size(); ++d) {
+    if (as[d] > 1 && at_[d] != bt[d]) return false;
   }
   return true;
 }
@@ -349,6 +435,24 @@ void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& 
               t.scalar_type(), "; expected ", dtype);
 }
 
+// An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor): its value.
+float optional_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                      float absent) {
+  if (!t.has_value() || !t->defined()) return absent;
+  TORCH_CHECK(t->device().is_cpu(), op, ": `", name, "` is on ", t->device(),
+              ", expected a CPU tensor");
+  TORCH_CHECK(t->dim() == 0 && t->scalar_type() == at::kFloat, op, ": `", name,
+              "` must be a 0-dim float32 tensor, got ", t->scalar_type(), " of sizes ",
+              t->sizes());
+  return *t->const_data_ptr<float>();
+}
+
+// 1 / grad_scale, computed in double and rounded to float (as GradScaler.unscale_).
+float inv_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
+  const float scale = optional_scalar(op, "grad_scale", grad_scale, 1.0f);
+  return static_cast<float>(1.0 / static_cast<double>(scale));
+}
+
 // Calls f(tag) with a value of the parameter's C++ type (float, c10::BFloat16, c10::Half).
 template <typename F>
 void dispatch_param(at::ScalarType t, const F& f) {
@@ -367,63 +471,116 @@ void dispatch_param(at::ScalarType t, const F& f) {
   }
 }
 
+// Raw pointers of one tensor list, taken once per call (the chunk loops then touch no
+// at::Tensor). Dtypes are checked by the caller; read-only lists use const_data_ptr, so that
+// they are never materialised (copy-on-write tensors).
+template <typename T>
+std::vector<T*> data_ptrs(at::TensorList ts) {
+  std::vector<T*> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if constexpr (std::is_const_v<T>) {
+      out[i] = static_cast<T*>(ts[i].const_data_ptr());
+    } else {
+      out[i] = static_cast<T*>(ts[i].mutable_data_ptr());
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> numels(at::TensorList ts) {
+  std::vector<int64_t> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].numel();
+  return out;
+}
+
 // ---- the ops ------------------------------------------------------------------------------
 
 void stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList steps,
-               at::TensorList v_sums, double beta2, double l2, const at::Tensor& out) {
+               at::TensorList v_sums, const std::optional<at::Tensor>& grad_scale,
+               double beta2, double l2, const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
   check_len(op, "grads", grads.size(), n);
   check_len(op, "steps", steps.size(), n);
   check_len(op, "v_sums", v_sums.size(), n);
-  check_cpu(op, "out", 0, out);
-  TORCH_CHECK(out.dim() == 0 && out.scalar_type() == at::kDouble, op,
-              ": `out` must be a 0-dim float64 tensor, got ", out.scalar_type(), " of sizes ",
-              out.sizes());
+  TORCH_CHECK(out.device().is_cpu(), op, ": `out` is on ", out.device(),
+              ", expected a CPU tensor");
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == adai::kStatsColumns &&
+                  out.scalar_type() == at::kDouble,
+              op, ": `out` must be a 1-D float64 tensor of ", int(adai::kStatsColumns),
+              " elements, got ", out.scalar_type(), " of sizes ", out.sizes());
   for (size_t i = 0; i < n; ++i) {
     check_tensor(op, i, params[i], grads[i]);
     check_scalar(op, "steps", i, steps[i], at::kFloat);
     check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
   }
-
+  const float inv_scale = inv_grad_scale(op, grad_scale);
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
-  const bool use_l2 = l2 != 0.0;
+  // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
+  // adai::effective_grad adds the term), and the row's expanded columns use the same value.
+  const bool use_l2 = c.l2 != 0.0f;
+  const double l2d = static_cast<double>(c.l2);
+  const int K = use_l2 ? kChunkSums : 1;
 
+  const std::vector<const void*> gp = data_ptrs<const void>(grads);
+  const std::vector<const void*> pp = data_ptrs<const void>(params);
+  const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(params, first);
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-    const at::Tensor& g = grads[ch.tensor];
-    const at::Tensor& p = params[ch.tensor];
-    dispatch_param(g.scalar_type(), [&](auto tag) {
-      using scalar_t = decltype(tag);
-      const scalar_t* gp = g.const_data_ptr<scalar_t>() + ch.begin;
-      if (use_l2) {
-        const scalar_t* pp = p.const_data_ptr<scalar_t>() + ch.begin;
-        partial[k] = grad_sq_chunk<scalar_t, true>(gp, pp, ch.len, c);
-      } else {
-        partial[k] = grad_sq_chunk<scalar_t, false>(gp, nullptr, ch.len, c);
-      }
+  const std::vector<Chunk> chunks = make_chunks(numel, first);
+  std::vector<double> partial(chunks.size() * K, 0.0);
+  if (!chunks.empty()) {
+    // one dtype per call in practice (a bucket), but any mix is handled
+    for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
+      const int64_t i = ch.tensor;
+      double* s = partial.data() + k * K;
+      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        const scalar_t* g = static_cast<const scalar_t*>(gp[i]) + ch.begin;
+        if (use_l2) {
+          const scalar_t* p = static_cast<const scalar_t*>(pp[i]) + ch.begin;
+          stats_chunk<scalar_t, true>(g, p, ch.len, inv_scale, c, s);
+        } else {
+          stats_chunk<scalar_t, false>(g, nullptr, ch.len, inv_scale, c, s);
+        }
+      });
     });
-  });
-  const std::vector<double> G = tensor_sums(partial, first, n);
+  }
+  const std::vector<double> sums = tensor_sums(partial, first, n, K);
 
-  double total = 0.0;
+  double row[adai::kStatsColumns] = {};
   for (size_t i = 0; i < n; ++i) {
     float* k = steps[i].mutable_data_ptr<float>();
     *k += 1.0f;
+    const double bc2 = adai::bias_correction2(beta2, static_cast<double>(*k));
+    const double w = (1.0 - beta2) / bc2;
     const double V = *v_sums[i].const_data_ptr<double>();
-    total += (beta2 * V + (1.0 - beta2) * G[i]) /
-             adai::bias_correction2(beta2, static_cast<double>(*k));
+    const double gg = sums[i * K + kSgg];
+    row[adai::kA] += beta2 * V / bc2;
+    if (use_l2) {
+      row[adai::kB] += w * sums[i * K + kSge];
+      row[adai::kBgg] += w * gg;
+      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSgt]);
+      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kStt]);
+    } else {
+      row[adai::kB] += w * gg;
+      row[adai::kBgg] += w * gg;
+    }
+    row[adai::kGn] += gg;
+    row[adai::kN] += static_cast<double>(numel[i]);
   }
-  *out.mutable_data_ptr<double>() = total;
+  double* o = out.mutable_data_ptr<double>();
+  const int64_t os = out.stride(0);
+  for (int j = 0; j < adai::kStatsColumns; ++j) o[j * os] = row[j];
 }
 
 void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
                 at::TensorList exp_avg_sq, at::TensorList beta1_prod, at::TensorList v_sums,
-                at::TensorList steps, const at::Tensor& stats, double numel, double lr,
-                double beta0, double beta2, double eps, double weight_decay, bool decoupled,
-                double dampening) {
+                at::TensorList steps, const at::Tensor& stats,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+                double beta2, double eps, double weight_decay, bool decoupled,
+                double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
   check_len(op, "grads", grads.size(), n);
@@ -432,10 +589,12 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_len(op, "beta1_prod", beta1_prod.size(), n);
   check_len(op, "v_sums", v_sums.size(), n);
   check_len(op, "steps", steps.size(), n);
-  check_cpu(op, "stats", 0, stats);
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() <= 1, op,
-              ": `stats` must be a 1-D float64 tensor, got ", stats.scalar_type(),
-              " of sizes ", stats.sizes());
+  TORCH_CHECK(stats.device().is_cpu(), op, ": `stats` is on ", stats.device(),
+              ", expected a CPU tensor");
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
+                  stats.size(1) == adai::kStatsColumns,
+              op, ": `stats` must be a 2-D float64 tensor with ", int(adai::kStatsColumns),
+              " columns, got ", stats.scalar_type(), " of sizes ", stats.sizes());
   for (size_t i = 0; i < n; ++i) {
     check_tensor(op, i, params[i], grads[i]);
     check_state(op, "exp_avg", i, exp_avg[i], params[i]);
@@ -444,18 +603,30 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
     check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
     check_scalar(op, "steps", i, steps[i], at::kFloat);
   }
+  const float inv_scale = inv_grad_scale(op, grad_scale);
+  const bool inf_found = optional_scalar(op, "found_inf", found_inf, 0.0f) != 0.0f;
+  const bool has_lr_tensor = lr_tensor.has_value() && lr_tensor->defined();
+  const double lr_value =
+      has_lr_tensor ? static_cast<double>(optional_scalar(op, "lr_tensor", lr_tensor, 0.0f))
+                    : lr;
 
-  // Global statistic: the slots of `stats` added in index order.
-  double S = 0.0;
+  // The global statistics: the rows of `stats` added in row order.
+  double totals[adai::kStatsColumns] = {};
   {
     const double* sp = stats.const_data_ptr<double>();
-    const int64_t len = stats.numel();
-    const int64_t st = stats.dim() == 1 ? stats.stride(0) : 1;
-    for (int64_t j = 0; j < len; ++j) S += sp[j * st];
+    const int64_t rs = stats.stride(0), cs = stats.stride(1);
+    for (int64_t r = 0; r < stats.size(0); ++r) {
+      for (int j = 0; j < adai::kStatsColumns; ++j) totals[j] += sp[r * rs + j * cs];
+    }
   }
-  const float inv_vbar = static_cast<float>(adai::inv_mean(S, numel));
+  const adai::Globals gl = adai::globals(totals, max_grad_norm, skip_nonfinite, inf_found);
+  if (gl.skip) {  // take back the increments of `stats`; nothing else is written
+    for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() -= 1.0f;
+    return;
+  }
+  const float gmul = inv_scale * gl.clip;
   const adai::Consts c =
-      adai::make_consts(lr, beta0, beta2, eps, weight_decay, decoupled, dampening);
+      adai::make_consts(lr_value, beta0, beta2, eps, weight_decay, decoupled, dampening);
 
   std::vector<float> inv_bc2(n);
   for (size_t i = 0; i < n; ++i) {
@@ -463,22 +634,28 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
     inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
   }
 
+  const std::vector<void*> pp = data_ptrs<void>(params);
+  const std::vector<const void*> gp = data_ptrs<const void>(grads);
+  const std::vector<float*> mp = data_ptrs<float>(exp_avg);
+  const std::vector<float*> vp = data_ptrs<float>(exp_avg_sq);
+  const std::vector<float*> bp = data_ptrs<float>(beta1_prod);
+  const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(params, first);
+  const std::vector<Chunk> chunks = make_chunks(numel, first);
   std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-    const int64_t i = ch.tensor;
-    const at::Tensor& p = params[i];
-    dispatch_param(p.scalar_type(), [&](auto tag) {
-      using scalar_t = decltype(tag);
+  if (!chunks.empty()) {
+    for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
+      const int64_t i = ch.tensor;
       const int64_t o = ch.begin;
-      partial[k] = update_chunk<scalar_t>(
-          p.mutable_data_ptr<scalar_t>() + o, grads[i].const_data_ptr<scalar_t>() + o,
-          exp_avg[i].mutable_data_ptr<float>() + o, exp_avg_sq[i].mutable_data_ptr<float>() + o,
-          beta1_prod[i].mutable_data_ptr<float>() + o, ch.len, inv_bc2[i], inv_vbar, c);
+      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        partial[k] = update_chunk<scalar_t>(
+            static_cast<scalar_t*>(pp[i]) + o, static_cast<const scalar_t*>(gp[i]) + o,
+            mp[i] + o, vp[i] + o, bp[i] + o, ch.len, gmul, inv_bc2[i], gl.inv_vbar, c);
+      });
     });
-  });
-  const std::vector<double> V = tensor_sums(partial, first, n);
+  }
+  const std::vector<double> V = tensor_sums(partial, first, n, 1);
   for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
 }
 
@@ -496,13 +673,16 @@ void sum_v_cpu(at::TensorList exp_avg_sq, at::TensorList v_sums) {
                 "] must be non-overlapping and dense");
     check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
   }
+  const std::vector<const float*> vp = data_ptrs<const float>(exp_avg_sq);
   std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(exp_avg_sq, first);
+  const std::vector<Chunk> chunks = make_chunks(numels(exp_avg_sq), first);
   std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-    partial[k] = sum_v_chunk(exp_avg_sq[ch.tensor].const_data_ptr<float>() + ch.begin, ch.len);
-  });
-  const std::vector<double> V = tensor_sums(partial, first, n);
+  if (!chunks.empty()) {
+    for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
+      partial[k] = sum_v_chunk(vp[ch.tensor] + ch.begin, ch.len);
+    });
+  }
+  const std::vector<double> V = tensor_sums(partial, first, n, 1);
   for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
 }
 

@@ -1,6 +1,8 @@
 // What one thread of a block does with one chunk: the element loops of both kernels, as
-// __host__ __device__ templates over the parameter type T (float, c10::Half, c10::BFloat16).
-// The math is adai_math.h's; this file only decides which thread touches which element.
+// __host__ __device__ templates over the parameter type T (float, c10::Half, c10::BFloat16),
+// and the small per-tensor / per-launch arithmetic around them (a tensor's share of the
+// statistics row, the update's global inputs). The math is adai_math.h's; this file decides
+// which thread touches which element and what is summed where.
 //
 // A chunk is processed by `nthreads` threads; thread `tid` takes a fixed set of its elements
 // that depends only on (tid, nthreads, len): see kGroup below. Because no element is shared
@@ -110,14 +112,40 @@ ADAI_HD void store_group(U* dst, const U* src) {
   for (int k = 0; k < kGroup; k += kPer) store16(dst + k, src + k);
 }
 
-// Phase 1: this thread's share of sum_j (g_j + l2 * theta_j)^2 over one chunk of `len`
-// elements, in the canonical order. theta (p) is read only when kL2. Two groups (16
+// float(1 / double(scale)), as GradScaler.unscale_ computes it; 1 without a scale.
+ADAI_HD float inv_grad_scale(const float* grad_scale) {
+  return grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*grad_scale))
+                               : 1.0f;
+}
+
+// ---- phase 1 (adai::stats) -------------------------------------------------------------
+
+// One thread's per-element sums over its share of a chunk (float, canonical order), with g
+// the unscaled gradient: gg = sum g^2 always; with L2 decay also b = sum (g + l2 theta)^2
+// (adai::grad_sq), gt = sum g theta and tt = sum theta^2 (0 without L2).
+struct StatsSums {
+  float gg, b, gt, tt;
+};
+constexpr int kStatsSums = 4;  // partial columns of stats: gg, b, gt, tt (in this order)
+
+template <bool kL2>
+ADAI_HD void stats_element(float g, float theta, const Consts& c, StatsSums& s) {
+  s.gg += g * g;
+  if constexpr (kL2) {
+    s.b += adai::grad_sq(g, theta, c);
+    s.gt += g * theta;
+    s.tt += theta * theta;
+  }
+}
+
+// Phase 1: this thread's StatsSums over one chunk of `len` elements, in the canonical order,
+// with g = float(grad) * inv_scale. theta (p) is read only when kL2. Two groups (16
 // elements) in flight per thread.
 template <typename T, bool kL2>
-ADAI_HD float stats_thread(int tid, int nthreads, const T* g, const T* p, int64_t len,
-                           bool aligned, const Consts& c) {
+ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, int64_t len,
+                               bool aligned, float inv_scale, const Consts& c) {
   constexpr int kIlp = 2;
-  float acc = 0.0f;
+  StatsSums acc = {0.0f, 0.0f, 0.0f, 0.0f};
   const int64_t ngroups = (len + kGroup - 1) / kGroup;
   const int64_t nvector = aligned ? len / kGroup : 0;
   for (int64_t base = tid; base < ngroups; base += static_cast<int64_t>(kIlp) * nthreads) {
@@ -147,7 +175,7 @@ ADAI_HD float stats_thread(int tid, int nthreads, const T* g, const T* p, int64_
         if (k < len - e0) {
           float th = 0.0f;
           if constexpr (kL2) th = static_cast<float>(rp[j][k]);
-          acc += adai::grad_sq(static_cast<float>(rg[j][k]), th, c);
+          stats_element<kL2>(static_cast<float>(rg[j][k]) * inv_scale, th, c, acc);
         }
       }
     }
@@ -155,13 +183,89 @@ ADAI_HD float stats_thread(int tid, int nthreads, const T* g, const T* p, int64_
   return acc;
 }
 
+// One tensor's share of the statistics row (columns kA .. kGn of adai_math.h's StatsColumn;
+// kN is the caller's), from its previous v sum, its incremented step k and the float64 sums
+// s of its StatsSums (gg, b, gt, tt; b, gt, tt unused without L2, where B = Bgg and
+// Bgt = Btt = 0). l2 is the float Consts::l2 the elements used.
+ADAI_HD void stats_tensor_row(double beta2, float l2, double v_sum, float k, const double* s,
+                              double* row) {
+  const double bc2 = bias_correction2(beta2, static_cast<double>(k));
+  const double w = (1.0 - beta2) / bc2;
+  const double gg = s[0];
+  row[kA] = beta2 * v_sum / bc2;
+  row[kBgg] = w * gg;
+  if (l2 != 0.0f) {
+    const double l2d = static_cast<double>(l2);
+    row[kB] = w * s[1];
+    row[kBgt] = w * (s[2] * (2.0 * l2d));
+    row[kBtt] = w * (s[3] * (l2d * l2d));
+  } else {
+    row[kB] = row[kBgg];
+    row[kBgt] = 0.0;
+    row[kBtt] = 0.0;
+  }
+  row[kGn] = gg;
+}
+
+// ---- phase 2 (adai::update) ------------------------------------------------------------
+
+// What adai::update gets besides the tensors (device pointers; optional ones may be null).
+struct UpdateInputs {
+  const double* stats;  // rows x kStatsColumns float64
+  int64_t rows, row_stride, col_stride;
+  const float* grad_scale;  // optional: gradients are multiplied by 1 / *grad_scale
+  const float* found_inf;   // optional: nonzero skips the step
+  const float* lr_tensor;   // optional: replaces c.lr (and c.lr_wd = lr * decoupled_wd)
+  Consts c;
+  double decoupled_wd;  // weight_decay when decoupled, else 0
+  double max_grad_norm;  // <= 0: no clipping
+  bool skip_nonfinite;
+};
+
+// What every block of one update launch derives from UpdateInputs, identically.
+struct UpdateArgs {
+  Consts c;        // with the learning rate of this step
+  float grad_mul;  // float(1 / double(grad_scale)) * clip
+  float inv_vbar;
+  bool skip;       // the step is skipped: nothing but the step counters is written
+};
+
+// The rows summed column by column in row order, then adai::globals.
+ADAI_HD UpdateArgs update_args(const UpdateInputs& in) {
+  double totals[kStatsColumns];
+  for (int k = 0; k < kStatsColumns; ++k) totals[k] = 0.0;
+  for (int64_t r = 0; r < in.rows; ++r) {
+    for (int k = 0; k < kStatsColumns; ++k) {
+      totals[k] += in.stats[r * in.row_stride + k * in.col_stride];
+    }
+  }
+  const bool found_inf = in.found_inf != nullptr && *in.found_inf != 0.0f;
+  const Globals gl = adai::globals(totals, in.max_grad_norm, in.skip_nonfinite, found_inf);
+  UpdateArgs a;
+  a.c = in.c;
+  if (in.lr_tensor != nullptr) {
+    const float lr = *in.lr_tensor;
+    a.c.lr = lr;
+    a.c.lr_wd = static_cast<float>(static_cast<double>(lr) * in.decoupled_wd);
+  }
+  a.grad_mul = inv_grad_scale(in.grad_scale) * gl.clip;
+  a.inv_vbar = gl.inv_vbar;
+  a.skip = gl.skip;
+  return a;
+}
+
 // Phase 2: updates this thread's elements of one chunk in place (theta, m, v, b; g is read)
-// and returns the sum of their new v, in the canonical order.
+// with g = float(grad) * a.grad_mul, and returns the sum of their new v, in the canonical
+// order. Writes nothing (and returns 0) when a.skip.
 template <typename T>
 ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, float* v,
                             float* b, int64_t len, bool aligned, float inv_bc2,
-                            float inv_vbar, const Consts& c) {
+                            const UpdateArgs& a) {
   float vacc = 0.0f;
+  if (a.skip) return vacc;
+  const Consts& c = a.c;
+  const float inv_vbar = a.inv_vbar;
+  const float mul = a.grad_mul;
   const int64_t ngroups = (len + kGroup - 1) / kGroup;
   const int64_t nvector = aligned ? len / kGroup : 0;  // groups moved as vectors
   for (int64_t q = tid; q < ngroups; q += nthreads) {
@@ -177,7 +281,7 @@ ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, f
       ADAI_UNROLL
       for (int k = 0; k < kGroup; ++k) {
         rp[k] = static_cast<float>(tp[k]);
-        rg[k] = static_cast<float>(tg[k]);
+        rg[k] = static_cast<float>(tg[k]) * mul;
       }
       ADAI_UNROLL
       for (int k = 0; k < kGroup; ++k) {
@@ -195,7 +299,7 @@ ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, f
         rp[k] = rg[k] = rm[k] = rv[k] = rb[k] = 0.0f;
         if (k < n) {
           rp[k] = static_cast<float>(load1(p + e0 + k));
-          rg[k] = static_cast<float>(load1(g + e0 + k));
+          rg[k] = static_cast<float>(load1(g + e0 + k)) * mul;
           rm[k] = load1(m + e0 + k);
           rv[k] = load1(v + e0 + k);
           rb[k] = load1(b + e0 + k);

@@ -13,8 +13,10 @@
 //   [prefix_off, ...)    int64 prefix[n + 1]: prefix[0] = 0, prefix[i + 1] = prefix[i] + chunks_i
 //   [meta_off, ...)      TensorMeta[n]
 //   ---- host_bytes: everything above is uploaded; everything below is device scratch ----
-//   [partial_off, ...)   double[total_chunks]: one partial sum per block
-//   [tensor_off, ...)    double[n]: per tensor results of the final reduction
+//   [partial_off, ...)   double[partial_cols][total_chunks]: a block's partial sums (one per
+//                        column; column k of chunk c at partials[k * total_chunks + c])
+//   [tensor_off, ...)    double[tensor_cols][n]: per tensor results of the final reduction
+//                        (column k of tensor i at tensor_sums[k * n + i])
 #pragma once
 
 #include <cstddef>
@@ -96,14 +98,19 @@ struct TableLayout {
   size_t prefix_off, meta_off, host_bytes, partial_off, tensor_off, total_bytes;
 };
 
-inline TableLayout table_layout(int64_t n, int64_t total_chunks) {
+// partial_cols / tensor_cols: doubles per chunk / per tensor in the scratch part (stats: 4
+// with L2 decay, else 1, and 6; update and sum_v: the defaults).
+inline TableLayout table_layout(int64_t n, int64_t total_chunks, int partial_cols = 1,
+                                int tensor_cols = 1) {
   TableLayout t;
   t.prefix_off = 16;
   t.meta_off = align16(t.prefix_off + sizeof(int64_t) * static_cast<size_t>(n + 1));
   t.host_bytes = align16(t.meta_off + sizeof(TensorMeta) * static_cast<size_t>(n));
   t.partial_off = t.host_bytes;
-  t.tensor_off = align16(t.partial_off + sizeof(double) * static_cast<size_t>(total_chunks));
-  t.total_bytes = align16(t.tensor_off + sizeof(double) * static_cast<size_t>(n));
+  t.tensor_off = align16(t.partial_off + sizeof(double) * static_cast<size_t>(partial_cols) *
+                                             static_cast<size_t>(total_chunks));
+  t.total_bytes = align16(t.tensor_off + sizeof(double) * static_cast<size_t>(tensor_cols) *
+                                             static_cast<size_t>(n));
   return t;
 }
 
@@ -112,8 +119,8 @@ struct LaunchTable {
   const int64_t* prefix;
   const TensorMeta* metas;
   unsigned int* counter;
-  double* partials;
-  double* tensor_sums;
+  double* partials;     // column k of chunk c: partials[k * total_chunks + c]
+  double* tensor_sums;  // column k of tensor i: tensor_sums[k * n + i]
   int64_t n;
   int64_t total_chunks;
 };

@@ -16,9 +16,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "../adai_math.h"
+#include "elementwise.h"
 #include "kernels.h"
 #include "multi_tensor.h"
 
@@ -88,7 +90,8 @@ void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& 
 // fresh device buffer (returned in `buffer`, which must outlive the launch call) on the
 // current stream. The counter of finished blocks is uploaded as 0.
 LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
-                         const at::Device& device, at::Tensor& buffer) {
+                         const at::Device& device, at::Tensor& buffer, int partial_cols = 1,
+                         int tensor_cols = 1) {
   const int64_t n = static_cast<int64_t>(metas.size());
   std::vector<int64_t> numels(metas.size());
   for (size_t i = 0; i < metas.size(); ++i) numels[i] = metas[i].numel;
@@ -96,7 +99,7 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
   const int64_t total = build_chunk_prefix(numels.data(), n, kChunk, prefix.data());
   TORCH_CHECK(total <= kMaxChunks, op, ": too many elements in one call (", total,
               " chunks of ", kChunk, ")");
-  const TableLayout layout = table_layout(n, total);
+  const TableLayout layout = table_layout(n, total, partial_cols, tensor_cols);
 
   at::Tensor host = at::empty({static_cast<int64_t>(layout.host_bytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -121,8 +124,22 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
   return t;
 }
 
+// An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor) on `device`:
+// its device pointer, or null when absent.
+const float* optional_scalar(const char* op, const char* name,
+                             const std::optional<at::Tensor>& t, const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but the op runs on ", device, "; all tensors must be on one CUDA device");
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", name,
+              " must be a 0-dim float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
+              " elements");
+  return t->const_data_ptr<float>();
+}
+
 void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList steps,
-                at::TensorList v_sums, double beta2, double l2, const at::Tensor& out) {
+                at::TensorList v_sums, const std::optional<at::Tensor>& grad_scale,
+                double beta2, double l2, const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
   check_len(op, "grads", grads.size(), n);
@@ -130,14 +147,19 @@ void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList step
   check_len(op, "v_sums", v_sums.size(), n);
   TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
   const at::Device device = out.device();
-  TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == 1, op,
-              ": out must be a 0-dim float64 tensor, got ", out.scalar_type(), " with ",
-              out.numel(), " elements");
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 &&
+                  out.size(0) == kStatsColumns,
+              op, ": out must be a 1-D float64 tensor of ", static_cast<int>(kStatsColumns),
+              " elements (one statistics row), got ", out.scalar_type(), " with shape ",
+              out.sizes());
   const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
   check_param_dtype(op, dtype);
-  const bool use_l2 = l2 != 0.0;
+  const float* scale = optional_scalar(op, "grad_scale", grad_scale, device);
+  // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
+  const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
   std::vector<TensorMeta> metas(n);
+  double numel = 0.0;
   for (size_t i = 0; i < n; ++i) {
     check_param(op, i, params[i], dtype, device);
     check_like(op, "grads", i, grads[i], params[i], dtype, device);
@@ -151,21 +173,27 @@ void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList step
     m.v_sum = const_cast<double*>(v_sums[i].const_data_ptr<double>());
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
+    numel += static_cast<double>(m.numel);
   }
 
   c10::cuda::CUDAGuard guard(device);
   at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, buffer);
+  const LaunchTable t = upload_table(op, metas, device, buffer, use_l2 ? kStatsSums : 1,
+                                     kStatsColumns - 1);
   launch_stats(t, dtype, use_l2,
                adai::make_consts(0.0, 0.0, beta2, 0.0, l2, /*decoupled=*/false, 1.0), beta2,
-               out.mutable_data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
+               scale, numel, out.mutable_data_ptr<double>(), out.stride(0),
+               c10::cuda::getCurrentCUDAStream().stream());
 }
 
 void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
                  at::TensorList exp_avg_sq, at::TensorList beta1_prod, at::TensorList v_sums,
-                 at::TensorList steps, const at::Tensor& stats, double numel, double lr,
-                 double beta0, double beta2, double eps, double weight_decay, bool decoupled,
-                 double dampening) {
+                 at::TensorList steps, const at::Tensor& stats,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf,
+                 const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+                 double beta2, double eps, double weight_decay, bool decoupled,
+                 double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
   check_len(op, "grads", grads.size(), n);
@@ -176,12 +204,17 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
   check_len(op, "steps", steps.size(), n);
   TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": stats must be a CUDA tensor");
   const at::Device device = stats.device();
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 1, op,
-              ": stats must be a 1-D float64 tensor, got ", stats.scalar_type(), " with shape ",
-              stats.sizes());
-  TORCH_CHECK(numel >= 0.0, op, ": numel must be >= 0, got ", numel);
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
+                  stats.size(1) == kStatsColumns,
+              op, ": stats must be a 2-D float64 tensor of ", static_cast<int>(kStatsColumns),
+              " columns (one statistics row per bucket), got ", stats.scalar_type(),
+              " with shape ", stats.sizes());
   const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
   check_param_dtype(op, dtype);
+  UpdateInputs in{};
+  in.grad_scale = optional_scalar(op, "grad_scale", grad_scale, device);
+  in.found_inf = optional_scalar(op, "found_inf", found_inf, device);
+  in.lr_tensor = optional_scalar(op, "lr_tensor", lr_tensor, device);
 
   std::vector<TensorMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
@@ -199,7 +232,7 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
     m.exp_avg = exp_avg[i].mutable_data_ptr<float>();
     m.exp_avg_sq = exp_avg_sq[i].mutable_data_ptr<float>();
     m.beta1_prod = beta1_prod[i].mutable_data_ptr<float>();
-    m.step = const_cast<float*>(steps[i].const_data_ptr<float>());
+    m.step = steps[i].mutable_data_ptr<float>();
     m.v_sum = v_sums[i].mutable_data_ptr<double>();
     m.numel = params[i].numel();
     m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
@@ -209,13 +242,19 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
   }
   if (n == 0) return;
 
+  in.stats = stats.const_data_ptr<double>();
+  in.rows = stats.size(0);
+  in.row_stride = stats.stride(0);
+  in.col_stride = stats.stride(1);
+  in.c = adai::make_consts(lr, beta0, beta2, eps, weight_decay, decoupled, dampening);
+  in.decoupled_wd = decoupled ? weight_decay : 0.0;
+  in.max_grad_norm = max_grad_norm;
+  in.skip_nonfinite = skip_nonfinite;
+
   c10::cuda::CUDAGuard guard(device);
   at::Tensor buffer;
   const LaunchTable t = upload_table(op, metas, device, buffer);
-  launch_update(t, dtype,
-                adai::make_consts(lr, beta0, beta2, eps, weight_decay, decoupled, dampening),
-                beta2, stats.const_data_ptr<double>(), stats.size(0), stats.stride(0), numel,
-                c10::cuda::getCurrentCUDAStream().stream());
+  launch_update(t, dtype, in, beta2, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 void sum_v_cuda(at::TensorList exp_avg_sq, at::TensorList v_sums) {

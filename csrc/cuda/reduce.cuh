@@ -52,15 +52,26 @@ __device__ __forceinline__ bool finish_block(unsigned int* counter, int* s_last)
   return *s_last != 0;
 }
 
-// In the last block: the sum of tensor i's chunk partials. Lane l adds chunks
+// In the last block: the sum of tensor i's chunk partials (column `col`). Lane l adds chunks
 // prefix[i] + l, + 32, ... in order, then the lanes are combined by warp_sum. Complete in
-// lane 0; every lane of the warp must call it with the same i.
+// lane 0; every lane of the warp must call it with the same i and col.
 __device__ __forceinline__ double tensor_partials_sum(const LaunchTable& t, int64_t i,
-                                                      int lane) {
+                                                      int lane, int col = 0) {
+  const double* partials = t.partials + static_cast<int64_t>(col) * t.total_chunks;
   const int64_t end = t.prefix[i + 1];
   double s = 0.0;
-  for (int64_t c = t.prefix[i] + lane; c < end; c += 32) s += __ldcg(t.partials + c);
+  for (int64_t c = t.prefix[i] + lane; c < end; c += 32) s += __ldcg(partials + c);
   return warp_sum(s);
+}
+
+// In the last block: the sum over tensors of column `col` of tensor_sums, in a fixed order
+// (thread j adds tensors j, j + kBlock, ... in order, then block_sum). Complete in thread 0;
+// every thread of the block must call it.
+__device__ __forceinline__ double tensors_sum(const LaunchTable& t, int col, double* shared) {
+  const double* sums = t.tensor_sums + static_cast<int64_t>(col) * t.n;
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < t.n; i += kBlock) acc += __ldcg(sums + i);
+  return block_sum(acc, shared);
 }
 
 inline unsigned int grid_size(const LaunchTable& t) {

@@ -1,8 +1,11 @@
 // adai::update and adai::sum_v on CUDA: one launch per call, one block per chunk
-// (multi_tensor.h). update: one pass per element (adai::update from adai_math.h, fp32 math);
-// each block writes the double sum of its chunk's new v to its own slot, and the last block
-// to finish reduces the slots per tensor into v_sums. sum_v sums given exp_avg_sq tensors in
-// exactly the same order (elementwise.h), so its v_sums equal update's bitwise.
+// (multi_tensor.h). update: every block sums the statistics rows and derives the globals
+// (elementwise.h, update_args); a skipped step writes nothing but the step counters (block 0
+// takes back stats' increments). Otherwise one pass per element (adai::update from
+// adai_math.h, fp32 math); each block writes the double sum of its chunk's new v to its own
+// slot, and the last block to finish reduces the slots per tensor into v_sums. sum_v sums
+// given exp_avg_sq tensors in exactly the same order (elementwise.h), so its v_sums equal
+// update's bitwise.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,6 +17,16 @@
 namespace adai {
 namespace cuda {
 namespace {
+
+// Blocks per SM update_kernel is compiled for. For sm_90, ptxas (CUDA 13) caps the fp32
+// kernel at 80 registers when it aims at 3 blocks and spills 16 bytes in the element loop;
+// at 2 blocks (16 warps, ~80 KB of fp32 loads in flight per SM) it does not spill. sm_80 fits
+// 3 blocks without spilling. (Chosen from ptxas -v, not yet timed against the alternative.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kUpdateMinBlocks = 2;
+#else
+constexpr int kUpdateMinBlocks = 3;
+#endif
 
 // In the last block: v_sums[i] = the sum of tensor i's chunk partials (one warp per tensor;
 // empty tensors get 0).
@@ -27,9 +40,8 @@ __device__ __forceinline__ void write_v_sums(const LaunchTable& t) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock)
-    update_kernel(LaunchTable t, Consts c, double beta2, const double* stats,
-                  int64_t stats_len, int64_t stats_stride, double numel) {
+__global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
+    update_kernel(LaunchTable t, UpdateInputs in, double beta2) {
   __shared__ double s_red[kBlock / 32];
   __shared__ T* s_param;
   __shared__ const T* s_grad;
@@ -39,8 +51,24 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ int64_t s_len;
   __shared__ int s_aligned;
   __shared__ float s_inv_bc2;
-  __shared__ float s_inv_vbar;
+  __shared__ UpdateArgs s_args;
   __shared__ int s_last;
+
+  // Every block derives the same globals from the rows (they are few), so the skip decision
+  // needs no grid-wide handshake.
+  if (threadIdx.x == 0) s_args = update_args(in);
+  __syncthreads();
+  if (s_args.skip) {
+    // Skipped step: parameters, states and v_sums stay as they are; block 0 alone takes back
+    // the step increments of adai::stats (no other block reads the steps on this path).
+    if (blockIdx.x == 0) {
+      for (int64_t i = threadIdx.x; i < t.n; i += kBlock) {
+        float* step = t.metas[i].step;
+        *step = *step - 1.0f;
+      }
+    }
+    return;
+  }
 
   const int64_t chunk = blockIdx.x;
   if (chunk < t.total_chunks) {
@@ -54,17 +82,22 @@ __global__ void __launch_bounds__(kBlock)
       s_beta1_prod = m.beta1_prod + r.begin;
       s_len = chunk_len(m.numel, r.begin, kChunk);
       s_aligned = m.aligned;
-      // The global sum, in index order (every block gets the same value).
-      double sum = 0.0;
-      for (int64_t k = 0; k < stats_len; ++k) sum += stats[k * stats_stride];
-      s_inv_vbar = static_cast<float>(inv_mean(sum, numel));
       s_inv_bc2 = static_cast<float>(
           1.0 / bias_correction2(beta2, static_cast<double>(*m.step)));
     }
     __syncthreads();
+    // The constants from the kernel parameters (constant bank operands, no registers), only
+    // what update_args derived on the device from shared memory.
+    UpdateArgs args;
+    args.c = in.c;
+    args.c.lr = s_args.c.lr;
+    args.c.lr_wd = s_args.c.lr_wd;
+    args.grad_mul = s_args.grad_mul;
+    args.inv_vbar = s_args.inv_vbar;
+    args.skip = false;
     const float vacc = update_thread<T>(static_cast<int>(threadIdx.x), kBlock, s_param, s_grad,
                                         s_exp_avg, s_exp_avg_sq, s_beta1_prod, s_len,
-                                        s_aligned != 0, s_inv_bc2, s_inv_vbar, c);
+                                        s_aligned != 0, s_inv_bc2, args);
     const double sum = block_sum(static_cast<double>(vacc), s_red);
     if (threadIdx.x == 0) t.partials[chunk] = sum;
   }
@@ -99,27 +132,24 @@ __global__ void __launch_bounds__(kBlock) sum_v_kernel(LaunchTable t) {
 }
 
 template <typename T>
-void launch(const LaunchTable& t, const Consts& c, double beta2, const double* stats,
-            int64_t stats_len, int64_t stats_stride, double numel, cudaStream_t stream) {
-  update_kernel<T><<<grid_size(t), kBlock, 0, stream>>>(t, c, beta2, stats, stats_len,
-                                                        stats_stride, numel);
+void launch(const LaunchTable& t, const UpdateInputs& in, double beta2, cudaStream_t stream) {
+  update_kernel<T><<<grid_size(t), kBlock, 0, stream>>>(t, in, beta2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void launch_update(const LaunchTable& t, c10::ScalarType dtype, const Consts& c, double beta2,
-                   const double* stats, int64_t stats_len, int64_t stats_stride, double numel,
-                   cudaStream_t stream) {
+void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInputs& in,
+                   double beta2, cudaStream_t stream) {
   switch (dtype) {
     case c10::ScalarType::Float:
-      launch<float>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      launch<float>(t, in, beta2, stream);
       break;
     case c10::ScalarType::Half:
-      launch<c10::Half>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      launch<c10::Half>(t, in, beta2, stream);
       break;
     case c10::ScalarType::BFloat16:
-      launch<c10::BFloat16>(t, c, beta2, stats, stats_len, stats_stride, numel, stream);
+      launch<c10::BFloat16>(t, in, beta2, stream);
       break;
     default:
       TORCH_CHECK(false, "adai::update: unsupported param dtype ", dtype);
