@@ -112,6 +112,7 @@ class Adai(Optimizer):
         self.process_group = process_group
         self._last_stats: list[torch.Tensor] = []
         self._mesh_group = None  # the DTensor parameters' group, found at step time
+        self._plan = None  # the last step's work lists, reused while they still fit
         self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
@@ -119,6 +120,7 @@ class Adai(Optimizer):
 
     # -- groups -----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        self._plan = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
@@ -212,20 +214,49 @@ class Adai(Optimizer):
     def _prepare(self) -> list[Work]:
         """Check every gradient, then give new parameters state and build the per-bucket
         work lists. Nothing is modified until every check has passed."""
-        selected = []  # (group index, param, grad)
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        works = self._replay_plan(grads)
+        if works is None:
+            works = self._plan_step(grads)
+        return works
+
+    def _replay_plan(self, grads: list) -> list[Work] | None:
+        """The hot path: the same parameters have gradients as in the step the plan was made
+        for, so every list but the gradients is reused; the gradients only need the checks
+        that the plan's layouts still hold (else None: plan anew, with full checks)."""
+        plan = self._plan
+        if plan is None or plan[0] != tuple(g is None for g in grads):
+            return None
+        works, strided = [], torch.strided
+        for template, positions, strides in plan[1]:
+            gs = [grads[i] for i in positions]
+            dtype, device = template.dtype, template.device
+            for g, stride in zip(gs, strides):
+                if (g.dtype is not dtype or g.layout is not strided or g.device != device
+                        or g.stride() != stride):
+                    return None
+            works.append(Work(template.group, device, dtype, template.params, gs,
+                              template.exp_avg, template.exp_avg_sq, template.beta1_prod,
+                              template.steps, template.v_sums))
+        return works
+
+    def _plan_step(self, grads: list) -> list[Work]:
+        selected = []  # (group index, flat index, param, grad)
+        flat = 0
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                self._check_param(p, p.grad, gi, pi)
-                selected.append((gi, p, p.grad))
-        for device in {p.device for _, p, _ in selected}:
+                g = grads[flat]
+                if g is not None:
+                    self._check_param(p, g, gi, pi)
+                    selected.append((gi, flat, p, g))
+                flat += 1
+        for device in {p.device for _, _, p, _ in selected}:
             self._backend_for(device)
         if self.process_group is None:
-            self._mesh_group = sharding.reduce_group([p for _, p, _ in selected])
+            self._mesh_group = sharding.reduce_group([p for _, _, p, _ in selected])
 
         joining: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for gi, p, _ in selected:
+        for gi, _, p, _ in selected:
             key = (gi, p.device, p.dtype)
             bucket = self._buckets.get(key)
             if bucket is None or p not in bucket:
@@ -236,25 +267,38 @@ class Adai(Optimizer):
             self._publish_state(bucket)
 
         works: dict[tuple, Work] = {}
-        for gi, p, g in selected:
+        positions: dict[tuple, list[int]] = defaultdict(list)
+        replayable = True  # no stand-ins, no copied gradients, no DTensors
+        for gi, index, p, g in selected:
             key = (gi, p.device, p.dtype)
             w = works.get(key)
             if w is None:
                 w = works[key] = Work(self.param_groups[gi], p.device, p.dtype)
             views = self._buckets[key].state_of(p)
+            replayable &= not sharding.is_dtensor(p)
             p, g = sharding.local(p), sharding.local(g)
             dense_p = p if is_dense(p) else p.contiguous()
             if dense_p is not p:
                 w.write_back.append((p, dense_p))
+                replayable = False
             if g.stride() != dense_p.stride():
                 g = torch.empty_strided(p.shape, state_strides(p), dtype=g.dtype,
                                         device=g.device).copy_(g)
+                replayable = False
             w.params.append(dense_p)
             w.grads.append(g)
+            positions[key].append(index)
             for k in ("exp_avg", "exp_avg_sq", "beta1_prod"):
                 getattr(w, k).append(views[k])
             w.steps.append(views["step"])
             w.v_sums.append(views["v_sum"])
+        self._plan = None
+        if replayable:  # the templates hold no gradients: they must not keep them alive
+            self._plan = (tuple(g is None for g in grads),
+                          [(Work(w.group, w.device, w.dtype, w.params, [], w.exp_avg,
+                                 w.exp_avg_sq, w.beta1_prod, w.steps, w.v_sums),
+                            positions[key], [p.stride() for p in w.params])
+                           for key, w in works.items()])
         return list(works.values())
 
     @staticmethod
@@ -355,6 +399,7 @@ class Adai(Optimizer):
         # Everything is checked and built: commit.
         self.param_groups[:] = new_groups
         self._buckets = buckets
+        self._plan = None
         self.state = defaultdict(dict)
         for bucket in buckets.values():
             self._publish_state(bucket)

@@ -263,3 +263,27 @@ def test_checkpoint_moves_between_backends(saver, loader):
         moved.step()
         oracle.step(grads)
     assert_matches_oracle(moved, groups, oracle)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_layout_changes_between_steps(backend):
+    """Steps reuse the previous step's work lists while the gradients fit them; a gradient
+    in another layout (or a parameter losing its gradient) makes the step plan anew."""
+    def params():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(6, 5).t()), torch.nn.Parameter(torch.randn(9))]
+
+    a, b = params(), params()
+    opt_a = Adai(a, lr=0.1, backend=backend)
+    opt_b = Adai(b, lr=0.1, backend="reference")
+    gen = torch.Generator().manual_seed(1)
+    for k in range(5):
+        g0 = torch.randn(6, 5, generator=gen)
+        g0 = g0.t() if k in (0, 1, 3) else g0.t().contiguous()  # the param's layout, or not
+        g1 = None if k == 2 else torch.randn(9, generator=gen)
+        for ps in (a, b):
+            ps[0].grad, ps[1].grad = g0.clone(memory_format=torch.preserve_format), g1
+        opt_a.step()
+        opt_b.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
