@@ -134,6 +134,18 @@ def headline(rows: list[Row], ours: str, device_type: str) -> list[str]:
         out.append(f"- speed-up over pytorch_optimizer.Adai = **{r.speedup_vs_pypi_adai:.1f}x**"
                    + (f" (CPU target >= 8x: {'met' if ok else 'NOT met'})"
                       if device_type == "cpu" else ""))
+    if r.pct_copy_bw and (r.vs_fused_adam is not None or r.speedup_vs_pypi_adai is not None):
+        # what a step moving the minimal bytes at exactly the copy bandwidth would give
+        f = r.pct_copy_bw / 100.0
+        parts = []
+        if r.vs_fused_adam is not None:
+            parts.append(f"{r.vs_fused_adam * f:.2f}x fused Adam's time")
+        if r.speedup_vs_pypi_adai is not None:
+            parts.append(f"a {r.speedup_vs_pypi_adai / f:.1f}x speed-up over "
+                         f"pytorch_optimizer.Adai")
+        out.append(f"- for scale: an Adai step moving its {r.bytes_per_element} bytes per "
+                   f"element at exactly the measured copy bandwidth would take "
+                   f"{r.median_s * f * 1e3:.3g} ms: {' and '.join(parts)}.")
     return out
 
 
