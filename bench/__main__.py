@@ -91,22 +91,23 @@ def _main(argv=None) -> int:
                          warmup=2 if device.type == "cpu" else 3, seed=args.seed)
 
     copy_bytes = args.copy_mib << 20 if args.copy_mib else None
-    gc.collect()
-    gc.freeze()  # the imported modules' objects: keeps gc passes during the steps short
-    bw1 = bandwidth.copy_bandwidth(device, copy_bytes)
+    copy_meter = bandwidth.CopyMeter(device, copy_bytes)
+    first = copy_meter.measure(11, "before the cases")
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(total=len(cases), desc=f"bench {device.type}", unit="case",
                         file=sys.stderr, dynamic_ncols=True)
     try:
-        rows = runners.run_all(cases, cons, cfg, bw1["gbps"], progress)
+        rows = runners.run_all(cases, cons, cfg, first, progress,
+                               between=lambda name: copy_meter.measure(3, f"after {name}"))
     finally:
         if progress is not None:
             progress.close()
-    bw2 = bandwidth.copy_bandwidth(device, copy_bytes)
-    bw = bandwidth.combine(bw1, bw2)
-    # the bandwidth fractions use the median over both measurements
+    copy_meter.measure(11, "after the cases")
+    bw = copy_meter.result()
+    copy_meter.close()
+    # the bandwidth fractions use the median of all the copy samples of the run
     for r in rows:
         if r.gbps is not None:
             r.pct_copy_bw = 100.0 * r.gbps / bw["gbps"]

@@ -166,7 +166,9 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
              f"{_loads(meta.get('load_average_start'))} / {_loads(meta.get('load_average_end'))}",
              f"- copy bandwidth: **{bw['gbps']:.1f} GB/s** ({bw['method']}; medians: "
              + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.get("medians", {}).items())
-             + ")",
+             + (f"; the single measurements ranged from {bw['min_max_per_measurement'][0]:.1f}"
+                f" to {bw['min_max_per_measurement'][1]:.1f} GB/s"
+                if bw.get("min_max_per_measurement") else "") + ")",
              f"- wall time of the run: {meta.get('wall_s', 0):.0f} s; CPU used by other "
              f"processes meanwhile: {_f(meta.get('other_cpu_pct'), '.0f', 'n/a')}% of the "
              f"machine (the noise; per case below)", ""]

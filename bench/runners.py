@@ -225,7 +225,9 @@ def case_weight(case: Case) -> float:
 
 
 def run_all(cases: list[Case], contenders: list[Contender], cfg: Config, copy_gbps: float,
-            progress=None) -> list[Row]:
+            progress=None, between=None) -> list[Row]:
+    """Runs the cases in order; `between(case_name)` (the copy-bandwidth meter) runs after
+    each case, outside the case's timing."""
     rows: list[Row] = []
     t_start = time.perf_counter()
     weights = [case_weight(c) for c in cases]
@@ -243,6 +245,8 @@ def run_all(cases: list[Case], contenders: list[Contender], cfg: Config, copy_gb
             r.load_1min = load
             r.other_cpu_pct = other
         rows += case_rows
+        if between is not None:
+            between(case.name)
         if progress is not None:
             progress.update(1)
     return rows
