@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import adai_kernels._native as native
+from cases import DTYPES, PARAM_TOL, STATE_TOL  # the tolerance table and why, in one place
 
 DEVICE = torch.device(os.environ.get("ADAI_GPU_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -41,15 +42,6 @@ pytestmark = [pytest.mark.gpu,
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA-specific")
 
 ops = torch.ops.adai
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Parameters: float32 math vs float64 (amplified by at most 1/eps in m / (1 - b)); bf16/fp16:
-# the expected value is rounded to the dtype, so they differ by a rare one-ulp rounding flip.
-PARAM_TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2 * 2**-8, atol=1e-3),
-    torch.float16: dict(rtol=2 * 2**-11, atol=1e-4),
-}
-STATE_TOL = dict(rtol=2e-4, atol=1e-6)
 HYPER = {
     "coupled": dict(betas=(0.1, 0.99), eps=1e-3, weight_decay=1e-2, decoupled=False,
                     dampening=1.0),
