@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "adai_math.h"
+#include "list_checks.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -391,11 +392,6 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-void check_len(const char* op, const char* name, size_t got, size_t want) {
-  TORCH_CHECK(got == want, op, ": `", name, "` has ", got, " tensors but `params` has ",
-              want);
-}
-
 void check_cpu(const char* op, const char* name, size_t i, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
               ", expected a CPU tensor");
@@ -500,9 +496,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList steps
                double beta2, double l2, const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
-  check_len(op, "grads", grads.size(), n);
-  check_len(op, "steps", steps.size(), n);
-  check_len(op, "v_sums", v_sums.size(), n);
+  adai::check_stats_lists(op, params, grads, steps, v_sums);
   TORCH_CHECK(out.device().is_cpu(), op, ": `out` is on ", out.device(),
               ", expected a CPU tensor");
   TORCH_CHECK(out.dim() == 1 && out.size(0) == adai::kStatsColumns &&
@@ -583,12 +577,8 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
-  check_len(op, "grads", grads.size(), n);
-  check_len(op, "exp_avg", exp_avg.size(), n);
-  check_len(op, "exp_avg_sq", exp_avg_sq.size(), n);
-  check_len(op, "beta1_prod", beta1_prod.size(), n);
-  check_len(op, "v_sums", v_sums.size(), n);
-  check_len(op, "steps", steps.size(), n);
+  adai::check_update_lists(op, params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums,
+                           steps);
   TORCH_CHECK(stats.device().is_cpu(), op, ": `stats` is on ", stats.device(),
               ", expected a CPU tensor");
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../adai_math.h"
+#include "../list_checks.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "multi_tensor.h"
@@ -29,11 +30,6 @@ namespace cuda {
 namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-void check_len(const char* op, const char* name, size_t got, size_t n) {
-  TORCH_CHECK(got == n, op, ": ", name, " has ", got, " tensors but params has ", n,
-              "; the tensor lists must have the same length");
-}
 
 void check_device(const char* op, const char* name, size_t i, const at::Tensor& t,
                   const at::Device& device) {
@@ -142,9 +138,7 @@ void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList step
                 double beta2, double l2, const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
-  check_len(op, "grads", grads.size(), n);
-  check_len(op, "steps", steps.size(), n);
-  check_len(op, "v_sums", v_sums.size(), n);
+  adai::check_stats_lists(op, params, grads, steps, v_sums);
   TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
   const at::Device device = out.device();
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 &&
@@ -196,12 +190,8 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
                  double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
-  check_len(op, "grads", grads.size(), n);
-  check_len(op, "exp_avg", exp_avg.size(), n);
-  check_len(op, "exp_avg_sq", exp_avg_sq.size(), n);
-  check_len(op, "beta1_prod", beta1_prod.size(), n);
-  check_len(op, "v_sums", v_sums.size(), n);
-  check_len(op, "steps", steps.size(), n);
+  adai::check_update_lists(op, params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums,
+                           steps);
   TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": stats must be a CUDA tensor");
   const at::Device device = stats.device();
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
