@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import adai_kernels._native as native
-from cases import DTYPES, PARAM_TOL, STATE_TOL  # the tolerance table and why, in one place
+from cases import DTYPES, PARAM_TOL, STATE_TOL, clone_groups  # one tolerance table
 
 DEVICE = torch.device(os.environ.get("ADAI_GPU_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -751,16 +751,6 @@ def _optimizer_groups(dtype, seed):
     return groups
 
 
-def _clone(groups):
-    out = []
-    for g in groups:
-        g = dict(g)
-        g["params"] = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format))
-                       for p in g["params"]]
-        out.append(g)
-    return out
-
-
 def _set_grads(groups, step, seed=1):
     from cases import make_grads as case_grads
 
@@ -775,7 +765,7 @@ def test_optimizer_cuda_matches_reference_and_oracle(dtype):
     from oracle import Oracle
 
     groups = _optimizer_groups(dtype, seed=0)
-    ref_groups = _clone(groups)
+    ref_groups = clone_groups(groups)
     oracle = Oracle([dict(g, params=[p.detach().cpu() for p in g["params"]]) for g in groups])
     opt = Adai(groups, lr=1e-2, backend=BACKEND)
     ref = Adai(ref_groups, lr=1e-2, backend="reference")
@@ -850,7 +840,7 @@ def test_optimizer_clipping_and_skipping_match_reference(dtype, mode):
 
     kwargs = OPT_MODES[mode]
     groups = _optimizer_groups(dtype, seed=20)
-    ref_groups = _clone(groups)
+    ref_groups = clone_groups(groups)
     opt = Adai(groups, lr=1e-2, backend=BACKEND, **kwargs)
     ref = Adai(ref_groups, lr=1e-2, backend="reference", **kwargs)
     for step in range(4):
@@ -879,7 +869,7 @@ def test_optimizer_grad_scaler(dtype):
     from adai_kernels import Adai
 
     groups = _optimizer_groups(dtype, seed=21)
-    ref_groups = _clone(groups)
+    ref_groups = clone_groups(groups)
     opt = Adai(groups, lr=1e-2, backend=BACKEND)
     ref = Adai(ref_groups, lr=1e-2, backend="reference")
     scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=1024.0, growth_interval=1000)
@@ -912,7 +902,7 @@ def test_optimizer_checkpoint_resume_is_bitwise():
     from adai_kernels import Adai
 
     base = _optimizer_groups(torch.float32, seed=3)
-    straight, resumed = _clone(base), _clone(base)
+    straight, resumed = clone_groups(base), clone_groups(base)
     opt = Adai(straight, lr=1e-2, backend=BACKEND)
     first = Adai(resumed, lr=1e-2, backend=BACKEND)
     for step in range(3):
