@@ -99,6 +99,20 @@ class Bucket:
                 self.steps[i] = float(init["step"])
         # v_sums of loaded state are the owner's to fill (Backend.sum_v); fresh state sums to 0
 
+    def copy_(self, other: "Bucket") -> None:
+        """Take the values of `other`, a bucket of the same parameters (in any order), keeping
+        this bucket's buffers (and so every view, and the addresses a CUDA graph captured)."""
+        if [id(p) for p in self.params] == [id(p) for p in other.params]:
+            for key, buf in self.buffers.items():
+                buf.copy_(other.buffers[key])
+            self.steps.copy_(other.steps)
+            self.v_sums.copy_(other.v_sums)
+            return
+        for p in other.params:
+            mine, theirs = self.state_of(p), other.state_of(p)
+            for key in (*self.STATE_KEYS, "step", "v_sum"):
+                mine[key].copy_(theirs[key])
+
     def _make_views(self, i: int) -> dict[str, torch.Tensor]:
         p, off = local(self.params[i]), self.offsets[i]
         stride = state_strides(p)

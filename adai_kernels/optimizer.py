@@ -44,12 +44,18 @@ def validate_hyperparameters(group: dict) -> None:
     d = group["dampening"]
     _check_number("dampening", d, isinstance(d, (int, float)) and 0.0 <= d <= 1.0,
                   "must be in [0, 1]")
-    if not isinstance(group["decoupled"], bool):
-        raise ValueError(f"Invalid decoupled: {group['decoupled']!r} (must be a bool)")
+    for name in ("decoupled", "capturable"):
+        if not isinstance(group.get(name, False), bool):
+            raise ValueError(f"Invalid {name}: {group[name]!r} (must be a bool)")
     for name in ("lr", "eps", "weight_decay", "dampening"):
         value = group[name]
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _index(key) -> int | str:
@@ -85,6 +91,14 @@ class Adai(Optimizer):
             non-finite gradient then propagates into the parameters it touches.
         process_group: when parameters are sharded across processes (ZeRO-style), the group
             whose sum makes the global statistics; one all-reduce of a few scalars per step.
+        capturable: allow step() to be captured in a CUDA graph (torch.cuda.graph) and
+            replayed. Step counters always live on the device; to change the learning rate
+            between replays give `lr` as a 0-dim tensor on the parameters' device (LR
+            schedulers update a tensor lr in place). Run at least one eager step first: state
+            is created at a parameter's first step, which a graph cannot replay. A graph
+            keeps the tensors it captured; load_state_dict copies into them when the same
+            parameters have state, but when a new parameter gets its first gradient,
+            capture again.
 
     With torch.amp.GradScaler, gradients are unscaled inside the step and a step with inf/NaN
     gradients is skipped, without a device-to-host synchronisation.
@@ -95,11 +109,11 @@ class Adai(Optimizer):
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  decoupled=False, dampening=1.0, *, backend: str = "auto",
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 process_group=None):
+                 process_group=None, capturable: bool = False):
         if lr is required:
             raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled=decoupled, dampening=dampening)
+                        decoupled=decoupled, dampening=dampening, capturable=capturable)
         validate_hyperparameters(defaults)
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and math.isfinite(max_grad_norm)
@@ -155,7 +169,10 @@ class Adai(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        works = self._prepare()
+        capturing = _capturing()
+        if capturing:
+            self._check_capture()
+        works = self._prepare(capturing)
         if not works:
             return loss
 
@@ -211,13 +228,35 @@ class Adai(Optimizer):
             return None
         return self._last_stats[0][:, GRAD_NORM_SQ].sum().sqrt()
 
-    def _prepare(self) -> list[Work]:
+    def _check_capture(self) -> None:
+        """A step being captured in a CUDA graph: every stepped group must allow it, and
+        every tensor the graph reads must be on the device (a copy from the host would be
+        captured as a read of host memory that does not survive the step)."""
+        for gi, group in enumerate(self.param_groups):
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if not stepped:
+                continue
+            if not group["capturable"]:
+                raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA "
+                                   f"graph but param group {gi} has capturable=False; "
+                                   f"construct the optimizer with capturable=True")
+            lr = group["lr"]
+            for p in stepped:
+                if p.device.type != "cuda":
+                    raise RuntimeError(f"{type(self).__name__}.step() is being captured in a "
+                                       f"CUDA graph but param group {gi} has a parameter on "
+                                       f"{p.device}")
+                if isinstance(lr, torch.Tensor) and lr.device != p.device:
+                    raise RuntimeError(f"param group {gi}: a captured step needs lr on the "
+                                       f"parameters' device {p.device}, not {lr.device}")
+
+    def _prepare(self, capturing: bool = False) -> list[Work]:
         """Check every gradient, then give new parameters state and build the per-bucket
         work lists. Nothing is modified until every check has passed."""
         grads = [p.grad for group in self.param_groups for p in group["params"]]
         works = self._replay_plan(grads)
         if works is None:
-            works = self._plan_step(grads)
+            works = self._plan_step(grads, capturing)
         return works
 
     def _replay_plan(self, grads: list) -> list[Work] | None:
@@ -240,7 +279,7 @@ class Adai(Optimizer):
                               template.steps, template.v_sums))
         return works
 
-    def _plan_step(self, grads: list) -> list[Work]:
+    def _plan_step(self, grads: list, capturing: bool = False) -> list[Work]:
         selected = []  # (group index, flat index, param, grad)
         flat = 0
         for gi, group in enumerate(self.param_groups):
@@ -261,6 +300,14 @@ class Adai(Optimizer):
             bucket = self._buckets.get(key)
             if bucket is None or p not in bucket:
                 joining[key].append(p)
+        if capturing and joining:
+            p = next(iter(joining.values()))[0]
+            gi = next(key[0] for key in joining)
+            pi = next(i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+            raise RuntimeError(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
+                               f"has no optimizer state yet, and creating it cannot be "
+                               f"captured in a CUDA graph: run at least one eager step "
+                               f"before capturing")
         for key, params in joining.items():
             bucket = self._buckets.setdefault(key, Bucket(key[1], key[2]))
             bucket.add(params)
@@ -396,7 +443,13 @@ class Adai(Optimizer):
             views = [bucket.state_of(p) for p, _ in items]
             self._backend_for(key[1]).sum_v([v["exp_avg_sq"] for v in views],
                                             [v["v_sum"] for v in views])
-        # Everything is checked and built: commit.
+        # Everything is checked and built: commit. A bucket of the same parameters keeps its
+        # buffers (a captured CUDA graph holds their addresses).
+        for key, bucket in buckets.items():
+            old = self._buckets.get(key)
+            if old is not None and set(old.position) == set(bucket.position):
+                old.copy_(bucket)
+                buckets[key] = old
         self.param_groups[:] = new_groups
         self._buckets = buckets
         self._plan = None
@@ -435,18 +488,18 @@ class Adai(Optimizer):
 
 
 class AdaiW(Adai):
-    """Adai with decoupled weight decay (`decoupled=True`)."""
+    """Adai with decoupled weight decay (`decoupled=True`). Keyword-only options (backend,
+    max_grad_norm, skip_nonfinite, process_group, capturable) as for Adai."""
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
-                 dampening=1.0, *, backend: str = "auto"):
-        super().__init__(params, lr, betas, eps, weight_decay, True, dampening, backend=backend)
+                 dampening=1.0, **options):
+        super().__init__(params, lr, betas, eps, weight_decay, True, dampening, **options)
 
 
 class AdaiV2(Adai):
     """AdaiV2: Adai with a dampening d in [0, 1] and, as in the authors' code, decoupled
-    weight decay by default."""
+    weight decay by default. Keyword-only options as for Adai."""
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
-                 dampening=1.0, decoupled=True, *, backend: str = "auto"):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening,
-                         backend=backend)
+                 dampening=1.0, decoupled=True, **options):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening, **options)

@@ -54,6 +54,18 @@ def test_ops_have_cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adai::{op}", "CUDA"), op
 
 
+@needs_cuda_build
+def test_upload_op_is_cuda_only():
+    """adai::_upload (the capture-safe copy of launch tables) runs on CUDA only, and says so on
+    CPU tensors instead of doing something else."""
+    assert str(torch.ops.adai._upload.default._schema) == \
+        "adai::_upload(Tensor src, Tensor(a!) dst) -> ()"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("adai::_upload", "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("adai::_upload", "CPU")
+    with pytest.raises(NotImplementedError):
+        torch.ops.adai._upload(torch.zeros(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8))
+
+
 def _expected_table(numels, chunk):
     rows = []
     for i, n in enumerate(numels):

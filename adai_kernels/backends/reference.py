@@ -4,8 +4,8 @@ It is the oracle the fused kernels are tested against and the fallback where no 
 runs, so it favours the spec's literal order of operations over speed: it allocates
 temporaries the size of the parameters and launches many small kernels. Math is float32 (the
 state dtype) for every parameter dtype; global sums are float64 where the device has it.
-Like the kernels, it never synchronises with the host: a skipped step is a device-side
-select, not a Python branch.
+Like the kernels, it never synchronises with the host (a skipped step is a device-side
+select, not a Python branch) and never copies from the host, so a CUDA graph can capture it.
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ class ReferenceBackend(Backend):
         v_sums = torch.stack(work.v_sums).to(acc)
         row = torch.stack([
             (beta2 * v_sums / bc2).sum(), (w * b).sum(), (w * gg).sum(), (w * gt).sum(),
-            (w * tt).sum(), gg.sum(), torch.tensor(float(work.numel), dtype=acc,
-                                                   device=work.device)])
+            (w * tt).sum(), gg.sum(),
+            # a fill, not a copy from the host: a CUDA graph can capture it
+            torch.full((), float(work.numel), dtype=acc, device=work.device)])
         assert row.numel() == STATS_COLUMNS
         out.copy_(row)
         work.scratch.update(params=params, grads=grads, bc2=bc2)

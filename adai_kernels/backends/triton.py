@@ -9,7 +9,8 @@ under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 
 A launch never synchronises with the host: per-launch tables (data_ptr values, numel, the
 chunk map, float64 constants) are built on the host from shapes and pointers only, staged in
-pinned memory and copied with `non_blocking=True`; scalars that live on the device (steps,
+pinned memory and copied with `non_blocking=True` (while a CUDA graph is captured, copied as
+kernel arguments by the CUDA extension's `adai::_upload` instead); scalars that live on the device (steps,
 v_sums, stats, grad_scale, found_inf, lr_tensor) are read by the kernels, and a skipped step
 is decided by the kernels themselves (no Python branch on a tensor's value). Per op:
 stats = 3 launches, update = 2, sum_v = 2, whatever the number of tensors.
@@ -61,7 +62,8 @@ def _table(consts, columns, numels, device, block):
     for col in columns:
         head.extend(col)
     head.extend(cs)
-    pin = device.type == "cuda"
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    pin = device.type == "cuda" and not capturing
     if n_chunks <= 16384:
         head.extend((t << 32) | j for t, c in enumerate(counts) for j in range(c))
         host = torch.tensor(head, dtype=torch.int64, pin_memory=pin)
@@ -76,7 +78,26 @@ def _table(consts, columns, numels, device, block):
         torch.bitwise_or(tensor_of << 32, local, out=host[len(head):])
     if device.type == "cpu":
         return host, n_chunks
+    if capturing:
+        return _upload_captured(host, device), n_chunks
     return host.to(device, non_blocking=True), n_chunks
+
+
+def _upload_captured(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` while the current stream is captured into a CUDA graph. A captured
+    copy from pinned memory would read that memory again at every replay, after it has been
+    reused; adai's CUDA extension copies the table as kernel arguments, which the graph
+    keeps (csrc/cuda/upload.cu)."""
+    from .native import load_cuda
+
+    reason = load_cuda()
+    if reason:
+        raise RuntimeError(f"backend 'triton' cannot be captured in a CUDA graph without "
+                           f"adai_kernels' CUDA extension, which uploads its launch tables: "
+                           f"{reason}")
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    torch.ops.adai._upload(host, out)
+    return out
 
 
 def _on(device: torch.device):

@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels (stats.cu; update.cu: update and sum_v), called by
+// Launchers of the CUDA kernels (stats.cu; update.cu: update and sum_v; upload.cu), called by
 // ops_cuda.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
 #pragma once
 
@@ -30,6 +30,15 @@ void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInpu
 // sum_v: v_sum_i = sum of exp_avg_sq_i (TensorMeta::exp_avg_sq), summed exactly as
 // launch_update sums the new v.
 void launch_sum_v(const LaunchTable& t, cudaStream_t stream);
+
+// Bytes of one kernel argument that carries data (upload.cu): below the 32,764-byte limit
+// of CUDA 12.1+ with room for the other arguments.
+constexpr int kPayloadBytes = 32 * 1024 - 64;
+
+// Copies `bytes` bytes from host memory to the device on `stream` as the arguments of
+// ceil(bytes / kPayloadBytes) small kernels, so that a CUDA graph capturing the stream keeps
+// the data (upload.cu). `src` may be reused as soon as the call returns.
+void copy_as_arguments(const void* src, size_t bytes, void* dst, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace adai

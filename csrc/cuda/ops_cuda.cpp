@@ -7,8 +7,13 @@
 // the caching device allocator, one asynchronous host-to-device copy and one kernel, all on
 // the current stream of the tensors' device. No device-to-host synchronisation: the pinned
 // buffer is handed back to the host allocator with an event recorded by the copy, so it is
-// not reused before the copy has read it. (Not CUDA-graph capturable: the table is rebuilt
-// on the host on every call.)
+// not reused before the copy has read it.
+//
+// While the stream is being captured into a CUDA graph, the table travels as kernel
+// arguments instead (upload.cu): a captured copy would read the pinned buffer again at every
+// replay, after the host allocator has handed it to someone else. The device buffer then
+// comes from the graph's private memory pool and keeps its address across replays. Also
+// defines adai::_upload, the same capture-safe copy for the Triton backend's tables.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -82,9 +87,26 @@ void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& 
               t.numel(), " elements");
 }
 
-// Builds the table for `metas` in pinned host memory and copies it asynchronously into a
-// fresh device buffer (returned in `buffer`, which must outlive the launch call) on the
-// current stream. The counter of finished blocks is uploaded as 0.
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Writes the host part of a table (header with a zero counter, prefix sums, metas) to `h`.
+void fill_table(uint8_t* h, const TableLayout& layout, const std::vector<int64_t>& prefix,
+                const std::vector<TensorMeta>& metas) {
+  std::memset(h, 0, layout.host_bytes);
+  std::memcpy(h + layout.prefix_off, prefix.data(), sizeof(int64_t) * prefix.size());
+  if (!metas.empty()) {
+    std::memcpy(h + layout.meta_off, metas.data(), sizeof(TensorMeta) * metas.size());
+  }
+}
+
+// Builds the table for `metas` and copies it asynchronously into a fresh device buffer
+// (returned in `buffer`, which must outlive the launch call) on the current stream: from
+// pinned host memory, or as kernel arguments while the stream is captured. The counter of
+// finished blocks is uploaded as 0 (at every replay of a captured call as well).
 LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
                          const at::Device& device, at::Tensor& buffer, int partial_cols = 1,
                          int tensor_cols = 1) {
@@ -97,18 +119,22 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
               " chunks of ", kChunk, ")");
   const TableLayout layout = table_layout(n, total, partial_cols, tensor_cols);
 
-  at::Tensor host = at::empty({static_cast<int64_t>(layout.host_bytes)},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* h = host.mutable_data_ptr<uint8_t>();
-  std::memset(h, 0, layout.host_bytes);
-  std::memcpy(h + layout.prefix_off, prefix.data(), sizeof(int64_t) * prefix.size());
-  if (n > 0) std::memcpy(h + layout.meta_off, metas.data(), sizeof(TensorMeta) * metas.size());
-
   buffer = at::empty({static_cast<int64_t>(layout.total_bytes)},
                      at::TensorOptions().dtype(at::kByte).device(device));
-  buffer.narrow(0, 0, static_cast<int64_t>(layout.host_bytes)).copy_(host, /*non_blocking=*/true);
-
   auto* d = buffer.mutable_data_ptr<uint8_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  if (is_capturing(stream)) {
+    std::vector<uint8_t> host(layout.host_bytes);
+    fill_table(host.data(), layout, prefix, metas);
+    copy_as_arguments(host.data(), host.size(), d, stream);
+  } else {
+    at::Tensor host = at::empty({static_cast<int64_t>(layout.host_bytes)},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    fill_table(host.mutable_data_ptr<uint8_t>(), layout, prefix, metas);
+    buffer.narrow(0, 0, static_cast<int64_t>(layout.host_bytes))
+        .copy_(host, /*non_blocking=*/true);
+  }
+
   LaunchTable t;
   t.prefix = reinterpret_cast<const int64_t*>(d + layout.prefix_off);
   t.metas = reinterpret_cast<const TensorMeta*>(d + layout.meta_off);
@@ -303,16 +329,43 @@ at::Tensor chunk_table(at::IntArrayRef numels, int64_t chunk) {
   return out;
 }
 
+// adai::_upload(src, dst): dst[:] = src's bytes, src a contiguous CPU tensor, dst a contiguous
+// CUDA tensor of as many bytes, on the current stream without a synchronisation; as kernel
+// arguments while the stream is captured (so the graph keeps the data), else through pinned
+// memory. The Triton backend's launch tables go through it.
+void upload(const at::Tensor& src, const at::Tensor& dst) {
+  const char* op = "adai::_upload";
+  TORCH_CHECK(src.defined() && src.device().is_cpu() && src.is_contiguous(), op,
+              ": src must be a contiguous CPU tensor");
+  TORCH_CHECK(dst.defined() && dst.is_cuda() && dst.is_contiguous(), op,
+              ": dst must be a contiguous CUDA tensor");
+  TORCH_CHECK(src.nbytes() == dst.nbytes(), op, ": src has ", src.nbytes(), " bytes but dst has ",
+              dst.nbytes());
+  if (src.nbytes() == 0) return;
+  c10::cuda::CUDAGuard guard(dst.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (is_capturing(stream)) {
+    copy_as_arguments(src.const_data_ptr(), src.nbytes(), dst.mutable_data_ptr(), stream);
+    return;
+  }
+  at::Tensor flat_dst = dst.view({-1}).view(at::kByte);
+  at::Tensor flat_src = src.view({-1}).view(at::kByte);
+  if (!flat_src.is_pinned()) flat_src = flat_src.pin_memory();
+  flat_dst.copy_(flat_src, /*non_blocking=*/true);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace adai
 
 TORCH_LIBRARY_FRAGMENT(adai, m) {
   m.def("_chunk_table(int[] numels, int chunk=-1) -> Tensor", &adai::cuda::chunk_table);
+  m.def("_upload(Tensor src, Tensor(a!) dst) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adai, CUDA, m) {
   m.impl("stats", &adai::cuda::stats_cuda);
   m.impl("update", &adai::cuda::update_cuda);
   m.impl("sum_v", &adai::cuda::sum_v_cuda);
+  m.impl("_upload", &adai::cuda::upload);
 }
