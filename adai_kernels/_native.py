@@ -141,13 +141,9 @@ def has_cuda_kernels() -> bool:
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_lists(op: str, n: int, **lists) -> None:
-    for name, ts in lists.items():
-        torch._check(len(ts) == n, lambda: f"{op}: `{name}` has {len(ts)} tensors but "
-                                           f"`params` has {n}")
-
-
-def _check_pairs(op: str, params, grads) -> None:
+def _check_grads(op: str, params, grads) -> None:
+    torch._check(len(grads) == len(params),
+                 lambda: f"{op}: `grads` has {len(grads)} tensors but `params` has {len(params)}")
     for i, (p, g) in enumerate(zip(params, grads)):
         torch._check(p.dtype in _PARAM_DTYPES,
                      lambda: f"{op}: params[{i}] has dtype {p.dtype}; expected float32, "
@@ -159,11 +155,25 @@ def _check_pairs(op: str, params, grads) -> None:
                              f"{tuple(p.shape)}")
 
 
-def _check_scalars(op: str, name: str, ts, dtype: torch.dtype) -> None:
-    for i, t in enumerate(ts):
-        torch._check(t.dim() == 0 and t.dtype == dtype,
-                     lambda: f"{op}: {name}[{i}] must be a 0-dim {dtype} tensor, got "
-                             f"{t.dtype} of shape {tuple(t.shape)}")
+def _check_segments(op: str, segments, n: int) -> None:
+    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
+                 and segments.shape[0] == n and segments.shape[1] == 3,
+                 lambda: f"{op}: `segments` must be an int64 tensor of shape ({n}, 3), got "
+                         f"{segments.dtype} of shape {tuple(segments.shape)}")
+
+
+def _check_flat(op: str, name: str, t, dtype: torch.dtype) -> None:
+    torch._check(t.dim() == 1 and t.dtype == dtype,
+                 lambda: f"{op}: `{name}` must be a 1-D {dtype} tensor, got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_slots(op: str, steps, v_sums) -> None:
+    _check_flat(op, "steps", steps, torch.float32)
+    _check_flat(op, "v_sums", v_sums, torch.float64)
+    torch._check(steps.shape[0] == v_sums.shape[0],
+                 lambda: f"{op}: `steps` has {steps.shape[0]} slots but `v_sums` has "
+                         f"{v_sums.shape[0]}")
 
 
 def _check_control(op: str, name: str, t) -> None:
@@ -174,12 +184,11 @@ def _check_control(op: str, name: str, t) -> None:
                              f"of shape {tuple(t.shape)}")
 
 
-def _stats_fake(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
+def _stats_fake(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
     op = "adai::stats"
-    _check_lists(op, len(params), grads=grads, steps=steps, v_sums=v_sums)
-    _check_pairs(op, params, grads)
-    _check_scalars(op, "steps", steps, torch.float32)
-    _check_scalars(op, "v_sums", v_sums, torch.float64)
+    _check_grads(op, params, grads)
+    _check_segments(op, segments, len(params))
+    _check_slots(op, steps, v_sums)
     _check_control(op, "grad_scale", grad_scale)
     torch._check(out.dim() == 1 and out.shape[0] == STATS_COLUMNS
                  and out.dtype == torch.float64,
@@ -188,21 +197,19 @@ def _stats_fake(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
     return None
 
 
-def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                 grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+def _update_fake(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
+                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
                  decoupled, dampening, max_grad_norm, skip_nonfinite):
     op = "adai::update"
-    _check_lists(op, len(params), grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                 beta1_prod=beta1_prod, v_sums=v_sums, steps=steps)
-    _check_pairs(op, params, grads)
-    for name, states in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                         ("beta1_prod", beta1_prod)):
-        for i, (s, p) in enumerate(zip(states, params)):
-            torch._check(s.dtype == torch.float32 and s.shape == p.shape,
-                         lambda: f"{op}: {name}[{i}] must be float32 with the shape of "
-                                 f"params[{i}]")
-    _check_scalars(op, "v_sums", v_sums, torch.float64)
-    _check_scalars(op, "steps", steps, torch.float32)
+    _check_grads(op, params, grads)
+    _check_segments(op, segments, len(params))
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                    ("beta1_prod", beta1_prod)):
+        _check_flat(op, name, t, torch.float32)
+        torch._check(t.shape[0] == exp_avg.shape[0],
+                     lambda: f"{op}: `{name}` has {t.shape[0]} elements but `exp_avg` has "
+                             f"{exp_avg.shape[0]}")
+    _check_slots(op, steps, v_sums)
     torch._check(stats.dim() == 2 and stats.shape[1] == STATS_COLUMNS
                  and stats.dtype == torch.float64,
                  lambda: f"{op}: `stats` must be a 2-D float64 tensor with {STATS_COLUMNS} "
@@ -213,15 +220,14 @@ def _update_fake(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
     return None
 
 
-def _sum_v_fake(exp_avg_sq, v_sums):
+def _sum_v_fake(exp_avg_sq, segments, v_sums):
     op = "adai::sum_v"
-    torch._check(len(v_sums) == len(exp_avg_sq),
-                 lambda: f"{op}: `v_sums` has {len(v_sums)} tensors but `exp_avg_sq` has "
-                         f"{len(exp_avg_sq)}")
-    for i, v in enumerate(exp_avg_sq):
-        torch._check(v.dtype == torch.float32,
-                     lambda: f"{op}: exp_avg_sq[{i}] has dtype {v.dtype}; expected float32")
-    _check_scalars(op, "v_sums", v_sums, torch.float64)
+    _check_flat(op, "exp_avg_sq", exp_avg_sq, torch.float32)
+    _check_flat(op, "v_sums", v_sums, torch.float64)
+    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
+                 and segments.shape[1] == 3,
+                 lambda: f"{op}: `segments` must be an int64 tensor of shape (n, 3), got "
+                         f"{segments.dtype} of shape {tuple(segments.shape)}")
     return None
 
 

@@ -124,6 +124,14 @@ class Bucket:
     def state_of(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.views[self.position[id(param)]]
 
+    def segments(self, params=None) -> torch.Tensor:
+        """The ops' `segments` table (csrc/ops.cpp) of `params` (default: all, in join
+        order): per parameter (offset, numel, slot) as an int64 CPU tensor of shape (n, 3)."""
+        slots = range(len(self.params)) if params is None else [self.position[id(p)]
+                                                                 for p in params]
+        rows = [(self.offsets[i], local(self.params[i]).numel(), i) for i in slots]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
     def steps_list(self) -> list[int]:
         """Step counters as ints, in join order (one device-to-host copy)."""
         return [int(s) for s in self.steps.tolist()]

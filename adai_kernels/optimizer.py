@@ -276,7 +276,8 @@ class Adai(Optimizer):
                     return None
             works.append(Work(template.group, device, dtype, template.params, gs,
                               template.exp_avg, template.exp_avg_sq, template.beta1_prod,
-                              template.steps, template.v_sums))
+                              template.steps, template.v_sums, template.bucket,
+                              template.segments))
         return works
 
     def _plan_step(self, grads: list, capturing: bool = False) -> list[Work]:
@@ -315,12 +316,15 @@ class Adai(Optimizer):
 
         works: dict[tuple, Work] = {}
         positions: dict[tuple, list[int]] = defaultdict(list)
+        members: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # as the buckets key them
         replayable = True  # no stand-ins, no copied gradients, no DTensors
         for gi, index, p, g in selected:
             key = (gi, p.device, p.dtype)
             w = works.get(key)
             if w is None:
-                w = works[key] = Work(self.param_groups[gi], p.device, p.dtype)
+                w = works[key] = Work(self.param_groups[gi], p.device, p.dtype,
+                                      bucket=self._buckets[key])
+            members[key].append(p)
             views = self._buckets[key].state_of(p)
             replayable &= not sharding.is_dtensor(p)
             p, g = sharding.local(p), sharding.local(g)
@@ -339,11 +343,14 @@ class Adai(Optimizer):
                 getattr(w, k).append(views[k])
             w.steps.append(views["step"])
             w.v_sums.append(views["v_sum"])
+        for key, w in works.items():
+            w.segments = w.bucket.segments(members[key])
         self._plan = None
         if replayable:  # the templates hold no gradients: they must not keep them alive
             self._plan = (tuple(g is None for g in grads),
                           [(Work(w.group, w.device, w.dtype, w.params, [], w.exp_avg,
-                                 w.exp_avg_sq, w.beta1_prod, w.steps, w.v_sums),
+                                 w.exp_avg_sq, w.beta1_prod, w.steps, w.v_sums, w.bucket,
+                                 w.segments),
                             positions[key], [p.stride() for p in w.params])
                            for key, w in works.items()])
         return list(works.values())
@@ -440,9 +447,7 @@ class Adai(Optimizer):
         for key, items in initial.items():
             bucket = buckets[key] = Bucket(key[1], key[2])
             bucket.add([p for p, _ in items], [e for _, e in items])
-            views = [bucket.state_of(p) for p, _ in items]
-            self._backend_for(key[1]).sum_v([v["exp_avg_sq"] for v in views],
-                                            [v["v_sum"] for v in views])
+            self._backend_for(key[1]).sum_v(bucket)
         # Everything is checked and built: commit. A bucket of the same parameters keeps its
         # buffers (a captured CUDA graph holds their addresses).
         for key, bucket in buckets.items():

@@ -22,7 +22,8 @@ class Work:
 
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
     non-overlapping and dense; states are float32 views with the same shape and strides;
-    `steps[i]` is a 0-dim float32 view, `v_sums[i]` a 0-dim float64 view.
+    `steps[i]` is a 0-dim float32 view, `v_sums[i]` a 0-dim float64 view. The same state as
+    the compiled ops take it: `bucket`'s flat buffers and `segments` (csrc/ops.cpp).
     """
 
     group: dict
@@ -35,6 +36,8 @@ class Work:
     beta1_prod: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     v_sums: list[torch.Tensor] = field(default_factory=list)
+    bucket: object = None                   # the Bucket that owns the states
+    segments: torch.Tensor | None = None    # (offset, numel, slot) per tensor, int64 CPU
     # (param, dense stand-in) pairs: the stand-in is stepped, then copied into the param.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # a backend's data between its two phases

@@ -28,9 +28,10 @@ class Backend:
         every element; a skipped step only takes back the step increments."""
         raise NotImplementedError
 
-    def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:
-        """v_sums[i] = exp_avg_sq[i].sum(), summed exactly as `update` sums the new v (used
-        when state is loaded, so that a restored run matches an uninterrupted one bitwise)."""
+    def sum_v(self, bucket) -> None:
+        """Every parameter's v_sum = the sum of its exp_avg_sq, summed exactly as `update`
+        sums the new v (used when state is loaded, so that a restored run matches an
+        uninterrupted one bitwise)."""
         raise NotImplementedError
 
 
@@ -56,18 +57,20 @@ class OpsBackend(Backend):
         return getattr(torch.ops, self._namespace)
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
-        self._ops.stats(work.params, work.grads, work.steps, work.v_sums, ctl.grad_scale,
-                        work.beta2, work.l2, out)
+        b = work.bucket
+        self._ops.stats(work.params, work.grads, work.segments, b.steps, b.v_sums,
+                        ctl.grad_scale, work.beta2, work.l2, out)
 
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
-        g = work.group
+        g, b = work.group, work.bucket
         lr_tensor = work.lr_tensor
-        self._ops.update(work.params, work.grads, work.exp_avg, work.exp_avg_sq,
-                         work.beta1_prod, work.v_sums, work.steps, stats, ctl.grad_scale,
+        self._ops.update(work.params, work.grads, work.segments, b.buffers["exp_avg"],
+                         b.buffers["exp_avg_sq"], b.buffers["beta1_prod"], b.v_sums, b.steps,
+                         stats, ctl.grad_scale,
                          ctl.found_inf, lr_tensor, 0.0 if lr_tensor is not None else g["lr"],
                          g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
                          g["decoupled"], g["dampening"], ctl.max_grad_norm or 0.0,
                          ctl.skip_nonfinite)
 
-    def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:
-        self._ops.sum_v(exp_avg_sq, v_sums)
+    def sum_v(self, bucket) -> None:
+        self._ops.sum_v(bucket.buffers["exp_avg_sq"], bucket.segments(), bucket.v_sums)

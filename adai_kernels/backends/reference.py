@@ -128,9 +128,10 @@ class ReferenceBackend(Backend):
         torch._foreach_sub_(work.steps, [skip.float()] * len(work.steps))
         work.scratch.clear()
 
-    def sum_v(self, exp_avg_sq: list[torch.Tensor], v_sums: list[torch.Tensor]) -> None:
-        for v, out in zip(exp_avg_sq, v_sums):
-            out.copy_(v.sum(dtype=_acc_dtype(v.device)))
+    def sum_v(self, bucket) -> None:
+        for p in bucket.params:
+            views = bucket.state_of(p)
+            views["v_sum"].copy_(views["exp_avg_sq"].sum(dtype=_acc_dtype(bucket.device)))
 
 
 REFERENCE = ReferenceBackend()

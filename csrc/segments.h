@@ -1,0 +1,108 @@
+// Checks shared by the CPU and CUDA ops (host code only): the list lengths, the flat state
+// buffers and the `segments` table (csrc/ops.cpp). After these checks every state access of
+// a kernel is in bounds and every tensor owns its own step counter and v_sum.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace adai {
+
+// Columns of a row of `segments`.
+enum SegmentColumn { kOffset = 0, kNumel = 1, kSlot = 2, kSegmentColumns = 3 };
+
+inline void check_len(const char* op, const char* name, size_t got, size_t want) {
+  TORCH_CHECK(got == want, op, ": `", name, "` has ", got, " tensors but `params` has ", want,
+              "; the tensor lists must have the same length");
+}
+
+// `segments` must be a contiguous int64 CPU tensor of shape (n, 3). Returns its rows.
+inline const int64_t* segment_rows(const char* op, const at::Tensor& segments, size_t n) {
+  TORCH_CHECK(segments.defined() && segments.device().is_cpu() &&
+                  segments.scalar_type() == at::kLong && segments.dim() == 2 &&
+                  segments.size(1) == kSegmentColumns && segments.is_contiguous(),
+              op, ": `segments` must be a contiguous int64 CPU tensor of shape (n, 3) (offset, "
+              "numel, slot per tensor), got ", segments.scalar_type(), " on ", segments.device(),
+              " with shape ", segments.sizes());
+  TORCH_CHECK(static_cast<size_t>(segments.size(0)) == n, op, ": `segments` has ",
+              segments.size(0), " rows but `params` has ", n, " tensors");
+  return segments.const_data_ptr<int64_t>();
+}
+
+// A flat buffer: 1-D, contiguous, of `dtype`, on `device`.
+inline void check_flat(const char* op, const char* name, const at::Tensor& t,
+                       at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.is_contiguous() && t.scalar_type() == dtype,
+              op, ": `", name, "` must be a contiguous 1-D ", dtype, " tensor, got ",
+              t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor", " with shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.device() == device, op, ": `", name, "` is on ", t.device(),
+              " but the op runs on ", device);
+}
+
+// steps (float32) and v_sums (float64): one slot per tensor of the bucket.
+inline void check_slots(const char* op, const at::Tensor& steps, const at::Tensor& v_sums,
+                        const at::Device& device) {
+  check_flat(op, "steps", steps, at::kFloat, device);
+  check_flat(op, "v_sums", v_sums, at::kDouble, device);
+  TORCH_CHECK(steps.numel() == v_sums.numel(), op, ": `steps` has ", steps.numel(),
+              " slots but `v_sums` has ", v_sums.numel());
+}
+
+// The float32 state buffers (any subset may be given; all of one length). Returns the length.
+inline int64_t check_states(const char* op, const std::vector<const char*>& names,
+                            const std::vector<const at::Tensor*>& states,
+                            const at::Device& device) {
+  int64_t len = -1;
+  for (size_t k = 0; k < states.size(); ++k) {
+    check_flat(op, names[k], *states[k], at::kFloat, device);
+    if (len < 0) len = states[k]->numel();
+    TORCH_CHECK(states[k]->numel() == len, op, ": `", names[k], "` has ", states[k]->numel(),
+                " elements but `", names[0], "` has ", len, "; the state buffers must have one length");
+  }
+  return len < 0 ? 0 : len;
+}
+
+// Row i of `segments`: numel equal to the tensor's (`expect_numel` >= 0), the span inside
+// the state buffers (state_len < 0: no state buffers given), the slot inside steps / v_sums
+// and not used by another tensor of the call (`seen` has one flag per slot).
+inline void check_segment(const char* op, size_t i, const int64_t* row, int64_t expect_numel,
+                          int64_t state_len, std::vector<char>& seen) {
+  const int64_t offset = row[kOffset], numel = row[kNumel], slot = row[kSlot];
+  TORCH_CHECK(expect_numel < 0 || numel == expect_numel, op, ": segments[", i, "] has numel ",
+              numel, " but params[", i, "] has ", expect_numel, " elements");
+  TORCH_CHECK(numel >= 0 && offset >= 0 && (state_len < 0 || numel <= state_len - offset), op,
+              ": segments[", i, "] = (offset ", offset, ", numel ", numel,
+              ") is outside the state buffers of ", state_len, " elements");
+  const int64_t n_slots = static_cast<int64_t>(seen.size());
+  TORCH_CHECK(slot >= 0 && slot < n_slots, op, ": segments[", i, "] has slot ", slot,
+              " but steps and v_sums have ", n_slots, " slots");
+  TORCH_CHECK(!seen[slot], op, ": segments[", i, "] uses slot ", slot,
+              ", which an earlier tensor of this call uses");
+  seen[slot] = 1;
+}
+
+// No two non-empty segments overlap (a kernel writes each state element from one thread).
+inline void check_disjoint(const char* op, const int64_t* rows, size_t n) {
+  std::vector<size_t> order;
+  order.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (rows[kSegmentColumns * i + kNumel] > 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [rows](size_t a, size_t b) {
+    return rows[kSegmentColumns * a + kOffset] < rows[kSegmentColumns * b + kOffset];
+  });
+  for (size_t k = 1; k < order.size(); ++k) {
+    const int64_t* prev = rows + kSegmentColumns * order[k - 1];
+    const int64_t* cur = rows + kSegmentColumns * order[k];
+    TORCH_CHECK(prev[kOffset] + prev[kNumel] <= cur[kOffset], op, ": segments[", order[k - 1],
+                "] and segments[", order[k], "] overlap in the state buffers");
+  }
+}
+
+}  // namespace adai
