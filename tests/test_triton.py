@@ -61,11 +61,30 @@ def _like(shape, layout, dtype, fill):
     return x.to(dtype)
 
 
-class Bucket:
-    """Tensors as the optimizer hands them to the ops: params/grads in their own layout,
-    float32 states with the same strides, 0-dim step (float32) and v_sum (float64) views."""
+# Fill of the buffers' elements and slots that no tensor owns: the ops must not touch them.
+UNOWNED = -7.0
+STATE_LAYOUTS = ("aligned", "misaligned", "shuffled")
 
-    def __init__(self, dtype, seed=0, shapes=SHAPES, fresh=False):
+
+def _round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+class Bucket:
+    """Tensors as the optimizer hands them to the ops: params/grads in their own layout; the
+    states in three flat float32 buffers, tensor i's at [offset_i, offset_i + numel_i) in the
+    memory order of params[i], its step (float32) and v_sum (float64) in slot_i of two vectors
+    (`segments`, csrc/ops.cpp). `states` lays the buffers out:
+      "aligned"     offsets padded to 16 elements, slot i = i (the optimizer's buckets);
+      "misaligned"  every offset 1, 2 or 3 modulo 4 (no 16-byte aligned state pointer);
+      "shuffled"    aligned spans in reverse order with gaps, slots reversed, two spare
+                    slots.
+    `exp_avg[i]`, ... are views of the buffers with the param's shape and strides, and
+    `steps[i]`, `v_sums[i]` 0-dim views of the slots (for the checks, not the ops)."""
+
+    STATES = ("exp_avg", "exp_avg_sq", "beta1_prod")
+
+    def __init__(self, dtype, seed=0, shapes=SHAPES, fresh=False, states="aligned"):
         gen = torch.Generator().manual_seed(seed)
 
         def randn(s):
@@ -77,32 +96,76 @@ class Bucket:
         self.shapes, self.dtype, self.gen = shapes, dtype, gen
         self.params = [_like(s, lay, dtype, randn) for s, lay in shapes]
         n = len(shapes)
-        if fresh:  # a new bucket: zeros, ones, step 0
-            self.exp_avg = [_like(s, lay, torch.float32, torch.zeros) for s, lay in shapes]
-            self.exp_avg_sq = [_like(s, lay, torch.float32, torch.zeros) for s, lay in shapes]
-            self.beta1_prod = [_like(s, lay, torch.float32, torch.ones) for s, lay in shapes]
-            self.step_buf = torch.zeros(n)
-        else:  # mid-training, tensors at different steps (so bc2 differs between them)
-            self.exp_avg = [_like(s, lay, torch.float32, lambda s: 0.1 * randn(s))
-                            for s, lay in shapes]
-            self.exp_avg_sq = [_like(s, lay, torch.float32, lambda s: 0.5 * rand(s))
-                               for s, lay in shapes]
-            self.beta1_prod = [_like(s, lay, torch.float32, lambda s: 0.05 + 0.9 * rand(s))
-                               for s, lay in shapes]
-            self.step_buf = torch.randint(1, 6, (n,), generator=gen).float()
-        self.vsum_buf = torch.tensor([v.double().sum() for v in self.exp_avg_sq],
-                                     dtype=torch.float64)
-        self.steps = list(self.step_buf.unbind())
-        self.v_sums = list(self.vsum_buf.unbind())
+        numels = [p.numel() for p in self.params]
+        offsets, cursor = [0] * n, 0
+        for i in (reversed(range(n)) if states == "shuffled" else range(n)):
+            if states == "aligned":
+                cursor = _round_up(cursor, 16)
+            elif states == "misaligned":
+                cursor = _round_up(cursor, 4) + 1 + i % 3
+            else:
+                cursor = _round_up(cursor + 5, 16)
+            offsets[i] = cursor
+            cursor += numels[i]
+        length = _round_up(cursor, 16) + (3 if states == "shuffled" else 0)
+        slots = [n + 1 - i for i in range(n)] if states == "shuffled" else list(range(n))
+        n_slots = n + 2 if states == "shuffled" else n
+        self.segments = torch.tensor(list(zip(offsets, numels, slots)),
+                                     dtype=torch.int64).reshape(n, 3)
+        self.slot_index = torch.tensor(slots, dtype=torch.int64)
+        self.buf = {k: torch.full((length,), UNOWNED) for k in self.STATES}
+        for k in self.STATES:
+            setattr(self, k, [self.buf[k].as_strided(p.shape, p.stride(), o)
+                              for p, o in zip(self.params, offsets)])
+        self.step_buf = torch.full((n_slots,), UNOWNED)
+        self.vsum_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
+        self.steps = [self.step_buf[s] for s in slots]
+        self.v_sums = [self.vsum_buf[s] for s in slots]
+        for i, (s, lay) in enumerate(shapes):
+            if fresh:  # a new bucket: zeros, ones, step 0
+                m, v, b = torch.zeros(s), torch.zeros(s), torch.ones(s)
+                k = 0.0
+            else:  # mid-training, tensors at different steps (so bc2 differs between them)
+                m = _like(s, lay, torch.float32, lambda s: 0.1 * randn(s))
+                v = _like(s, lay, torch.float32, lambda s: 0.5 * rand(s))
+                b = _like(s, lay, torch.float32, lambda s: 0.05 + 0.9 * rand(s))
+                k = float(torch.randint(1, 6, (), generator=gen))
+            for key, x in zip(self.STATES, (m, v, b)):
+                getattr(self, key)[i].copy_(x)
+            self.steps[i].fill_(k)
+            self.v_sums[i].fill_(self.exp_avg_sq[i].double().sum())
+        owned = torch.zeros(length, dtype=torch.bool)
+        for o, k in zip(offsets, numels):
+            owned[o:o + k] = True
+        self.unowned = ~owned
+        self.spare = torch.ones(n_slots, dtype=torch.bool)
+        self.spare[self.slot_index] = False
 
     def grads(self, scale=1.0):
         return [_like(s, lay, self.dtype, lambda s: scale * torch.randn(s, generator=self.gen))
                 for s, lay in self.shapes]
 
+    def k(self):
+        """The tensors' step counters, in tensor order."""
+        return self.step_buf[self.slot_index]
+
+    def v(self):
+        """The tensors' v_sums, in tensor order."""
+        return self.vsum_buf[self.slot_index]
+
+    def outside(self):
+        """What no tensor owns: the buffers' gaps and the spare slots."""
+        return {k: self.buf[k][self.unowned].clone() for k in self.STATES} | {
+            "spare_steps": self.step_buf[self.spare].clone(),
+            "spare_v_sums": self.vsum_buf[self.spare].clone()}
+
     def snapshot(self):
+        """Per-tensor copies (steps and v_sums in tensor order) and the whole buffers."""
         return {k: [t.clone(memory_format=torch.preserve_format) for t in getattr(self, k)]
-                for k in ("params", "exp_avg", "exp_avg_sq", "beta1_prod")} | {
-            "steps": self.step_buf.clone(), "v_sums": self.vsum_buf.clone()}
+                for k in ("params",) + self.STATES} | {
+            "steps": self.k().clone(), "v_sums": self.v().clone(),
+            "buffers": [self.buf[k].clone() for k in self.STATES],
+            "slots": [self.step_buf.clone(), self.vsum_buf.clone()]}
 
 
 # ------------------------------------------------------------------ float64, from the spec
@@ -193,14 +256,16 @@ def run_stats(bk, grads, beta2, l2, others=1, grad_scale=None):
     (other buckets' rows). Returns the matrix."""
     stats = torch.zeros(1 + others, 7, dtype=torch.float64)
     stats[1:] = OTHER / others if others else 0.0
-    ops.stats(bk.params, grads, bk.steps, bk.v_sums, grad_scale, beta2, l2, stats[0])
+    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, grad_scale, beta2, l2,
+              stats[0])
     return stats
 
 
 def run_update(bk, grads, stats, hp, grad_scale=None, found_inf=None, lr_tensor=None,
                max_norm=0.0, skip_nonfinite=False):
-    ops.update(bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod, bk.v_sums,
-               bk.steps, stats, grad_scale, found_inf, lr_tensor,
+    ops.update(bk.params, grads, bk.segments, bk.buf["exp_avg"], bk.buf["exp_avg_sq"],
+               bk.buf["beta1_prod"], bk.vsum_buf, bk.step_buf, stats, grad_scale, found_inf,
+               lr_tensor,
                0.0 if lr_tensor is not None else hp["lr"], hp["beta0"], hp["beta2"],
                hp["eps"], hp["wd"], hp["decoupled"], hp["d"], max_norm, skip_nonfinite)
 
@@ -212,9 +277,10 @@ def hyper(decay, d, lr=0.05):
 
 
 def check_step(bk, grads, hp, others=1, scale=None, max_norm=0.0):
-    """One step of both ops against the float64 spec, from the bucket's current state.
-    Returns the clip coefficient the spec found."""
+    """One step of both ops against the float64 spec, from the bucket's current state; what
+    no tensor owns stays as it was. Returns the clip coefficient the spec found."""
     snap = bk.snapshot()
+    outside = bk.outside()
     grads_before = [g.clone() for g in grads]
     l2 = 0.0 if hp["decoupled"] else hp["wd"]
     gs = None if scale is None else torch.tensor(scale, dtype=torch.float32)
@@ -222,7 +288,8 @@ def check_step(bk, grads, hp, others=1, scale=None, max_norm=0.0):
 
     stats = run_stats(bk, grads, hp["beta2"], l2, others, grad_scale=gs)
     k, row, mass = spec_row(snap, grads, hp["beta2"], l2, inv_scale)
-    assert torch.equal(bk.step_buf, k.float())
+    assert torch.equal(bk.k(), k.float())
+    assert_bitwise(outside, bk.outside())
     assert torch.all((stats[0] - row).abs() <= 2e-6 * mass), (stats[0], row)
     assert stats[0, 6].item() == sum(p.numel() for p in bk.params)
     if l2 == 0.0:  # params not read: B is Bgg, and no decay terms
@@ -246,7 +313,8 @@ def check_step(bk, grads, hp, others=1, scale=None, max_norm=0.0):
         torch.testing.assert_close(bk.v_sums[i].item(), float(bk.exp_avg_sq[i].double().sum()),
                                    **SUM_TOL)
         assert torch.equal(grads[i], grads_before[i])  # the caller's gradient is untouched
-    assert torch.equal(bk.step_buf, k.float())  # not skipped: the increment stays
+    assert torch.equal(bk.k(), k.float())  # not skipped: the increment stays
+    assert_bitwise(outside, bk.outside())
     for key in ("params", "exp_avg", "exp_avg_sq", "beta1_prod"):
         assert all(torch.isfinite(t).all() for t in getattr(bk, key))
     return c
@@ -280,7 +348,7 @@ def test_fresh_state_first_steps(dtype):
     hp = hyper("none", 1.0)
     for _ in range(2):
         check_step(bk, bk.grads(), hp, others=0)
-    assert torch.equal(bk.step_buf, torch.full((len(SHAPES),), 2.0))
+    assert torch.equal(bk.k(), torch.full((len(SHAPES),), 2.0))
 
 
 def test_stats_row_columns():
@@ -292,7 +360,8 @@ def test_stats_row_columns():
     grads = bk.grads()
     buf = torch.full((7, 3), -1.0, dtype=torch.float64)
     buf[:, 1:] = (OTHER / 2).unsqueeze(1)
-    ops.stats(bk.params, grads, bk.steps, bk.v_sums, None, hp["beta2"], hp["wd"], buf[:, 0])
+    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, None, hp["beta2"],
+              hp["wd"], buf[:, 0])
     k, row, mass = spec_row(snap, grads, hp["beta2"], hp["wd"])
     assert torch.all((buf[:, 0] - row).abs() <= 2e-6 * mass), (buf[:, 0], row)
     assert torch.equal(buf[:, 1:], (OTHER / 2).unsqueeze(1).expand(7, 2))  # only its row
@@ -354,8 +423,9 @@ def test_clipping_with_grad_scale_and_dampening():
                                  "inf-scaled-skip_nonfinite"))
 def test_skipped_step_writes_nothing(dtype, why):
     """A skipped step leaves params, states and v_sums bitwise as they were and takes the
-    step increments back, decided on the device."""
-    bk = Bucket(dtype, seed=50)
+    step increments back, decided on the device (the whole buffers and slot vectors
+    compared)."""
+    bk = Bucket(dtype, seed=50, states="shuffled")
     hp = hyper("coupled", 1.0)
     before = bk.snapshot()
     grads = bk.grads()
@@ -373,7 +443,7 @@ def test_skipped_step_writes_nothing(dtype, why):
         gs = kwargs["grad_scale"] = torch.tensor(2.0**16)
         kwargs["skip_nonfinite"] = True
     stats = run_stats(bk, grads, hp["beta2"], hp["wd"], grad_scale=gs)
-    assert torch.equal(bk.step_buf, before["steps"] + 1.0)
+    assert torch.equal(bk.k(), before["steps"] + 1.0)
     if why != "found_inf":
         assert not torch.isfinite(stats[0, 5])
     run_update(bk, grads, stats, hp, **kwargs)
@@ -393,7 +463,7 @@ def test_not_skipped_without_the_flags():
     before = b.snapshot()
     grads[3][0] = float("inf")
     run_update(b, grads, run_stats(b, grads, hp["beta2"], 0.0), hp)
-    assert torch.equal(b.step_buf, before["steps"] + 1.0)
+    assert torch.equal(b.k(), before["steps"] + 1.0)
     assert not torch.isfinite(b.params[3]).all()
     for i, p in enumerate(b.params):
         if i != 3:
@@ -432,8 +502,8 @@ def test_all_zero_gradients(d):
         assert torch.equal(bk.exp_avg[i], torch.zeros_like(p))
         assert torch.equal(bk.exp_avg_sq[i], torch.zeros_like(p))
         assert torch.equal(bk.beta1_prod[i], torch.full_like(p, 1.0 - 1e-3))
-    assert torch.equal(bk.vsum_buf, torch.zeros_like(bk.vsum_buf))
-    assert torch.equal(bk.step_buf, torch.ones_like(bk.step_buf))
+    assert torch.equal(bk.v(), torch.zeros_like(bk.v()))
+    assert torch.equal(bk.k(), torch.ones_like(bk.k()))
 
 
 def _run_steps(dtype, d, steps=2):
@@ -452,16 +522,107 @@ def test_deterministic(dtype, d):
     assert_bitwise(_run_steps(dtype, d), _run_steps(dtype, d))
 
 
-def test_sum_v_matches_update_bitwise():
-    """sum_v accumulates exactly as update does (a restored checkpoint continues bitwise)."""
-    bk = Bucket(torch.float32, seed=2)
+@pytest.mark.parametrize("states", STATE_LAYOUTS)
+def test_sum_v_matches_update_bitwise(states):
+    """sum_v accumulates exactly as update does (a restored checkpoint continues bitwise),
+    writes only the slots of its rows, and sums any subset of the tensors."""
+    bk = Bucket(torch.float32, seed=2, states=states)
     grads = bk.grads()
     hp = hyper("none", 1.0)
     stats = run_stats(bk, grads, hp["beta2"], 0.0)
     run_update(bk, grads, stats, hp)
     fresh = torch.full_like(bk.vsum_buf, -1.0)
-    ops.sum_v(bk.exp_avg_sq, list(fresh.unbind()))
-    assert torch.equal(fresh, bk.vsum_buf)
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, fresh)
+    assert torch.equal(fresh[bk.slot_index], bk.v())
+    assert torch.equal(fresh[bk.spare], torch.full_like(fresh[bk.spare], -1.0))
+    rows = [4, 1, 6]
+    part = torch.full_like(bk.vsum_buf, -1.0)
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments[rows], part)
+    named = bk.slot_index[rows]
+    assert torch.equal(part[named], bk.vsum_buf[named])
+    others = torch.ones_like(part, dtype=torch.bool)
+    others[named] = False
+    assert torch.equal(part[others], torch.full_like(part[others], -1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("states", STATE_LAYOUTS)
+def test_state_layouts(dtype, states):
+    """States at any offsets of the buffers (misaligned ones included), spans in any order,
+    slots in any order with spare ones: both ops match the spec, and nothing that no tensor
+    owns is written."""
+    bk = Bucket(dtype, seed=80 + 10 * DTYPES.index(dtype) + STATE_LAYOUTS.index(states),
+                states=states)
+    hp = hyper("coupled", 0.5)
+    for _ in range(2):
+        check_step(bk, bk.grads(), hp)
+
+
+def test_layouts_step_alike():
+    """The same tensors step bitwise alike whatever the layout of their states."""
+    snaps = []
+    for states in STATE_LAYOUTS:
+        bk = Bucket(torch.float32, seed=90, states=states)
+        hp = hyper("decoupled", 1.0)
+        for _ in range(2):
+            grads = bk.grads()
+            run_update(bk, grads, run_stats(bk, grads, hp["beta2"], 0.0), hp)
+        snaps.append({k: v for k, v in bk.snapshot().items() if k not in ("buffers", "slots")})
+    assert_bitwise(snaps[0], snaps[1])
+    assert_bitwise(snaps[0], snaps[2])
+
+
+def _launch_flags(monkeypatch):
+    """Record the constexpr alignment flags of every element-wise launch."""
+    K = triton_backend._state["kernels"]
+    seen = []
+
+    class Recording:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, {k: v for k, v in kwargs.items()
+                                         if k.endswith("_ALIGNED")}))
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for name in ("stats_partials_kernel", "update_kernel", "vsum_partials_kernel"):
+        monkeypatch.setattr(K, name, Recording(name, getattr(K, name)))
+    return seen
+
+
+@pytest.mark.parametrize("states", STATE_LAYOUTS)
+def test_alignment_hints_follow_the_pointers(monkeypatch, states):
+    """Vector hints only where every state pointer (buffer + 4 * offset) of a non-empty
+    tensor is 16-byte aligned: the optimizer's padded layout gets them, misaligned offsets
+    do not."""
+    seen = _launch_flags(monkeypatch)
+    bk = Bucket(torch.float32, seed=1, states=states)
+    assert all(t.data_ptr() % 16 == 0 for t in bk.params)
+    grads = bk.grads()
+    run_update(bk, grads, run_stats(bk, grads, 0.99, 0.1), hyper("coupled", 1.0))
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    aligned = states != "misaligned"
+    assert seen == [
+        ("stats_partials_kernel", dict(P_ALIGNED=True)),
+        ("update_kernel", dict(P_ALIGNED=aligned, S_ALIGNED=aligned)),
+        ("vsum_partials_kernel", dict(S_ALIGNED=aligned))]
+
+
+def test_alignment_of_state_pointers():
+    """_states_aligned decides from base + 4 * offset, for non-empty tensors only."""
+    sa = triton_backend._states_aligned
+    assert sa((64, 128), [0, 4, 16], [3, 1, 9])
+    assert not sa((64, 128), [0, 5], [3, 1])
+    assert sa((64, 128), [0, 5], [3, 0])  # an empty tensor's pointer is never used
+    assert not sa((64, 132), [0, 4], [3, 1])  # one base off
+    assert sa((52, 4), [3, 7, 11], [1, 1, 1])  # bases off, offsets put every pointer right
+    assert not sa((52, 4), [3, 6], [1, 1])
+    assert sa((4,), [1], [0])
+    al = triton_backend._aligned
+    assert al([16, 32], [1, 1]) and not al([16, 36], [1, 1]) and al([16, 36], [1, 0])
 
 
 def test_bf16_store_rounds_to_nearest_even():
@@ -514,26 +675,197 @@ def test_launch_count_does_not_grow_with_tensors(monkeypatch):
     assert count(2) == count(12) and len(count(2)) == 5
 
 
-def test_empty_lists():
+@pytest.mark.parametrize("slots", (0, 3))
+def test_empty_lists(slots):
+    """No tensors: empty buffers and slot vectors, or a bucket's whose tensors all sit out
+    the step (nothing is written but the zero row)."""
+    segs = torch.zeros(0, 3, dtype=torch.int64)
+    steps = torch.full((slots,), 2.0)
+    v_sums = torch.full((slots,), 3.0, dtype=torch.float64)
+    states = [torch.full((16 * slots,), 4.0) for _ in range(3)]
     out = torch.full((7,), 7.0, dtype=torch.float64)
-    ops.stats([], [], [], [], None, 0.99, 0.0, out)
+    ops.stats([], [], segs, steps, v_sums, None, 0.99, 0.0, out)
     assert torch.equal(out, torch.zeros(7, dtype=torch.float64))
-    ops.update([], [], [], [], [], [], [], torch.zeros(1, 7, dtype=torch.float64), None, None,
-               None, 1.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
-    ops.sum_v([], [])
+    ops.update([], [], segs, *states, v_sums, steps, torch.zeros(1, 7, dtype=torch.float64),
+               None, None, None, 1.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
+    ops.sum_v(states[1], segs, v_sums)
+    assert torch.equal(steps, torch.full((slots,), 2.0))
+    assert torch.equal(v_sums, torch.full((slots,), 3.0, dtype=torch.float64))
+    assert all(torch.equal(s, torch.full((16 * slots,), 4.0)) for s in states)
+
+
+def test_empty_tensor_at_the_end_of_the_buffers():
+    """An empty tensor's span may start at the buffers' end (or anywhere inside them)."""
+    shapes = [((5,), "c"), ((0,), "c"), ((0, 3), "c")]
+    bk = Bucket(torch.float32, seed=6, shapes=shapes)
+    n = bk.buf["exp_avg"].numel()
+    bk.segments[1, 0] = n
+    bk.segments[2, 0] = 3  # inside the first span: empty spans overlap nothing
+    check_step(bk, bk.grads(), hyper("coupled", 1.0), others=0)
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    assert bk.v()[1].item() == 0.0 and bk.v()[2].item() == 0.0
 
 
 def test_bad_shapes_are_rejected():
     bk = Bucket(torch.float32, seed=4, shapes=[((7,), "c")])
     grads = bk.grads()
     with pytest.raises(RuntimeError, match="out must be a 1-D float64"):
-        ops.stats(bk.params, grads, bk.steps, bk.v_sums, None, 0.99, 0.0,
+        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, None, 0.99, 0.0,
                   torch.zeros((), dtype=torch.float64))
     with pytest.raises(RuntimeError, match="stats must be a 2-D float64"):
         run_update(bk, grads, torch.zeros(7, dtype=torch.float64), hyper("none", 1.0))
     with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
-        ops.stats(bk.params, grads, bk.steps, bk.v_sums, torch.tensor(2.0, dtype=torch.float64),
-                  0.99, 0.0, torch.zeros(7, dtype=torch.float64))
+        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf,
+                  torch.tensor(2.0, dtype=torch.float64), 0.99, 0.0,
+                  torch.zeros(7, dtype=torch.float64))
+
+
+def _call(bk, op, **changes):
+    """Call `op` ("stats", "update" or "sum_v") on the bucket with some arguments replaced
+    (`segments` may be given as a list of rows)."""
+    a = dict(params=bk.params, grads=[torch.ones_like(p) for p in bk.params],
+             segments=bk.segments, steps=bk.step_buf, v_sums=bk.vsum_buf, **bk.buf)
+    a.update(changes)
+    if isinstance(a["segments"], list):
+        a["segments"] = torch.tensor(a["segments"], dtype=torch.int64)
+    if op == "stats":
+        ops.stats(a["params"], a["grads"], a["segments"], a["steps"], a["v_sums"], None, 0.99,
+                  0.1, torch.zeros(7, dtype=torch.float64))
+    elif op == "update":
+        ops.update(a["params"], a["grads"], a["segments"], a["exp_avg"], a["exp_avg_sq"],
+                   a["beta1_prod"], a["v_sums"], a["steps"], torch.zeros(1, 7,
+                                                                        dtype=torch.float64),
+                   None, None, None, 0.1, 0.1, 0.99, 1e-3, 0.1, False, 1.0, 0.0, False)
+    else:
+        ops.sum_v(a["exp_avg_sq"], a["segments"], a["v_sums"])
+
+
+# Three tensors of 7, 5 and 3 elements at offsets 0, 16, 32 of buffers of 48, slots 0, 1, 2.
+_ROWS = [[0, 7, 0], [16, 5, 1], [32, 3, 2]]
+_SHAPES3 = [((7,), "c"), ((5,), "c"), ((3,), "c")]
+
+
+def _rows(**at):
+    """_ROWS with entries replaced: at = {"r1c2": value} sets row 1, column 2."""
+    rows = [list(r) for r in _ROWS]
+    for key, value in at.items():
+        rows[int(key[1])][int(key[3])] = value
+    return rows
+
+
+F64 = torch.float64
+BAD_SEGMENTS = {
+    # name: (ops it applies to, segments or a tensor builder, message)
+    "int32": ("stats update sum_v", lambda: torch.tensor(_ROWS, dtype=torch.int32),
+              r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+    "two-columns": ("stats update sum_v", lambda: torch.tensor(_ROWS)[:, :2],
+                    r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+    "1-D": ("stats update sum_v", lambda: torch.tensor(_ROWS).reshape(-1),
+            r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+    "meta": ("stats update sum_v", lambda: torch.tensor(_ROWS).to("meta"),
+             r"segments must be an int64 CPU tensor .* on meta"),
+    "rows": ("stats update", lambda: torch.tensor(_ROWS[:2]),
+             "segments has 2 rows but params has 3 tensors"),
+    "numel": ("stats update", _rows(r1c1=4), r"segments\[1\] has numel 4 but params\[1\] "
+                                               r"has 5 elements"),
+    "negative-offset": ("stats update sum_v", _rows(r0c0=-1),
+                        r"segments\[0\] = \(offset -1, numel 7\) is"),
+    "past-the-end": ("update sum_v", _rows(r2c0=46),
+                     r"segments\[2\] = \(offset 46, numel 3\) is outside the state "
+                     r"buffers of 48 elements"),
+    "far-past-the-end": ("update sum_v", _rows(r2c0=2**62),
+                         r"segments\[2\] = \(offset 4611686018427387904, numel 3\) is "
+                         r"outside"),
+    "slot-range": ("stats update sum_v", _rows(r1c2=3),
+                   r"segments\[1\] has slot 3 but (steps and )?v_sums have 3 slots"),
+    "negative-slot": ("stats update sum_v", _rows(r0c2=-1), r"segments\[0\] has slot -1"),
+    "slot-twice": ("stats update sum_v", _rows(r2c2=0),
+                   r"segments\[2\] uses slot 0, which an earlier tensor of this call uses"),
+    "overlap": ("update sum_v", _rows(r1c0=5),
+                r"segments\[0\] and segments\[1\] overlap in the state buffers"),
+    "overlap-unordered": ("update sum_v", _rows(r0c0=33, r2c0=20),
+                          r"segments\[1\] and segments\[2\] overlap"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEGMENTS))
+def test_bad_segments_are_rejected(case):
+    """Every row of `segments` is checked before anything is written."""
+    names, segments, message = BAD_SEGMENTS[case]
+    for op in names.split():
+        bk = Bucket(torch.float32, seed=4, shapes=_SHAPES3)
+        assert bk.segments.tolist() == _ROWS and bk.buf["exp_avg"].numel() == 48
+        before = bk.snapshot()
+        with pytest.raises(RuntimeError, match=message):
+            _call(bk, op, segments=segments() if callable(segments) else segments)
+        assert_bitwise(before, bk.snapshot())
+
+
+def test_valid_unusual_segments_are_accepted():
+    """Spans in any order, touching spans, slots in any order: all valid."""
+    bk = Bucket(torch.float32, seed=4, shapes=_SHAPES3)
+    for rows in ([[41, 7, 2], [36, 5, 0], [0, 3, 1]], [[0, 7, 1], [7, 5, 2], [12, 3, 0]]):
+        for op in ("stats", "update", "sum_v"):
+            _call(bk, op, segments=rows)
+
+
+BAD_BUFFERS = {
+    # name: (ops, replaced arguments (a function of the bucket), message)
+    "exp_avg-float64": ("update", lambda bk: dict(exp_avg=bk.buf["exp_avg"].double()),
+                        "exp_avg must be a contiguous 1-D torch.float32 tensor, got "
+                        "torch.float64"),
+    "exp_avg_sq-2-D": ("update sum_v",
+                       lambda bk: dict(exp_avg_sq=bk.buf["exp_avg_sq"].view(6, 8)),
+                       r"exp_avg_sq must be a contiguous 1-D torch.float32 tensor, got "
+                       r"torch.float32 with shape \(6, 8\)"),
+    "beta1_prod-strided": ("update", lambda bk: dict(
+        beta1_prod=torch.zeros(96)[::2]), "beta1_prod must be a contiguous 1-D"),
+    "lengths": ("update", lambda bk: dict(beta1_prod=torch.zeros(64)),
+                "beta1_prod has 64 elements but exp_avg has 48; the state buffers must have "
+                "one length"),
+    "steps-float64": ("stats update", lambda bk: dict(steps=bk.step_buf.double()),
+                      "steps must be a contiguous 1-D torch.float32 tensor"),
+    "steps-0-dim": ("stats update", lambda bk: dict(steps=bk.steps[0]),
+                    "steps must be a contiguous 1-D torch.float32 tensor"),
+    "v_sums-float32": ("stats update sum_v", lambda bk: dict(v_sums=bk.vsum_buf.float()),
+                       "v_sums must be a contiguous 1-D torch.float64 tensor"),
+    "slot-counts": ("stats update", lambda bk: dict(v_sums=torch.zeros(4, dtype=F64)),
+                    "steps has 3 slots but v_sums has 4"),
+    "state-device": ("update", lambda bk: dict(exp_avg_sq=torch.zeros(48, device="meta")),
+                     "exp_avg_sq is on meta but the op runs on cpu"),
+    "v_sums-device": ("stats update sum_v",
+                      lambda bk: dict(v_sums=torch.zeros(3, dtype=F64, device="meta")),
+                      "v_sums is on meta but the op runs on cpu"),
+    "params-dtype": ("stats update", lambda bk: dict(
+        params=[bk.params[0], bk.params[1].double(), bk.params[2]]),
+        "params and grads must all have dtype torch.float32"),
+    "grads-shape": ("stats update", lambda bk: dict(
+        grads=[torch.zeros(7), torch.zeros(5, 1), torch.zeros(3)]),
+        r"grads\[1\] \(sizes \(5, 1\), strides \(1, 1\)\) must have the sizes and strides "
+        r"of params\[1\]"),
+    "params-int": ("stats update", lambda bk: dict(
+        params=[p.int() for p in bk.params], grads=[p.int() for p in bk.params]),
+        "params must be float32, bfloat16 or float16"),
+    "params-overlapping": ("stats update", lambda bk: dict(
+        params=[bk.params[0], torch.zeros(1).expand(5), bk.params[2]],
+        grads=[torch.zeros(7), torch.zeros(1).expand(5), torch.zeros(3)]),
+        r"params\[1\] must be non-overlapping and dense"),
+    "list-lengths": ("stats update", lambda bk: dict(grads=[torch.zeros(7)]),
+                     "grads has 1 tensors but params has 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BUFFERS))
+def test_bad_buffers_are_rejected(case):
+    """The flat buffers, slot vectors and the params / grads lists, checked before anything
+    is written."""
+    names, changes, message = BAD_BUFFERS[case]
+    for op in names.split():
+        bk = Bucket(torch.float32, seed=4, shapes=_SHAPES3)
+        before = bk.snapshot()
+        with pytest.raises(RuntimeError, match=message):
+            _call(bk, op, **changes(bk))
+        assert_bitwise(before, bk.snapshot())
 
 
 def test_opcheck():
@@ -542,20 +874,46 @@ def test_opcheck():
     stats = torch.zeros(2, 7, dtype=torch.float64)
     stats[1] = OTHER
     gs = torch.tensor(2.0)
+    states = (bk.buf["exp_avg"], bk.buf["exp_avg_sq"], bk.buf["beta1_prod"])
     for scale in (None, gs):
         torch.library.opcheck(ops.stats.default,
-                              (bk.params, grads, bk.steps, bk.v_sums, scale, 0.99, 0.1,
-                               stats[0]))
+                              (bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, scale,
+                               0.99, 0.1, stats[0]))
     torch.library.opcheck(ops.update.default,
-                          (bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
-                           bk.v_sums, bk.steps, stats, None, None, None, 0.1, 0.1, 0.99,
-                           1e-3, 0.1, True, 0.5, 0.0, False))
+                          (bk.params, grads, bk.segments, *states, bk.vsum_buf, bk.step_buf,
+                           stats, None, None, None, 0.1, 0.1, 0.99, 1e-3, 0.1, True, 0.5, 0.0,
+                           False))
     torch.library.opcheck(ops.update.default,
-                          (bk.params, grads, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
-                           bk.v_sums, bk.steps, stats, gs, torch.tensor(0.0),
-                           torch.tensor(0.05), 0.0, 0.1, 0.99, 1e-3, 0.1, False, 1.0, 1.0,
-                           True))
-    torch.library.opcheck(ops.sum_v.default, (bk.exp_avg_sq, bk.v_sums))
+                          (bk.params, grads, bk.segments, *states, bk.vsum_buf, bk.step_buf,
+                           stats, gs, torch.tensor(0.0), torch.tensor(0.05), 0.0, 0.1, 0.99,
+                           1e-3, 0.1, False, 1.0, 1.0, True))
+    torch.library.opcheck(ops.sum_v.default, (bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf))
+
+
+def _schemas(text):
+    """op name -> schema (alias sets reduced to `!`), from m.def("...") calls or from
+    FunctionSchema strings."""
+    import re
+
+    out = {}
+    for schema in text:
+        schema = re.sub(r"\(\w+!\)", "(!)", re.sub(r"\s+", " ", schema)).strip()
+        name = re.match(r"(?:\w+::)?(\w+)", schema).group(1)
+        out[name] = re.sub(r"^(?:\w+::)?", "", schema)
+    return out
+
+
+def test_schemas_are_the_native_ones():
+    """adai_triton::* declare exactly csrc/ops.cpp's schemas (no build needed)."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text()
+    native = _schemas("".join(re.findall(r'"([^"]*)"', d))
+                      for d in re.findall(r"m\.def\((.*?)\);", src, re.S))
+    ours = _schemas(str(getattr(ops, name).default._schema) for name in native)
+    assert set(native) == {"stats", "update", "sum_v"}
+    assert ours == native
 
 
 def test_unavailable_reasons():

@@ -7,20 +7,28 @@ a first op call): `import adai_kernels` stays cheap and works without triton. Th
 run compiled on CUDA (and ROCm) devices, and on CPU tensors only when triton was imported
 under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 
+The states come as a bucket's flat buffers plus `segments` (csrc/ops.cpp): tensor i's state
+pointer is buffer.data_ptr() + 4 * offset_i, its step and v_sum pointers steps.data_ptr() +
+4 * slot_i and v_sums.data_ptr() + 8 * slot_i, so the kernels see one pointer per tensor and
+column as before.
+
 A launch never synchronises with the host: per-launch tables (data_ptr values, numel, the
-chunk map, float64 constants) are built on the host from shapes and pointers only, staged in
-pinned memory and copied with `non_blocking=True` (while a CUDA graph is captured, copied as
-kernel arguments by the CUDA extension's `adai::_upload` instead); scalars that live on the device (steps,
-v_sums, stats, grad_scale, found_inf, lr_tensor) are read by the kernels, and a skipped step
-is decided by the kernels themselves (no Python branch on a tensor's value). Per op:
-stats = 3 launches, update = 2, sum_v = 2, whatever the number of tensors.
+chunk map, float64 constants) are built on the host from shapes, pointers and the CPU
+`segments` table only, staged in pinned memory and copied with `non_blocking=True` (while a
+CUDA graph is captured, copied as kernel arguments by the CUDA extension's `adai::_upload`
+instead); scalars that live on the device (steps, v_sums, stats, grad_scale, found_inf,
+lr_tensor) are read by the kernels, and a skipped step is decided by the kernels themselves
+(no Python branch on a tensor's value). Per op: stats = 3 launches, update = 2, sum_v = 2,
+whatever the number of tensors.
 """
 import contextlib
 import math
+import operator
 import os
 import struct
 import threading
-from itertools import accumulate
+from functools import reduce
+from itertools import accumulate, islice
 from typing import Optional
 
 import torch
@@ -105,63 +113,157 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _aligned(tensors) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+def _aligned(ptrs, numels) -> bool:
+    """Whether every pointer of a non-empty tensor is 16-byte aligned (empty tensors have no
+    chunks: their pointers are never dereferenced)."""
+    if not reduce(operator.or_, ptrs, 0) & 15:
+        return True
+    return not any(q & 15 for q, k in zip(ptrs, numels) if k)
 
 
-def _check_lists(what, ref, *lists):
-    for name, lst in lists:
-        torch._check(len(lst) == len(ref),
-                     lambda: f"adai_triton::{what}: {name} has {len(lst)} tensors, "
-                             f"expected {len(ref)}")
+def _states_aligned(bases, offsets, numels) -> bool:
+    """Whether base + 4 * offset is 16-byte aligned for every base and non-empty segment."""
+    if not reduce(operator.or_, offsets, 0) & 3:
+        return not reduce(operator.or_, bases, 0) & 15
+    rests = {(4 * o) & 15 for o, k in zip(offsets, numels) if k}
+    if not rests:
+        return True
+    if len(rests) > 1:
+        return False
+    r = rests.pop()
+    return all(not (b + r) & 15 for b in bases)
 
 
-def _fail(op: str, i: int, what: str):
-    raise RuntimeError(f"adai_triton::{op}: tensor {i}: {what}")
+def _fail(op: str, what: str):
+    raise RuntimeError(f"adai_triton::{op}: {what}")
 
 
-def _check_update_inputs(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats):
-    """Host-side checks of the schema's contract that keep the kernels in bounds (dtypes,
-    sizes, devices, dense layouts). A fast pass over plain attributes; details on failure."""
-    _check_stats(stats)
+def _check_lists(op, params, grads):
+    torch._check(len(grads) == len(params),
+                 lambda: f"adai_triton::{op}: grads has {len(grads)} tensors but params has "
+                         f"{len(params)}; the tensor lists must have the same length")
+
+
+def _check_segments_type(op: str, segments, n) -> None:
+    """segments: an int64 CPU tensor of shape (n, 3) (n None: any number of rows)."""
+    if not (segments.dtype is torch.int64 and segments.dim() == 2 and segments.size(1) == 3
+            and segments.device.type == "cpu"):
+        _fail(op, f"segments must be an int64 CPU tensor of shape (n, 3) (offset, numel, "
+                  f"slot per tensor), got {segments.dtype} on {segments.device} with shape "
+                  f"{tuple(segments.shape)}")
+    if n is not None and segments.size(0) != n:
+        _fail(op, f"segments has {segments.size(0)} rows but params has {n} tensors")
+
+
+def _rows(op: str, segments, n):
+    """The columns of `segments` (offsets, numels, slots) as lists of ints: one host read."""
+    _check_segments_type(op, segments, n)
+    if segments.size(0) == 0:
+        return [], [], []
+    return segments.t().tolist()
+
+
+def _check_flat(op: str, name: str, t: torch.Tensor, dtype, device) -> None:
+    """A flat buffer: 1-D, contiguous, of `dtype`, on `device`."""
+    if not (t.dtype is dtype and t.dim() == 1 and t.is_contiguous()):
+        _fail(op, f"{name} must be a contiguous 1-D {dtype} tensor, got {t.dtype} with shape "
+                  f"{tuple(t.shape)}")
+    if t.device != device:
+        _fail(op, f"{name} is on {t.device} but the op runs on {device}")
+
+
+def _check_slots(op: str, steps, v_sums, device) -> None:
+    """steps (float32) and v_sums (float64): one slot per tensor of the bucket."""
+    _check_flat(op, "steps", steps, torch.float32, device)
+    _check_flat(op, "v_sums", v_sums, torch.float64, device)
+    if steps.numel() != v_sums.numel():
+        _fail(op, f"steps has {steps.numel()} slots but v_sums has {v_sums.numel()}")
+
+
+def _check_states(op: str, states, device) -> int:
+    """The float32 state buffers ((name, tensor) pairs), all of one length; returns it."""
+    length = states[0][1].numel()
+    for name, t in states:
+        _check_flat(op, name, t, torch.float32, device)
+        if t.numel() != length:
+            _fail(op, f"{name} has {t.numel()} elements but {states[0][0]} has {length}; the "
+                      f"state buffers must have one length")
+    return length
+
+
+def _overlap(offsets, numels):
+    """A pair of rows whose non-empty spans overlap, or None."""
+    order = sorted((o, i) for i, (o, k) in enumerate(zip(offsets, numels)) if k)
+    for (o0, i0), (o1, i1) in zip(order, order[1:]):
+        if o0 + numels[i0] > o1:
+            return i0, i1
+    return None
+
+
+def _check_rows(op, offsets, numels, slots, n_slots, state_len=None, expect=None,
+                slot_names="steps and v_sums"):
+    """The rows of `segments` (csrc/segments.h): numels[i] == expect[i]; offsets and numels
+    >= 0 and, given the state buffers' length, every span inside them and no two non-empty
+    spans overlapping; slots inside [0, n_slots) and distinct. A fast pass over whole lists;
+    the first bad row is found only on failure."""
+    n = len(offsets)
+    if n == 0:
+        return
+    ok = ((expect is None or numels == expect) and min(offsets) >= 0 and min(numels) >= 0
+          and min(slots) >= 0 and max(slots) < n_slots and len(set(slots)) == n)
+    if ok and state_len is not None:
+        ends = list(map(operator.add, offsets, numels))
+        ok = max(ends) <= state_len and (
+            all(map(operator.le, ends[:-1], islice(offsets, 1, None)))  # in order, disjoint
+            or _overlap(offsets, numels) is None)
+    if ok:
+        return
+    seen = set()
+    for i, (o, k, s) in enumerate(zip(offsets, numels, slots)):
+        if expect is not None and k != expect[i]:
+            _fail(op, f"segments[{i}] has numel {k} but params[{i}] has {expect[i]} elements")
+        if o < 0 or k < 0 or (state_len is not None and k > state_len - o):
+            where = ("outside the state buffers of {state_len} elements"
+                     if state_len is not None else "negative")
+            _fail(op, f"segments[{i}] = (offset {o}, numel {k}) is "
+                      f"{where.format(state_len=state_len)}")
+        if not 0 <= s < n_slots:
+            _fail(op, f"segments[{i}] has slot {s} but {slot_names} have {n_slots} slots")
+        if s in seen:
+            _fail(op, f"segments[{i}] uses slot {s}, which an earlier tensor of this call uses")
+        seen.add(s)
+    pair = _overlap(offsets, numels)
+    if pair is not None:
+        _fail(op, f"segments[{pair[0]}] and segments[{pair[1]}] overlap in the state buffers")
+    _fail(op, "invalid segments")  # pragma: no cover
+
+
+def _check_params(op: str, params, grads, dev: int, device) -> torch.dtype:
+    """params[i] and grads[i]: one float dtype for all, on the op's device, the same shape and
+    strides, non-overlapping and dense. A fast pass over plain attributes; details on
+    failure. Returns the dtype."""
     dtype = params[0].dtype
     if dtype not in _DTYPE_CODES:
-        raise RuntimeError(f"adai_triton::update: params must be float32, bfloat16 or "
-                           f"float16, not {dtype}")
-    f32, f64, dev = torch.float32, torch.float64, stats.get_device()
-    for i, (p, g, m, v, b, k, s) in enumerate(zip(params, grads, exp_avg, exp_avg_sq,
-                                                  beta1_prod, steps, v_sums)):
-        n = p.numel()
-        if (p.dtype is dtype and g.dtype is dtype and m.dtype is f32 and v.dtype is f32
-                and b.dtype is f32 and k.dtype is f32 and s.dtype is f64
-                and g.numel() == n and m.numel() == n and v.numel() == n and b.numel() == n
-                and k.dim() == 0 and s.dim() == 0
-                and p.get_device() == dev and g.get_device() == dev and m.get_device() == dev
-                and v.get_device() == dev and b.get_device() == dev
-                and k.get_device() == dev and s.get_device() == dev
-                and ((p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
-                      and v.is_contiguous() and b.is_contiguous())
-                     or (_dense(p) and all(_same_layout(x, p) for x in (g, m, v, b))))):
+        _fail(op, f"params must be float32, bfloat16 or float16, not {dtype}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if (p.dtype is dtype and g.dtype is dtype and p.get_device() == dev
+                and g.get_device() == dev and g.shape == p.shape
+                and ((p.is_contiguous() and g.is_contiguous())
+                     or (_dense(p) and _same_layout(g, p)))):
             continue
         # the slow path: say what is wrong
         if p.dtype is not dtype or g.dtype is not dtype:
-            _fail("update", i, f"params and grads must all have dtype {dtype}")
-        for name, x in (("exp_avg", m), ("exp_avg_sq", v), ("beta1_prod", b)):
-            if x.dtype is not f32:
-                _fail("update", i, f"{name} must be float32")
-        if k.dtype is not f32 or k.dim() != 0:
-            _fail("update", i, "steps must be 0-dim float32")
-        if s.dtype is not f64 or s.dim() != 0:
-            _fail("update", i, "v_sums must be 0-dim float64")
-        for x in (p, g, m, v, b, k, s):
+            _fail(op, f"tensor {i}: params and grads must all have dtype {dtype}, got "
+                      f"{p.dtype} and {g.dtype}")
+        for name, x in (("params", p), ("grads", g)):
             if x.get_device() != dev:
-                _fail("update", i, f"a tensor is on {x.device}, stats on {stats.device}")
+                _fail(op, f"{name}[{i}] is on {x.device} but the op runs on {device}")
         if not _dense(p):
-            _fail("update", i, "params must be non-overlapping and dense")
-        for name, x in (("grads", g), ("exp_avg", m), ("exp_avg_sq", v), ("beta1_prod", b)):
-            if not _same_layout(x, p):
-                _fail("update", i, f"{name} must have the param's shape and strides")
-        _fail("update", i, "invalid inputs")  # pragma: no cover
+            _fail(op, f"params[{i}] must be non-overlapping and dense")
+        _fail(op, f"grads[{i}] (sizes {tuple(g.shape)}, strides {g.stride()}) must have the "
+                  f"sizes and strides of params[{i}] (sizes {tuple(p.shape)}, strides "
+                  f"{p.stride()})")
+    return dtype
 
 
 def _check_stats(stats: torch.Tensor) -> None:
@@ -212,60 +314,43 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _slot_columns(steps, v_sums, slots):
+    """The step and v_sum pointers of each tensor (float32 and float64 slots)."""
+    k0, s0 = steps.data_ptr(), v_sums.data_ptr()
+    return [k0 + 4 * s for s in slots], [s0 + 8 * s for s in slots]
+
+
 # --------------------------------------------------------------------------- op bodies
-def _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
+def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
     K = _state["kernels"]
-    _check_lists("stats", grads, ("params", params), ("steps", steps), ("v_sums", v_sums))
+    _check_lists("stats", params, grads)
     _check_out(out)
-    n = len(grads)
+    device, dev = out.device, out.get_device()
+    n = len(params)
+    offsets, numels, slots = _rows("stats", segments, n)
+    _check_slots("stats", steps, v_sums, device)
+    _check_scalar("stats", "grad_scale", grad_scale, dev)
     if n == 0:
         out.zero_()
         return
-    device = out.device
-    dtype = grads[0].dtype
-    if dtype not in _DTYPE_CODES:
-        raise RuntimeError(f"adai_triton::stats: grads must be float32, bfloat16 or float16, "
-                           f"not {dtype}")
-    f32, f64, dev = torch.float32, torch.float64, out.get_device()
-    _check_scalar("stats", "grad_scale", grad_scale, dev)
-    for i, (p, g, k, s) in enumerate(zip(params, grads, steps, v_sums)):
-        if (g.dtype is dtype and p.dtype is dtype and g.numel() == p.numel()
-                and k.dtype is f32 and k.dim() == 0 and s.dtype is f64 and s.dim() == 0
-                and g.get_device() == dev and p.get_device() == dev
-                and k.get_device() == dev and s.get_device() == dev
-                and ((g.is_contiguous() and p.is_contiguous())
-                     or (_dense(g) and _same_layout(p, g)))):
-            continue
-        if g.dtype is not dtype or p.dtype is not dtype:
-            _fail("stats", i, f"params and grads must all have dtype {dtype}")
-        if k.dtype is not f32 or k.dim() != 0 or s.dtype is not f64 or s.dim() != 0:
-            _fail("stats", i, "steps must be 0-dim float32 and v_sums 0-dim float64")
-        for x in (p, g, k, s):
-            if x.get_device() != dev:
-                _fail("stats", i, f"a tensor is on {x.device}, out on {out.device}")
-        if not _dense(g):
-            _fail("stats", i, "grads must be non-overlapping and dense")
-        _fail("stats", i, "params and grads must have the same shape and strides")
+    dtype = _check_params("stats", params, grads, dev, device)
+    _check_rows("stats", offsets, numels, slots, steps.numel(),
+                expect=[p.numel() for p in params])
     l2f = _f32(l2)  # the per-element l2 (adai_math.h::Consts), exact in float64
     has_l2 = l2f != 0.0  # as adai_math.h::effective_grad: params are read only then
     has_scale = grad_scale is not None
-    numels = [g.numel() for g in grads]
-    columns = [
-        [g.data_ptr() for g in grads],
-        [p.data_ptr() for p in params] if has_l2 else [0] * n,
-        [k.data_ptr() for k in steps],
-        [s.data_ptr() for s in v_sums],
-        numels,
-    ]
-    meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2), 2.0 * l2f, l2f * l2f], columns,
-                            numels, device, K.BLOCK)
+    g_col = [g.data_ptr() for g in grads]
+    p_col = [p.data_ptr() for p in params] if has_l2 else [0] * n
+    k_col, s_col = _slot_columns(steps, v_sums, slots)
+    meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2), 2.0 * l2f, l2f * l2f],
+                            [g_col, p_col, k_col, s_col, numels], numels, device, K.BLOCK)
     P = max(n_chunks, 1)
     # per chunk: sum g^2 and, with L2, sum (g + l2 theta)^2, sum g theta, sum theta^2
     partials = torch.empty((4 if has_l2 else 1) * P, dtype=torch.float64, device=device)
     contrib = torch.empty(STATS_COLUMNS * n, dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
-            aligned = _aligned(grads) and (not has_l2 or _aligned(params))
+            aligned = _aligned(g_col, numels) and (not has_l2 or _aligned(p_col, numels))
             K.stats_partials_kernel[(n_chunks,)](
                 meta, partials, P, n, grad_scale if has_scale else partials, l2f,
                 CODE=_DTYPE_CODES[dtype], HAS_SCALE=has_scale, HAS_L2=has_l2,
@@ -275,35 +360,34 @@ def _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
         K.row_sum_kernel[(1,)](contrib, n, out, out.stride(0), FB=K.FBLOCK, num_warps=4)
 
 
-def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                 grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
-                 decoupled, dampening, max_grad_norm, skip_nonfinite):
+def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
+                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
+                 weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite):
     K = _state["kernels"]
-    _check_lists("update", params, ("grads", grads), ("exp_avg", exp_avg),
-                 ("exp_avg_sq", exp_avg_sq), ("beta1_prod", beta1_prod), ("v_sums", v_sums),
-                 ("steps", steps))
+    _check_lists("update", params, grads)
+    _check_stats(stats)
+    device, dev = stats.device, stats.get_device()
     n = len(params)
-    if n == 0:
-        return
-    _check_update_inputs(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats)
-    dev = stats.get_device()
+    offsets, numels, slots = _rows("update", segments, n)
+    state_len = _check_states("update", (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                                         ("beta1_prod", beta1_prod)), device)
+    _check_slots("update", steps, v_sums, device)
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
                     ("lr_tensor", lr_tensor)):
         _check_scalar("update", name, t, dev)
-    device = stats.device
+    if n == 0:
+        return
+    dtype = _check_params("update", params, grads, dev, device)
+    _check_rows("update", offsets, numels, slots, steps.numel(), state_len,
+                expect=[p.numel() for p in params])
     if not stats.is_contiguous():
         stats = stats.contiguous()
-    numels = [p.numel() for p in params]
-    columns = [
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [m.data_ptr() for m in exp_avg],
-        [v.data_ptr() for v in exp_avg_sq],
-        [b.data_ptr() for b in beta1_prod],
-        [k.data_ptr() for k in steps],
-        [s.data_ptr() for s in v_sums],
-        numels,
-    ]
+    bases = (exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1_prod.data_ptr())
+    off4 = [4 * o for o in offsets]
+    p_col = [p.data_ptr() for p in params]
+    g_col = [g.data_ptr() for g in grads]
+    k_col, s_col = _slot_columns(steps, v_sums, slots)
+    columns = [p_col, g_col, *([b + x for x in off4] for b in bases), k_col, s_col, numels]
     clip = max_grad_norm > 0.0
     decay = float(weight_decay) if decoupled else 0.0
     meta, n_chunks = _table([_ln(beta2), max_grad_norm if clip else 0.0, decay, 1e-6],
@@ -319,8 +403,8 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
             # alignment hints: vector accesses where every pointer allows them. Params count
             # only with aligned states, so that the chunk sums reduce in the same register
             # layout as sum_v's (which sees the states only).
-            s_aligned = _aligned(exp_avg) and _aligned(exp_avg_sq) and _aligned(beta1_prod)
-            p_aligned = s_aligned and _aligned(params) and _aligned(grads)
+            s_aligned = _states_aligned(bases, offsets, numels)
+            p_aligned = s_aligned and _aligned(p_col, numels) and _aligned(g_col, numels)
             K.update_kernel[(n_chunks,)](
                 meta, stats, stats.size(0), partials, n,
                 grad_scale if grad_scale is not None else stats, fi_ptr,
@@ -329,7 +413,7 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
                 0.0 if decoupled else _f32(weight_decay),
                 _f32(lr * weight_decay) if decoupled else 0.0,
                 _f32(d), _f32(1.0 / (3.0 - 2.0 * d)), _f32(math.pow(beta0, 1.0 - d)),
-                CODE=_DTYPE_CODES[params[0].dtype], ADAI_V1=(d == 1.0),
+                CODE=_DTYPE_CODES[dtype], ADAI_V1=(d == 1.0),
                 HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
                 S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
                 HAS_LR=lr_tensor is not None, **flags,
@@ -338,80 +422,121 @@ def _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, 
                                        **flags, FB=K.FBLOCK, num_warps=4)
 
 
-def _sum_v_impl(exp_avg_sq, v_sums):
+def _sum_v_impl(exp_avg_sq, segments, v_sums):
     K = _state["kernels"]
-    _check_lists("sum_v", exp_avg_sq, ("v_sums", v_sums))
-    n = len(exp_avg_sq)
+    device = exp_avg_sq.device
+    offsets, numels, slots = _rows("sum_v", segments, None)
+    _check_flat("sum_v", "exp_avg_sq", exp_avg_sq, torch.float32, device)
+    _check_flat("sum_v", "v_sums", v_sums, torch.float64, device)
+    _check_rows("sum_v", offsets, numels, slots, v_sums.numel(), exp_avg_sq.numel(),
+                slot_names="v_sums")
+    n = len(offsets)
     if n == 0:
         return
-    device = exp_avg_sq[0].device
-    f32, f64, dev = torch.float32, torch.float64, exp_avg_sq[0].get_device()
-    for i, (v, s) in enumerate(zip(exp_avg_sq, v_sums)):
-        if not (v.dtype is f32 and s.dtype is f64 and s.dim() == 0 and v.get_device() == dev
-                and s.get_device() == dev and (v.is_contiguous() or _dense(v))):
-            _fail("sum_v", i, f"exp_avg_sq must be dense float32 and v_sums 0-dim float64, "
-                              f"all on {exp_avg_sq[0].device}")
-    numels = [v.numel() for v in exp_avg_sq]
+    base = exp_avg_sq.data_ptr()
     zeros = [0] * n
-    columns = [zeros, zeros, zeros, [v.data_ptr() for v in exp_avg_sq], zeros, zeros,
-               [s.data_ptr() for s in v_sums], numels]
+    v0 = v_sums.data_ptr()
+    columns = [zeros, zeros, zeros, [base + 4 * o for o in offsets], zeros, zeros,
+               [v0 + 8 * s for s in slots], numels]
     meta, n_chunks = _table([0.0] * 4, columns, numels, device, K.BLOCK)
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
             K.vsum_partials_kernel[(n_chunks,)](
-                meta, partials, n, S_ALIGNED=_aligned(exp_avg_sq), BLOCK=K.BLOCK, VEC=K.VEC,
-                num_warps=K.NUM_WARPS)
+                meta, partials, n, S_ALIGNED=_states_aligned((base,), offsets, numels),
+                BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
         K.vsum_finalize_kernel[(n,)](meta, partials, n, FB=K.FBLOCK, num_warps=4)
 
 
 # --------------------------------------------------------------------------- registration
+def _check_fake_segments(op, segments, n) -> None:
+    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
+                 and segments.shape[1] == 3 and segments.device.type == "cpu"
+                 and (n is None or segments.shape[0] == n),
+                 lambda: f"adai_triton::{op}: segments must be an int64 CPU tensor of shape "
+                         f"({'n' if n is None else n}, 3), got {segments.dtype} on "
+                         f"{segments.device} with shape {tuple(segments.shape)}")
+
+
+def _check_fake_flat(op, name, t, dtype, device, length=None) -> None:
+    torch._check(t.dim() == 1 and t.dtype == dtype
+                 and (length is None or t.shape[0] == length),
+                 lambda: f"adai_triton::{op}: {name} must be a 1-D {dtype} tensor"
+                         f"{'' if length is None else f' of {length} elements'}, got "
+                         f"{t.dtype} with shape {tuple(t.shape)}")
+    torch._check(t.device == device,
+                 lambda: f"adai_triton::{op}: {name} is on {t.device} but the op runs on "
+                         f"{device}")
+
+
+def _check_fake_control(op, name, t) -> None:
+    if t is not None:
+        torch._check(t.dtype == torch.float32 and t.numel() == 1,
+                     lambda: f"adai_triton::{op}: {name} must be a 0-dim float32 tensor, got "
+                             f"{t.dtype} of sizes {tuple(t.shape)}")
+
+
 def _register() -> None:
     """Define the three custom ops and their fake (meta) kernels."""
     Tensor = torch.Tensor
 
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
-    def stats(params: list[Tensor], grads: list[Tensor], steps: list[Tensor],
-              v_sums: list[Tensor], grad_scale: Optional[Tensor], beta2: float, l2: float,
+    def stats(params: list[Tensor], grads: list[Tensor], segments: Tensor, steps: Tensor,
+              v_sums: Tensor, grad_scale: Optional[Tensor], beta2: float, l2: float,
               out: Tensor) -> None:
-        _stats_impl(params, grads, steps, v_sums, grad_scale, beta2, l2, out)
+        _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out)
 
     @stats.register_fake
-    def _(params, grads, steps, v_sums, grad_scale, beta2, l2, out):
-        _check_lists("stats", grads, ("params", params), ("steps", steps), ("v_sums", v_sums))
+    def _(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
+        _check_lists("stats", params, grads)
+        _check_fake_segments("stats", segments, len(params))
+        _check_fake_flat("stats", "steps", steps, torch.float32, out.device)
+        _check_fake_flat("stats", "v_sums", v_sums, torch.float64, out.device, steps.shape[0])
+        _check_fake_control("stats", "grad_scale", grad_scale)
         _check_out(out)
         return None
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
         mutates_args=("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums", "steps"))
-    def update(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor],
-               exp_avg_sq: list[Tensor], beta1_prod: list[Tensor], v_sums: list[Tensor],
-               steps: list[Tensor], stats: Tensor, grad_scale: Optional[Tensor],
-               found_inf: Optional[Tensor], lr_tensor: Optional[Tensor], lr: float,
-               beta0: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-               dampening: float, max_grad_norm: float, skip_nonfinite: bool) -> None:
-        _update_impl(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                     grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
-                     decoupled, dampening, max_grad_norm, skip_nonfinite)
+    def update(params: list[Tensor], grads: list[Tensor], segments: Tensor, exp_avg: Tensor,
+               exp_avg_sq: Tensor, beta1_prod: Tensor, v_sums: Tensor, steps: Tensor,
+               stats: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+               lr_tensor: Optional[Tensor], lr: float, beta0: float, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool, dampening: float, max_grad_norm: float,
+               skip_nonfinite: bool) -> None:
+        _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
+                     stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
+                     weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
 
     @update.register_fake
-    def _(params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats, grad_scale,
-          found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay, decoupled, dampening,
-          max_grad_norm, skip_nonfinite):
-        _check_lists("update", params, ("grads", grads), ("exp_avg", exp_avg),
-                     ("exp_avg_sq", exp_avg_sq), ("beta1_prod", beta1_prod),
-                     ("v_sums", v_sums), ("steps", steps))
+    def _(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
+          grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay, decoupled,
+          dampening, max_grad_norm, skip_nonfinite):
+        _check_lists("update", params, grads)
+        _check_fake_segments("update", segments, len(params))
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                        ("beta1_prod", beta1_prod)):
+            _check_fake_flat("update", name, t, torch.float32, stats.device,
+                             exp_avg.shape[0])
+        _check_fake_flat("update", "steps", steps, torch.float32, stats.device)
+        _check_fake_flat("update", "v_sums", v_sums, torch.float64, stats.device,
+                         steps.shape[0])
         _check_stats(stats)
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
+                        ("lr_tensor", lr_tensor)):
+            _check_fake_control("update", name, t)
         return None
 
     @torch.library.custom_op(f"{NAMESPACE}::sum_v", mutates_args=("v_sums",))
-    def sum_v(exp_avg_sq: list[Tensor], v_sums: list[Tensor]) -> None:
-        _sum_v_impl(exp_avg_sq, v_sums)
+    def sum_v(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
+        _sum_v_impl(exp_avg_sq, segments, v_sums)
 
     @sum_v.register_fake
-    def _(exp_avg_sq, v_sums):
-        _check_lists("sum_v", exp_avg_sq, ("v_sums", v_sums))
+    def _(exp_avg_sq, segments, v_sums):
+        _check_fake_segments("sum_v", segments, None)
+        _check_fake_flat("sum_v", "exp_avg_sq", exp_avg_sq, torch.float32, exp_avg_sq.device)
+        _check_fake_flat("sum_v", "v_sums", v_sums, torch.float64, exp_avg_sq.device)
         return None
 
 
