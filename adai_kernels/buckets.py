@@ -2,6 +2,8 @@
 contiguous buffers, and each parameter's state is a view into them (docs/design.md)."""
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from .sharding import local
@@ -129,8 +131,14 @@ class Bucket:
         order): per parameter (offset, numel, slot) as an int64 CPU tensor of shape (n, 3)."""
         slots = range(len(self.params)) if params is None else [self.position[id(p)]
                                                                  for p in params]
-        rows = [(self.offsets[i], local(self.params[i]).numel(), i) for i in slots]
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        rows = array("q")
+        for i in slots:
+            rows.extend((self.offsets[i], local(self.params[i]).numel(), i))
+        if not rows:
+            return torch.empty((0, 3), dtype=torch.int64)
+        # frombuffer: no copy, and no op that reads host data (which a CUDA graph could not
+        # replay); the table stays on the host, the ops read it there
+        return torch.frombuffer(rows, dtype=torch.int64).reshape(-1, 3)
 
     def steps_list(self) -> list[int]:
         """Step counters as ints, in join order (one device-to-host copy)."""
