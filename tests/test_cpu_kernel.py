@@ -92,39 +92,81 @@ def _layouts(dtype, gen):
     ]
 
 
-class Bucket:
-    """One bucket's tensors as the optimizer would pass them: states with the parameter's
-    layout, step counters and v_sums as 0-dim views of one vector each."""
+ALIGN = 16   # segment starts, padded as adai_kernels/buckets.py pads them
+GAP = -77.0  # state buffer elements outside every segment: no op may write them
 
-    def __init__(self, params):
+
+def segment_offsets(numels, misaligned=False):
+    """Offsets of one segment per tensor in a flat buffer, and the buffer's length: starts
+    padded to ALIGN elements, or (misaligned) at offsets that are not multiples of 4 floats,
+    so vector loads and stores of the states are unaligned."""
+    offsets, size = [], 0
+    for i, n in enumerate(numels):
+        size = (size + ALIGN - 1) // ALIGN * ALIGN
+        if misaligned:
+            size += (1, 2, 3, 5, 6, 7)[i % 6]
+        offsets.append(size)
+        size += n
+    return offsets, size + (3 if misaligned else 0)
+
+
+class Bucket:
+    """One bucket's tensors as the optimizer passes them: flat state buffers (exp_avg,
+    exp_avg_sq, beta1_prod), a step counter and a v_sum slot per tensor, and `segments`.
+    Slots are assigned in reverse order, so a tensor's slot is not its index. `exp_avg`,
+    `exp_avg_sq`, `beta1_prod`, `steps` and `v_sums` are per-tensor views (the parameter's
+    layout; 0-dim for the slots)."""
+
+    def __init__(self, params, misaligned=False):
+        self.misaligned = misaligned
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
         self.grads = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.beta1_prod = [torch.ones_like(p, dtype=torch.float32) for p in self.params]
-        self.step_vec = torch.zeros(len(self.params), dtype=torch.float32)
-        self.vsum_vec = torch.zeros(len(self.params), dtype=F64)
-        self.steps = [self.step_vec[i] for i in range(len(self.params))]
-        self.v_sums = [self.vsum_vec[i] for i in range(len(self.params))]
+        n = len(self.params)
+        self.offsets, size = segment_offsets([p.numel() for p in self.params], misaligned)
+        self.slots = list(range(n))[::-1]
+        self.segments = torch.tensor(
+            [(o, p.numel(), s) for o, p, s in zip(self.offsets, self.params, self.slots)],
+            dtype=torch.int64).reshape(n, 3)
+        self.m_buf, self.v_buf, self.b_buf = (torch.full((size,), GAP) for _ in range(3))
+        self.step_vec = torch.zeros(n, dtype=torch.float32)
+        self.vsum_vec = torch.zeros(n, dtype=F64)
+        self.exp_avg, self.exp_avg_sq, self.beta1_prod = (
+            [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(self.params, self.offsets)]
+            for buf in (self.m_buf, self.v_buf, self.b_buf))
+        for m, v, b in zip(self.exp_avg, self.exp_avg_sq, self.beta1_prod):
+            m.zero_()
+            v.zero_()
+            b.fill_(1.0)
+        self.steps = [self.step_vec[s] for s in self.slots]
+        self.v_sums = [self.vsum_vec[s] for s in self.slots]
 
     def clone(self) -> "Bucket":
-        c = Bucket(list(zip(self.names, [p.clone() for p in self.params])))
-        for dst, src in ((c.grads, self.grads), (c.exp_avg, self.exp_avg),
-                         (c.exp_avg_sq, self.exp_avg_sq), (c.beta1_prod, self.beta1_prod)):
-            for d, s in zip(dst, src):
-                d.copy_(s)
-        c.step_vec.copy_(self.step_vec)
-        c.vsum_vec.copy_(self.vsum_vec)
+        c = Bucket(list(zip(self.names, [p.clone() for p in self.params])), self.misaligned)
+        for d, s in zip(c.grads, self.grads):
+            d.copy_(s)
+        for d, s in zip(c.flat(), self.flat()):
+            d.copy_(s)
         return c
+
+    def flat(self):
+        """The state buffers and the slot vectors."""
+        return [self.m_buf, self.v_buf, self.b_buf, self.step_vec, self.vsum_vec]
 
     def tensors(self):
         return self.state() + self.grads
 
     def state(self):
-        """What a step writes: params, states, step counters, v_sums."""
-        return (self.params + self.exp_avg + self.exp_avg_sq + self.beta1_prod
-                + [self.step_vec, self.vsum_vec])
+        """What a step writes: params, state buffers (gaps included), step counters, v_sums."""
+        return self.params + self.flat()
+
+    def gaps_untouched(self) -> bool:
+        """No element outside the segments was written."""
+        inside = torch.zeros(self.m_buf.numel(), dtype=torch.bool)
+        for o, p in zip(self.offsets, self.params):
+            inside[o:o + p.numel()] = True
+        return all(bool((buf[~inside] == GAP).all()) for buf in (self.m_buf, self.v_buf,
+                                                                self.b_buf))
 
 
 def fresh_grads(bucket: Bucket, gen, zero_fraction=0.1):
@@ -155,11 +197,11 @@ def kernel_step(buckets: list[Bucket], hp: dict, found_inf=None,
     scale = _f32(hp["grad_scale"])
     rows = torch.full((len(buckets), COLS), float("nan"), dtype=F64)
     for j, b in enumerate(buckets):
-        torch.ops.adai.stats(b.params, b.grads, b.steps, b.v_sums, scale, hp["beta2"], l2,
-                             rows[j])
+        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.vsum_vec, scale,
+                             hp["beta2"], l2, rows[j])
     for b in buckets:
-        torch.ops.adai.update(b.params, b.grads, b.exp_avg, b.exp_avg_sq, b.beta1_prod,
-                              b.v_sums, b.steps, rows, scale, _f32(found_inf),
+        torch.ops.adai.update(b.params, b.grads, b.segments, b.m_buf, b.v_buf, b.b_buf,
+                              b.vsum_vec, b.step_vec, rows, scale, _f32(found_inf),
                               _f32(lr_tensor), hp["lr"], hp["beta0"], hp["beta2"], hp["eps"],
                               hp["weight_decay"], hp["decoupled"], hp["dampening"],
                               hp["max_grad_norm"], hp["skip_nonfinite"])
@@ -309,6 +351,7 @@ def check_step(buckets, pre, stats, hp, what=""):
             torch.testing.assert_close(b.v_sums[i], v.sum(), rtol=1e-5, atol=0,
                                        msg=lambda m: f"{name} v_sums: {m}")
             assert torch.isfinite(theta).all(), name
+        assert b.gaps_untouched(), what
 
 
 def _le(err: torch.Tensor, tol, what: str):
@@ -351,14 +394,21 @@ def scale_grads(buckets, hp):
                 g.mul_(hp["grad_scale"])
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+# Misaligned states (segment offsets not multiples of 4 floats) against the oracle in a few
+# configurations; test_misaligned_states_bitwise covers every configuration.
+ORACLE_CASES = ([(c, False) for c in CONFIGS]
+                + [(c, True) for c in ("adai", "v2_l2", "clip_v2_l2_scaled")])
+
+
+@pytest.mark.parametrize("config, misaligned", ORACLE_CASES,
+                         ids=[c + ("-misaligned" if m else "") for c, m in ORACLE_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_against_float64(dtype, config):
+def test_against_float64(dtype, config, misaligned):
     hp = dict(HP, **CONFIGS[config])
     gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {config}".encode()))
     # Two buckets share one global vbar: this dtype's tensors, and a small fp32 bucket.
-    buckets = [Bucket(_layouts(dtype, gen)),
-               Bucket([("other", torch.randn(300, generator=gen))])]
+    buckets = [Bucket(_layouts(dtype, gen), misaligned),
+               Bucket([("other", torch.randn(300, generator=gen))], misaligned)]
     for step in range(4):
         for b in buckets:
             fresh_grads(b, gen)
@@ -369,6 +419,34 @@ def test_against_float64(dtype, config):
         if hp["max_grad_norm"] > 0:  # clipping is active exactly when meant to be
             norm = stats[:, GN].sum().sqrt().item()
             assert (norm > hp["max_grad_norm"]) == (not config.startswith("clip_off")), norm
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_states_bitwise(dtype, config):
+    """Where a tensor's states sit in the buffers changes nothing: misaligned segments give
+    bitwise the results of aligned ones, and no element outside a segment is written."""
+    hp = dict(HP, **CONFIGS[config])
+    gen = torch.Generator().manual_seed(zlib.crc32(f"placement {dtype} {config}".encode()))
+    params = _layouts(dtype, gen)
+    aligned = Bucket([(n, p.clone()) for n, p in params])
+    misaligned = Bucket([(n, p.clone()) for n, p in params], misaligned=True)
+    assert all(o % 4 for o in misaligned.offsets)
+    for _ in range(3):
+        fresh_grads(aligned, gen)
+        scale_grads([aligned], hp)
+        for g, src in zip(misaligned.grads, aligned.grads):
+            g.copy_(src)
+        rows_a = kernel_step([aligned], hp)
+        rows_m = kernel_step([misaligned], hp)
+        assert torch.equal(rows_a, rows_m)
+        for a, m in ((aligned.params, misaligned.params), (aligned.exp_avg, misaligned.exp_avg),
+                     (aligned.exp_avg_sq, misaligned.exp_avg_sq),
+                     (aligned.beta1_prod, misaligned.beta1_prod),
+                     (aligned.steps, misaligned.steps), (aligned.v_sums, misaligned.v_sums)):
+            for x, y in zip(a, m):
+                assert torch.equal(x, y)
+        assert aligned.gaps_untouched() and misaligned.gaps_untouched()
 
 
 def test_lagging_tensor_counts_its_own_step():
@@ -421,14 +499,14 @@ def test_grads_not_modified_and_params_not_read_by_stats_without_l2():
     for p in bucket.params:
         p.fill_(float("nan"))
     out = torch.zeros(COLS, dtype=F64)
-    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.steps, bucket.v_sums, None, 0.99,
-                         0.0, out)
+    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
+                         bucket.vsum_vec, None, 0.99, 0.0, out)
     assert torch.isfinite(out).all() and out[B] > 0
     assert out[B] == out[BGG] and out[BGT] == 0 and out[BTT] == 0
     # nor when l2 rounds to 0 in float (the per-element math's l2, adai_math.h Consts)
     out2 = torch.zeros(COLS, dtype=F64)
-    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.steps, bucket.v_sums, None, 0.99,
-                         1e-50, out2)
+    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
+                         bucket.vsum_vec, None, 0.99, 1e-50, out2)
     assert torch.isfinite(out2).all() and out2[BGT] == 0 and out2[BTT] == 0
     for p, s in zip(bucket.params, saved):
         p.copy_(s)
@@ -469,13 +547,15 @@ def test_deterministic_across_thread_counts(dtype, config):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sum_v_matches_update_bitwise(dtype):
+def test_sum_v_matches_update_bitwise(dtype, misaligned):
     """sum_v (run when state is loaded) recomputes v_sums exactly as update summed them, for
-    any layout and size and any thread count, so a restored run continues bitwise."""
+    any layout, size and placement in the buffer and any thread count, so a restored run
+    continues bitwise."""
     gen = torch.Generator().manual_seed(6)
     bucket = Bucket(_layouts(dtype, gen) + [("big", torch.randn(70_001, generator=gen)
-                                                     .to(dtype))])
+                                                     .to(dtype))], misaligned)
     for _ in range(3):
         fresh_grads(bucket, gen)
         kernel_step([bucket], dict(HP, dampening=0.5))
@@ -485,13 +565,22 @@ def test_sum_v_matches_update_bitwise(dtype):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             bucket.vsum_vec.fill_(float("nan"))
-            torch.ops.adai.sum_v(bucket.exp_avg_sq, bucket.v_sums)
+            torch.ops.adai.sum_v(bucket.v_buf, bucket.segments, bucket.vsum_vec)
             assert torch.equal(bucket.vsum_vec, expected)
     finally:
         torch.set_num_threads(old)
     # and the sums are the sums (fp32 lanes of <= 32 terms, added in double)
     for v, vs in zip(bucket.exp_avg_sq, bucket.v_sums):
         torch.testing.assert_close(vs, v.to(F64).sum(), rtol=1e-6, atol=0)
+    # the rows name the tensors: a subset (in any order) writes only its own slots
+    rows = [5, 0, 9, 3]
+    bucket.vsum_vec.fill_(float("nan"))
+    torch.ops.adai.sum_v(bucket.v_buf, bucket.segments[rows], bucket.vsum_vec)
+    written = torch.zeros(len(bucket.params), dtype=torch.bool)
+    written[[bucket.slots[i] for i in rows]] = True
+    assert torch.equal(bucket.vsum_vec[written], expected[written])
+    assert torch.isnan(bucket.vsum_vec[~written]).all()
+    assert bucket.gaps_untouched()
 
 
 def test_stats_v_sums_linearity():
@@ -503,8 +592,9 @@ def test_stats_v_sums_linearity():
     b2 = b1.clone()
     b2.vsum_vec.fill_(123.0)
     o1, o2 = torch.zeros(COLS, dtype=F64), torch.zeros(COLS, dtype=F64)
-    torch.ops.adai.stats(b1.params, b1.grads, b1.steps, b1.v_sums, None, 0.99, 0.0, o1)
-    torch.ops.adai.stats(b2.params, b2.grads, b2.steps, b2.v_sums, None, 0.99, 0.0, o2)
+    for b, o in ((b1, o1), (b2, o2)):
+        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.vsum_vec, None, 0.99,
+                             0.0, o)
     torch.testing.assert_close(o2[A] - o1[A], torch.tensor(0.99 * 123.0 / (1 - 0.99), dtype=F64))
     assert torch.equal(o1[1:], o2[1:])
 
@@ -615,12 +705,14 @@ def test_stats_row_columns():
     gen = torch.Generator().manual_seed(12)
     bucket = Bucket([(str(n), torch.randn(n, generator=gen)) for n in (5, 100, 40000)])
     fresh_grads(bucket, gen)
-    bucket.step_vec.copy_(torch.tensor([0.0, 3.0, 10.0]))
-    bucket.vsum_vec.copy_(torch.tensor([0.5, 2.0, 30.0], dtype=F64))
+    for k, vs, step, v_sum in zip((0.0, 3.0, 10.0), (0.5, 2.0, 30.0), bucket.steps,
+                                  bucket.v_sums):
+        step.fill_(k)
+        v_sum.fill_(vs)
     beta2, l2, scale = 0.99, 0.03, 3.0
     out = torch.zeros(COLS, dtype=F64)
-    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.steps, bucket.v_sums,
-                         torch.tensor(scale), beta2, l2, out)
+    torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
+                         bucket.vsum_vec, torch.tensor(scale), beta2, l2, out)
     exp = torch.zeros(COLS, dtype=F64)
     for i, (p, g) in enumerate(zip(bucket.params, bucket.grads)):
         k = [1, 4, 11][i]

@@ -42,38 +42,72 @@ def _f32(x):
     return None if x is None else torch.tensor(x, dtype=torch.float32)
 
 
+ALIGN = 16  # segment starts, padded as adai_kernels/buckets.py pads them
+
+
+def flat_states(params, misaligned=False):
+    """Flat state buffers for `params`, as a bucket holds them: (segments, size, views) where
+    views(buf) gives each tensor's state view into `buf` (the parameter's layout). Segment
+    starts are padded to ALIGN elements, or (misaligned) not multiples of 4 floats; slots run
+    in reverse order."""
+    offsets, size = [], 0
+    for i, p in enumerate(params):
+        size = (size + ALIGN - 1) // ALIGN * ALIGN + ((1, 2, 3, 5, 6, 7)[i % 6] if misaligned
+                                                      else 0)
+        offsets.append(size)
+        size += p.numel()
+    n = len(params)
+    segments = torch.tensor([(o, p.numel(), n - 1 - i) for i, (o, p) in
+                             enumerate(zip(offsets, params))], dtype=torch.int64).reshape(n, 3)
+
+    def views(buf):
+        return [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]
+    return segments, size, views
+
+
 def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=None,
-           found_inf=None, lr_tensor=None, max_grad_norm=0.0, skip_nonfinite=False):
+           found_inf=None, lr_tensor=None, max_grad_norm=0.0, skip_nonfinite=False,
+           misaligned=False):
     """(stats_args, update_args) for one bucket, its states after one earlier step."""
     params = _params(dtype)
     grads = [torch.randn_like(p) for p in params]         # the parameter's strides
-    exp_avg = [torch.randn_like(p, dtype=torch.float32) * 0.1 for p in params]
-    exp_avg_sq = [torch.rand_like(p, dtype=torch.float32) * 0.1 for p in params]
-    beta1_prod = [torch.full_like(p, 0.9, dtype=torch.float32) for p in params]
+    segments, size, views = flat_states(params, misaligned)
+    exp_avg, exp_avg_sq, beta1_prod = (torch.full((size,), -1.0) for _ in range(3))
+    for m, v, b in zip(views(exp_avg), views(exp_avg_sq), views(beta1_prod)):
+        m.copy_(torch.randn_like(m) * 0.1)
+        v.copy_(torch.rand_like(v) * 0.1)
+        b.fill_(0.9)
     step_vec = torch.ones(len(params), dtype=torch.float32)
-    vsum_vec = torch.tensor([v.double().sum().item() for v in exp_avg_sq], dtype=F64)
-    steps = [step_vec[i] for i in range(len(params))]
-    v_sums = [vsum_vec[i] for i in range(len(params))]
+    vsum_vec = torch.zeros(len(params), dtype=F64)
+    for (_, _, slot), v in zip(segments.tolist(), views(exp_avg_sq)):
+        vsum_vec[slot] = v.double().sum()
     stats = torch.zeros(2, COLS, dtype=F64)
     l2 = 0.0 if decoupled else weight_decay
-    stats_args = (params, grads, steps, v_sums, _f32(grad_scale), 0.99, l2, stats[0])
+    stats_args = (params, grads, segments, step_vec, vsum_vec, _f32(grad_scale), 0.99, l2,
+                  stats[0])
     torch.ops.adai.stats(*stats_args)  # a real row for update ...
     step_vec.sub_(1.0)                 # ... and the counters as before that call
     stats[1] = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0, 3.0, 100.0])  # another bucket's row
-    update_args = (params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-                   _f32(grad_scale), _f32(found_inf), _f32(lr_tensor), 0.1, 0.1, 0.99, 1e-3,
-                   weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
+    update_args = (params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, vsum_vec,
+                   step_vec, stats, _f32(grad_scale), _f32(found_inf), _f32(lr_tensor), 0.1,
+                   0.1, 0.99, 1e-3, weight_decay, decoupled, dampening, max_grad_norm,
+                   skip_nonfinite)
     return stats_args, update_args
 
 
+# argument positions
+S_SEG, S_STEPS, S_VSUMS, S_SCALE, S_OUT = 2, 3, 4, 5, 8
+U_SEG, U_M, U_V, U_B, U_VSUMS, U_STEPS, U_STATS, U_SCALE, U_INF, U_LR = range(2, 12)
+
 SAMPLES = [
     dict(dtype=torch.float32),
-    dict(dtype=torch.bfloat16, weight_decay=0.01, grad_scale=1024.0, found_inf=0.0),
+    dict(dtype=torch.bfloat16, weight_decay=0.01, grad_scale=1024.0, found_inf=0.0,
+         misaligned=True),
     dict(dtype=torch.float16, weight_decay=0.01, decoupled=True, dampening=0.5,
          lr_tensor=0.05, max_grad_norm=1.0, skip_nonfinite=True),
     dict(dtype=torch.float32, weight_decay=0.01, grad_scale=3.0, found_inf=1.0),  # skips
 ]
-SAMPLE_IDS = ["fp32", "bf16-scaled", "fp16-clip-lr_tensor", "fp32-found_inf"]
+SAMPLE_IDS = ["fp32", "bf16-scaled-misaligned", "fp16-clip-lr_tensor", "fp32-found_inf"]
 
 
 @pytest.mark.parametrize("kw", SAMPLES, ids=SAMPLE_IDS)
@@ -88,10 +122,11 @@ def test_opcheck_update(kw):
     torch.library.opcheck(torch.ops.adai.update.default, args)
 
 
-def test_opcheck_sum_v():
-    _, args = sample(torch.float32)
-    exp_avg_sq, v_sums = args[3], args[5]
-    torch.library.opcheck(torch.ops.adai.sum_v.default, (exp_avg_sq, v_sums))
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_opcheck_sum_v(misaligned):
+    _, args = sample(torch.float32, misaligned=misaligned)
+    torch.library.opcheck(torch.ops.adai.sum_v.default,
+                          (args[U_V], args[U_SEG], args[U_VSUMS]))
 
 
 def _fake(mode, args):
@@ -107,27 +142,49 @@ def test_fake_kernels_check_inputs():
         fa, fu = _fake(mode, args), _fake(mode, uargs)
         torch.ops.adai.stats(*fa)  # fine
         torch.ops.adai.update(*fu)
+        torch.ops.adai.sum_v(fu[U_V], fu[U_SEG], fu[U_VSUMS])
         bad = list(fa)
         bad[1] = bad[1][:-1]  # one gradient short
         with pytest.raises(Exception, match="grads"):
             torch.ops.adai.stats(*bad)
         bad = list(fa)
-        bad[7] = mode.from_tensor(torch.zeros(6, dtype=F64))
+        bad[S_OUT] = mode.from_tensor(torch.zeros(6, dtype=F64))
         with pytest.raises(Exception, match="`out` must be a 1-D float64 tensor of 7"):
             torch.ops.adai.stats(*bad)
         bad = list(fa)
-        bad[4] = mode.from_tensor(torch.ones(1))
+        bad[S_SCALE] = mode.from_tensor(torch.ones(1))
         with pytest.raises(Exception, match="`grad_scale` must be a 0-dim float32"):
             torch.ops.adai.stats(*bad)
+        for seg in (torch.zeros(5, 3, dtype=torch.int64), torch.zeros(6, 3, dtype=torch.int32),
+                    torch.zeros(18, dtype=torch.int64)):
+            bad = list(fa)
+            bad[S_SEG] = mode.from_tensor(seg)
+            with pytest.raises(Exception, match="`segments` must be an int64 tensor"):
+                torch.ops.adai.stats(*bad)
+        bad = list(fa)
+        bad[S_VSUMS] = mode.from_tensor(torch.zeros(5, dtype=F64))
+        with pytest.raises(Exception, match="`steps` has 6 slots but `v_sums` has 5"):
+            torch.ops.adai.stats(*bad)
         bad = list(fu)
-        bad[7] = mode.from_tensor(torch.zeros(COLS, dtype=F64))
+        bad[U_STATS] = mode.from_tensor(torch.zeros(COLS, dtype=F64))
         with pytest.raises(Exception, match="`stats` must be a 2-D float64 tensor with 7"):
             torch.ops.adai.update(*bad)
-        for j, name in ((8, "grad_scale"), (9, "found_inf"), (10, "lr_tensor")):
+        bad = list(fu)
+        bad[U_V] = mode.from_tensor(torch.zeros(uargs[U_M].numel() + 1))
+        with pytest.raises(Exception, match="`exp_avg_sq` has .* elements but `exp_avg` has"):
+            torch.ops.adai.update(*bad)
+        bad = list(fu)
+        bad[U_B] = mode.from_tensor(torch.zeros(uargs[U_M].numel(), dtype=F64))
+        with pytest.raises(Exception, match="`beta1_prod` must be a 1-D torch.float32"):
+            torch.ops.adai.update(*bad)
+        for j, name in ((U_SCALE, "grad_scale"), (U_INF, "found_inf"), (U_LR, "lr_tensor")):
             bad = list(fu)
             bad[j] = mode.from_tensor(torch.zeros((), dtype=F64))
             with pytest.raises(Exception, match=f"`{name}` must be a 0-dim float32"):
                 torch.ops.adai.update(*bad)
+        with pytest.raises(Exception, match="`segments` must be an int64 tensor"):
+            torch.ops.adai.sum_v(fu[U_V], mode.from_tensor(torch.zeros(6, 2, dtype=torch.int64)),
+                                 fu[U_VSUMS])
 
 
 # ---- eager input validation (messages name the argument) -----------------------------------
@@ -137,90 +194,295 @@ def _expect(match, fn, *args):
         fn(*args)
 
 
+def _with(args, changes):
+    """`args` with the positions in `changes` replaced."""
+    a = list(args)
+    for j, v in changes.items():
+        a[j] = v
+    return a
+
+
+def _seg_with(segments, i, col, value):
+    s = segments.clone()
+    s[i, col] = value
+    return s
+
+
+CPU_ONLY = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _expect_cpu(match, op, args):
+    """Calls the CPU kernel itself (another device's tensor would dispatch elsewhere)."""
+    with pytest.raises(RuntimeError, match=match):
+        op.default.redispatch(CPU_ONLY, *args)
+
+
+def _segment_cases(segments, numels, state_len, n_slots):
+    """(message, bad segments) for the checks of the segment table, given the state buffers'
+    length (None: no state buffers)."""
+    n = len(numels)
+    shape = r"`segments` must be a contiguous int64 CPU tensor of shape \(n, 3\)"
+    cases = [
+        (shape, segments.int()),
+        (shape, segments.double()),
+        (shape, segments[:, :2].contiguous()),
+        (shape, segments.reshape(-1)),
+        (shape, segments.t().contiguous().t()),                       # not contiguous
+        (f"`segments` has {n - 1} rows but `params` has {n} tensors", segments[:-1]),
+        (r"segments\[2\] has numel 8 but params\[2\] has 7 elements",
+         _seg_with(segments, 2, 1, 8)),
+        (r"segments\[1\] = \(offset -1, numel 1\) is outside", _seg_with(segments, 1, 0, -1)),
+        (r"segments\[4\] has slot 6 but steps and v_sums have 6 slots",
+         _seg_with(segments, 4, 2, n_slots)),
+        (r"segments\[4\] has slot -1", _seg_with(segments, 4, 2, -1)),
+        (r"segments\[3\] uses slot 5, which an earlier tensor of this call uses",
+         _seg_with(segments, 3, 2, 5)),
+    ]
+    if state_len is not None:
+        last = segments[-1].tolist()
+        cases += [
+            (rf"segments\[5\] = \(offset {state_len - last[1] + 1}, numel {last[1]}\) is "
+             rf"outside the state buffers of {state_len} elements",
+             _seg_with(segments, 5, 0, state_len - last[1] + 1)),
+            (r"segments\[3\] = \(offset \d+, numel 37\) is outside",
+             _seg_with(segments, 3, 0, 2 ** 62)),                     # no overflow
+            (r"segments\[[12]\] and segments\[[12]\] overlap in the state buffers",
+             _seg_with(segments, 2, 0, segments[1, 0].item())),
+        ]
+    return cases
+
+
 def test_stats_validation():
     args, _ = sample(torch.float32)
-    params, grads, steps, v_sums, scale, beta2, l2, out = args
+    params, grads, segments, steps, v_sums, scale, beta2, l2, out = args
     st = torch.ops.adai.stats
-    _expect("`grads` has 5 tensors", st, params, grads[:-1], steps, v_sums, scale, beta2, l2,
-            out)
-    _expect("`steps`", st, params, grads, steps[:-1], v_sums, scale, beta2, l2, out)
+    _expect("`grads` has 5 tensors", st, params, grads[:-1], *args[2:])
     _expect(r"grads\[2\] has dtype", st, params,
-            grads[:2] + [grads[2].double()] + grads[3:], steps, v_sums, scale, beta2, l2, out)
+            grads[:2] + [grads[2].double()] + grads[3:], *args[2:])
     _expect(r"grads\[4\].*strides", st, params,
-            grads[:4] + [grads[4].contiguous()] + grads[5:], steps, v_sums, scale, beta2, l2,
-            out)
+            grads[:4] + [grads[4].contiguous()] + grads[5:], *args[2:])
     _expect(r"params\[3\] must be non-overlapping and dense", st,
             params[:3] + [torch.randn(74)[::2]] + params[4:],
-            grads[:3] + [torch.randn(74)[::2]] + grads[4:], steps, v_sums, scale, beta2, l2,
-            out)
+            grads[:3] + [torch.randn(74)[::2]] + grads[4:], *args[2:])
     _expect(r"params\[0\] has dtype", st, [p.double() for p in params],
-            [g.double() for g in grads], steps, v_sums, scale, beta2, l2, out)
-    _expect(r"steps\[1\] must be a 0-dim", st, params, grads,
-            steps[:1] + [torch.ones(1)] + steps[2:], v_sums, scale, beta2, l2, out)
-    _expect(r"v_sums\[0\] has dtype", st, params, grads, steps,
-            [v_sums[0].float()] + v_sums[1:], scale, beta2, l2, out)
+            [g.double() for g in grads], *args[2:])
+    for match, seg in _segment_cases(segments, [p.numel() for p in params], None, 6):
+        _expect(match, st, *_with(args, {S_SEG: seg}))
+    # steps and v_sums: flat, of their dtype, one length
+    _expect("`steps` must be a contiguous 1-D Float tensor", st,
+            *_with(args, {S_STEPS: steps.reshape(2, 3)}))
+    _expect("`steps` must be a contiguous 1-D Float tensor", st,
+            *_with(args, {S_STEPS: steps.double()}))
+    _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
+            *_with(args, {S_VSUMS: v_sums.float()}))
+    _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
+            *_with(args, {S_VSUMS: torch.zeros(12, dtype=F64)[::2]}))
+    _expect("`steps` has 6 slots but `v_sums` has 7", st,
+            *_with(args, {S_VSUMS: torch.zeros(7, dtype=F64)}))
+    _expect("`steps` has 5 slots but `v_sums` has 6", st,
+            *_with(args, {S_STEPS: steps[:5]}))
     for bad_out in (torch.zeros((), dtype=F64), torch.zeros(COLS), torch.zeros(COLS - 1,
                                                                               dtype=F64),
                     torch.zeros(1, COLS, dtype=F64)):
-        _expect("`out` must be a 1-D float64 tensor of 7 elements", st, params, grads, steps,
-                v_sums, scale, beta2, l2, bad_out)
+        _expect("`out` must be a 1-D float64 tensor of 7 elements", st,
+                *_with(args, {S_OUT: bad_out}))
     for bad_scale in (torch.ones(1), torch.ones((), dtype=F64)):
-        _expect("`grad_scale` must be a 0-dim float32", st, params, grads, steps, v_sums,
-                bad_scale, beta2, l2, out)
+        _expect("`grad_scale` must be a 0-dim float32", st,
+                *_with(args, {S_SCALE: bad_scale}))
+    # devices (the CPU kernel called directly)
+    _expect_cpu(r"`segments` must be a contiguous int64 CPU tensor .* on meta", st,
+                _with(args, {S_SEG: segments.to("meta")}))
+    _expect_cpu("`steps` is on meta but the op runs on cpu", st,
+                _with(args, {S_STEPS: steps.to("meta")}))
+    _expect_cpu("`v_sums` is on meta but the op runs on cpu", st,
+                _with(args, {S_VSUMS: v_sums.to("meta")}))
+    # more slots than tensors (a subset of a bucket's tensors) is fine
+    torch.ops.adai.stats(*_with(args, {S_STEPS: torch.zeros(9),
+                                         S_VSUMS: torch.zeros(9, dtype=F64)}))
 
 
 def test_update_validation():
     _, args = sample(torch.bfloat16)
+    params = args[0]
     up = torch.ops.adai.update
-    a = list(args)
-    a[2] = a[2][:-1]
-    _expect("`exp_avg` has 5 tensors", up, *a)
-    a = list(args)
-    a[3] = [a[3][0].double()] + a[3][1:]
-    _expect(r"exp_avg_sq\[0\] has dtype", up, *a)
-    a = list(args)
-    a[4] = a[4][:4] + [a[4][4].contiguous()] + a[4][5:]
-    _expect(r"beta1_prod\[4\].*strides", up, *a)
-    for bad in (a[7].float(), a[7][0], a[7][:, :6]):
-        a = list(args)
-        a[7] = bad
-        _expect("`stats` must be a 2-D float64 tensor with 7 columns", up, *a)
-    for j, name in ((8, "grad_scale"), (9, "found_inf"), (10, "lr_tensor")):
-        a = list(args)
-        a[j] = torch.ones(1)
-        _expect(f"`{name}` must be a 0-dim float32", up, *a)
+    _expect("`grads` has 5 tensors", up, *_with(args, {1: args[1][:-1]}))
+    _expect(r"grads\[4\].*strides", up,
+            *_with(args, {1: args[1][:4] + [args[1][4].contiguous()] + args[1][5:]}))
+    state_len = args[U_M].numel()
+    for match, seg in _segment_cases(args[U_SEG], [p.numel() for p in params], state_len, 6):
+        _expect(match, up, *_with(args, {U_SEG: seg}))
+    # the state buffers: flat float32, one length
+    for j, name in ((U_M, "exp_avg"), (U_V, "exp_avg_sq"), (U_B, "beta1_prod")):
+        buf = args[j]
+        _expect(f"`{name}` must be a contiguous 1-D Float tensor", up,
+                *_with(args, {j: buf.double()}))
+        _expect(f"`{name}` must be a contiguous 1-D Float tensor", up,
+                *_with(args, {j: buf[: state_len - state_len % 2].reshape(2, -1)}))
+        _expect(f"`{name}` must be a contiguous 1-D Float tensor", up,
+                *_with(args, {j: torch.zeros(2 * state_len)[::2]}))
+        _expect_cpu(f"`{name}` is on meta but the op runs on cpu", up,
+                    _with(args, {j: buf.to("meta")}))
+    _expect(f"`exp_avg_sq` has {state_len + 1} elements but `exp_avg` has {state_len}; the "
+            "state buffers must have one length", up,
+            *_with(args, {U_V: torch.zeros(state_len + 1)}))
+    _expect(f"`beta1_prod` has {state_len - 1} elements but `exp_avg` has {state_len}", up,
+            *_with(args, {U_B: args[U_B][:-1]}))
+    _expect("`steps` has 6 slots but `v_sums` has 5", up,
+            *_with(args, {U_VSUMS: args[U_VSUMS][:5]}))
+    _expect("`v_sums` must be a contiguous 1-D Double tensor", up,
+            *_with(args, {U_VSUMS: args[U_VSUMS].float()}))
+    _expect("`steps` must be a contiguous 1-D Float tensor", up,
+            *_with(args, {U_STEPS: args[U_STEPS].double()}))
+    _expect_cpu("`steps` is on meta but the op runs on cpu", up,
+                _with(args, {U_STEPS: args[U_STEPS].to("meta")}))
+    for bad in (args[U_STATS].float(), args[U_STATS][0], args[U_STATS][:, :6]):
+        _expect("`stats` must be a 2-D float64 tensor with 7 columns", up,
+                *_with(args, {U_STATS: bad}))
+    for j, name in ((U_SCALE, "grad_scale"), (U_INF, "found_inf"), (U_LR, "lr_tensor")):
+        _expect(f"`{name}` must be a 0-dim float32", up, *_with(args, {j: torch.ones(1)}))
+
+
+def test_update_validation_writes_nothing():
+    """A refused call leaves every tensor as it was (checks run before any write)."""
+    _, args = sample(torch.float32)
+    before = [[t.clone() for t in a] if isinstance(a, list) else
+              a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    bad_segments = args[U_SEG].clone()
+    bad_segments[5, 2] = bad_segments[0, 2]  # the last tensor reuses the first one's slot
+    _expect("which an earlier tensor of this call uses", torch.ops.adai.update,
+            *_with(args, {U_SEG: bad_segments}))
+    for x, y in zip(args, before):
+        for a, b in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+
+
+def test_segments_of_a_subset():
+    """A call may step some of a bucket's tensors, in any order, an empty one among them: only
+    their segments and slots are written."""
+    _, args = sample(torch.float32)
+    params, grads, segments = args[0], args[1], args[U_SEG]
+    order = [4, 0, 2]  # 0 is the empty tensor
+    sub = _with(args, {0: [params[i] for i in order], 1: [grads[i] for i in order],
+                       U_SEG: segments[order]})
+    before = {j: args[j].clone() for j in range(U_M, U_STEPS + 1)}
+    torch.ops.adai.stats(sub[0], sub[1], sub[U_SEG], args[U_STEPS], args[U_VSUMS], None, 0.99,
+                         0.0, args[U_STATS][0])
+    torch.ops.adai.update(*sub)
+    inside = torch.zeros(args[U_M].numel(), dtype=torch.bool)
+    slots = torch.zeros(len(params), dtype=torch.bool)
+    for o, n, slot in sub[U_SEG].tolist():
+        inside[o:o + n] = True
+        slots[slot] = True
+    for j in (U_M, U_V, U_B):
+        assert torch.equal(args[j][~inside], before[j][~inside])
+        assert (args[j][inside] != before[j][inside]).all()
+    for j in (U_VSUMS, U_STEPS):
+        assert torch.equal(args[j][~slots], before[j][~slots])
+    assert torch.equal(args[U_STEPS][slots], before[U_STEPS][slots] + 1)
+    for i in order:  # v_sums: the sums of the new exp_avg_sq
+        o, n, slot = segments[i].tolist()
+        assert args[U_VSUMS][slot].item() == pytest.approx(
+            args[U_V][o:o + n].double().sum().item(), rel=1e-6, abs=0)
 
 
 def test_update_skip_writes_only_steps():
     """found_inf != 0: update only takes back stats' increments."""
     _, args = sample(torch.float32, found_inf=1.0)
-    before = [[t.clone() for t in a] if isinstance(a, list) else a for a in args[:7]]
+    before = [a.clone() for a in args[U_M:U_STEPS + 1]]
+    params = [p.clone() for p in args[0]]
     torch.ops.adai.update(*args)
-    for i, (xs, ys) in enumerate(zip(args[:7], before)):
-        for x, y in zip(xs, ys):
-            assert torch.equal(x, y - 1.0 if i == 6 else y), i
+    for p, p0 in zip(args[0], params):
+        assert torch.equal(p, p0)
+    for j, b in zip(range(U_M, U_STEPS + 1), before):
+        assert torch.equal(args[j], b - 1.0 if j == U_STEPS else b), j
 
 
 def test_sum_v_validation():
     _, args = sample(torch.float32)
-    exp_avg_sq, v_sums = args[3], args[5]
+    v, segments, v_sums = args[U_V], args[U_SEG], args[U_VSUMS]
     sv = torch.ops.adai.sum_v
-    _expect("`v_sums` has 5 tensors but `exp_avg_sq` has 6", sv, exp_avg_sq, v_sums[:-1])
-    _expect(r"exp_avg_sq\[1\] has dtype", sv,
-            exp_avg_sq[:1] + [exp_avg_sq[1].double()] + exp_avg_sq[2:], v_sums)
-    _expect(r"exp_avg_sq\[0\] must be non-overlapping and dense", sv,
-            [torch.zeros(8)[::2]] + exp_avg_sq[1:], v_sums)
-    _expect(r"v_sums\[2\] must be a 0-dim", sv, exp_avg_sq,
-            v_sums[:2] + [torch.zeros(1, dtype=F64)] + v_sums[3:])
+    shape = r"`segments` must be a contiguous int64 CPU tensor of shape \(n, 3\)"
+    for seg in (segments.int(), segments[:, :2].contiguous(), segments.reshape(-1),
+                segments.t().contiguous().t()):
+        _expect(shape, sv, v, seg, v_sums)
+    _expect_cpu(shape + ".* on meta", sv, (v, segments.to("meta"), v_sums))
+    _expect("`exp_avg_sq` must be a contiguous 1-D Float tensor", sv, v.double(), segments,
+            v_sums)
+    _expect("`exp_avg_sq` must be a contiguous 1-D Float tensor", sv,
+            torch.zeros(2 * v.numel())[::2], segments, v_sums)
+    _expect("`v_sums` must be a contiguous 1-D Double tensor", sv, v, segments, v_sums.float())
+    _expect("`v_sums` must be a contiguous 1-D Double tensor", sv, v, segments,
+            v_sums.reshape(2, 3))
+    _expect_cpu("`exp_avg_sq` is on meta but the op runs on cpu", sv,
+                (v.to("meta"), segments, v_sums))
+    _expect_cpu("`v_sums` is on meta but the op runs on cpu", sv, (v, segments,
+                                                                  v_sums.to("meta")))
+    # the rows: numel is the row's own; spans inside the buffer, disjoint; slots distinct
+    n = v.numel()
+    last = segments[-1].tolist()
+    _expect(rf"segments\[5\] = \(offset {n - last[1] + 1}, numel {last[1]}\) is outside the "
+            rf"state buffers of {n} elements", sv, v, _seg_with(segments, 5, 0, n - last[1] + 1),
+            v_sums)
+    _expect(r"segments\[2\] = \(offset \d+, numel -1\) is outside", sv, v,
+            _seg_with(segments, 2, 1, -1), v_sums)
+    _expect(r"segments\[2\] = \(offset -3, numel 7\) is outside", sv, v,
+            _seg_with(segments, 2, 0, -3), v_sums)
+    _expect(r"segments\[0\] has slot 6 but steps and v_sums have 6 slots", sv, v,
+            _seg_with(segments, 0, 2, 6), v_sums)
+    _expect(r"segments\[3\] uses slot 5, which an earlier tensor", sv, v,
+            _seg_with(segments, 3, 2, 5), v_sums)
+    _expect(r"segments\[[23]\] and segments\[[23]\] overlap", sv, v,
+            _seg_with(segments, 3, 0, segments[2, 0].item() + 6), v_sums)
+    _expect(r"segments\[0\] has slot 5 but steps and v_sums have 0 slots", sv, v, segments,
+            torch.zeros(0, dtype=F64))
+    # numel from the row: a longer span than the tensor had is summed as given
+    vs = v_sums.clone()
+    seg = segments[3:4].clone()
+    seg[0, 1] = 20
+    sv(v, seg, vs)
+    o = seg[0, 0].item()
+    assert vs[seg[0, 2]].item() == pytest.approx(v[o:o + 20].double().sum().item(), rel=1e-6)
 
 
 def test_empty_lists():
+    seg0 = torch.zeros(0, 3, dtype=torch.int64)
     out = torch.full((COLS,), 7.0, dtype=F64)
-    torch.ops.adai.stats([], [], [], [], None, 0.99, 0.0, out)
+    torch.ops.adai.stats([], [], seg0, torch.zeros(0), torch.zeros(0, dtype=F64), None, 0.99,
+                         0.0, out)
     assert out.tolist() == [0.0] * COLS
-    torch.ops.adai.update([], [], [], [], [], [], [], torch.zeros(1, COLS, dtype=F64), None,
-                          None, None, 0.1, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
-    # (sum_v has no tensor argument to dispatch on when its lists are empty: not callable)
+    torch.ops.adai.update([], [], seg0, torch.zeros(0), torch.zeros(0), torch.zeros(0),
+                          torch.zeros(0, dtype=F64), torch.zeros(0),
+                          torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
+                          1e-3, 0.0, False, 1.0, 0.0, False)
+    torch.ops.adai.sum_v(torch.zeros(0), seg0, torch.zeros(0, dtype=F64))
+    # no tensors, but a bucket's buffers and slots: nothing is written
+    buf, steps, vs = torch.ones(32), torch.ones(2), torch.ones(2, dtype=F64)
+    torch.ops.adai.sum_v(buf, seg0, vs)
+    torch.ops.adai.update([], [], seg0, buf, buf.clone(), buf.clone(), vs, steps,
+                          torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
+                          1e-3, 0.0, False, 1.0, 0.0, False)
+    assert buf.eq(1).all() and steps.eq(1).all() and vs.eq(1).all()
+
+
+def test_one_element_and_empty_tensors_at_buffer_ends():
+    """An empty tensor's segment may sit at the buffer's end; a one-element tensor may fill
+    a buffer of one element."""
+    p, g = torch.ones(1), torch.full((1,), 0.5)
+    e = torch.zeros(0)
+    seg = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.int64)
+    m, v, b = torch.zeros(1), torch.zeros(1), torch.ones(1)
+    steps, vs = torch.zeros(2), torch.zeros(2, dtype=F64)
+    row = torch.zeros(1, COLS, dtype=F64)
+    torch.ops.adai.stats([p, e], [g, e], seg, steps, vs, None, 0.99, 0.0, row[0])
+    torch.ops.adai.update([p, e], [g, e], seg, m, v, b, vs, steps, row, None, None, None, 0.1,
+                          0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
+    assert steps.tolist() == [1.0, 1.0]
+    assert vs[0].item() == 0.0 and vs[1].item() == pytest.approx(0.01 * 0.25, rel=1e-6)
+    assert v.item() == pytest.approx(0.01 * 0.25, rel=1e-6) and p.item() < 1.0
+    vs.fill_(-1.0)
+    torch.ops.adai.sum_v(v, seg, vs)
+    assert vs.tolist() == [0.0, v.item()]
 
 
 # ---- dispatch table and the compiled modules --------------------------------------------
@@ -264,10 +526,11 @@ def _probe(env: dict) -> dict:
         "g = torch.Generator().manual_seed(0)\n"
         "p = torch.randn(1000, generator=g); gr = torch.randn(1000, generator=g)\n"
         "m, v, b = torch.zeros(1000), torch.zeros(1000), torch.ones(1000)\n"
-        "k = torch.zeros((), dtype=torch.float32); vs = torch.zeros((), dtype=torch.float64)\n"
+        "k = torch.zeros(1, dtype=torch.float32); vs = torch.zeros(1, dtype=torch.float64)\n"
+        "seg = torch.tensor([[0, 1000, 0]])\n"
         "st = torch.zeros(1, 7, dtype=torch.float64)\n"
-        "torch.ops.adai.stats([p], [gr], [k], [vs], None, 0.99, 0.0, st[0])\n"
-        "torch.ops.adai.update([p], [gr], [m], [v], [b], [vs], [k], st, None, None, None,\n"
+        "torch.ops.adai.stats([p], [gr], seg, k, vs, None, 0.99, 0.0, st[0])\n"
+        "torch.ops.adai.update([p], [gr], seg, m, v, b, vs, k, st, None, None, None,\n"
         "                      0.1, 0.1, 0.99, 1e-3, 0.0, False, 0.5, 0.0, False)\n"
         "print(json.dumps(dict(isa=_native.cpu_isa(), vec=_native.cpu_vec_size(),\n"
         "                      err=_native.load_error(), notes=_native.notes(),\n"

@@ -17,6 +17,9 @@
 // last partial block runs through the vector code on a zero-padded copy, so every element
 // gets the same arithmetic wherever it sits.
 //
+// State: tensor i's j-th element (in memory order) has its states at buffer[offset_i + j]
+// and its step and v_sum at steps[slot_i] and v_sums[slot_i] (`segments`, csrc/ops.cpp).
+//
 // pow: AdaiV2 (dampening < 1) needs two per element, and Vectorized<float>::pow (SLEEF's
 // powf) made its update ~5x slower than Adai's. The kernel computes pow(x, e) as
 // 2^(e log2 x) with inline polynomials instead (vec_pow.h; the default build: std::pow per
@@ -34,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -41,7 +45,7 @@
 #include <vector>
 
 #include "adai_math.h"
-#include "list_checks.h"
+#include "segments.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -397,7 +401,7 @@ void check_cpu(const char* op, const char* name, size_t i, const at::Tensor& t) 
               ", expected a CPU tensor");
 }
 
-// params[i], grads[i] and (for update) the three states of tensor i.
+// params[i] and grads[i].
 void check_tensor(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g) {
   check_cpu(op, "params", i, p);
   check_cpu(op, "grads", i, g);
@@ -410,25 +414,6 @@ void check_tensor(const char* op, size_t i, const at::Tensor& p, const at::Tenso
   TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] (sizes ", g.sizes(), ", strides ",
               g.strides(), ") must have the sizes and strides of params[", i, "] (sizes ",
               p.sizes(), ", strides ", p.strides(), ")");
-}
-
-void check_state(const char* op, const char* name, size_t i, const at::Tensor& s,
-                 const at::Tensor& p) {
-  check_cpu(op, name, i, s);
-  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] has dtype ",
-              s.scalar_type(), "; expected float32");
-  TORCH_CHECK(same_layout(s, p), op, ": ", name, "[", i, "] (sizes ", s.sizes(),
-              ", strides ", s.strides(), ") must have the sizes and strides of params[", i,
-              "] (sizes ", p.sizes(), ", strides ", p.strides(), ")");
-}
-
-void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& t,
-                  at::ScalarType dtype) {
-  check_cpu(op, name, i, t);
-  TORCH_CHECK(t.dim() == 0, op, ": ", name, "[", i, "] must be a 0-dim tensor, got sizes ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
-              t.scalar_type(), "; expected ", dtype);
 }
 
 // An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor): its value.
@@ -491,23 +476,51 @@ std::vector<int64_t> numels(at::TensorList ts) {
 
 // ---- the ops ------------------------------------------------------------------------------
 
-void stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList steps,
-               at::TensorList v_sums, const std::optional<at::Tensor>& grad_scale,
-               double beta2, double l2, const at::Tensor& out) {
+const at::Device kCpu(at::kCPU);
+
+// params[i], grads[i] and segments[i] of every tensor; n_slots: the length of steps / v_sums.
+void check_tensors(const char* op, at::TensorList params, at::TensorList grads,
+                   const int64_t* rows, int64_t state_len, int64_t n_slots) {
+  std::vector<char> seen(static_cast<size_t>(n_slots), 0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_tensor(op, i, params[i], grads[i]);
+    adai::check_segment(op, i, rows + adai::kSegmentColumns * i, params[i].numel(), state_len,
+                        seen);
+  }
+}
+
+inline int64_t seg(const int64_t* rows, size_t i, adai::SegmentColumn col) {
+  return rows[adai::kSegmentColumns * i + col];
+}
+
+// c + a * b for the stats row, with its roundings spelled out rather than left to the
+// compiler's FMA contraction (which changes with the surrounding code): fused in the FMA
+// builds, as they computed kB, kBgt and kBtt before; rounded twice in the default build.
+inline double row_muladd(double a, double b, double c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  const volatile double ab = a * b;
+  return c + ab;
+#endif
+}
+
+void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+               const at::Tensor& steps, const at::Tensor& v_sums,
+               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
+               const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
-  adai::check_stats_lists(op, params, grads, steps, v_sums);
+  adai::check_len(op, "grads", grads.size(), n);
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  adai::check_slots(op, steps, v_sums, kCpu);
   TORCH_CHECK(out.device().is_cpu(), op, ": `out` is on ", out.device(),
               ", expected a CPU tensor");
   TORCH_CHECK(out.dim() == 1 && out.size(0) == adai::kStatsColumns &&
                   out.scalar_type() == at::kDouble,
               op, ": `out` must be a 1-D float64 tensor of ", int(adai::kStatsColumns),
               " elements, got ", out.scalar_type(), " of sizes ", out.sizes());
-  for (size_t i = 0; i < n; ++i) {
-    check_tensor(op, i, params[i], grads[i]);
-    check_scalar(op, "steps", i, steps[i], at::kFloat);
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
-  }
+  check_tensors(op, params, grads, rows, -1, steps.numel());
   const float inv_scale = inv_grad_scale(op, grad_scale);
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
   // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
@@ -541,23 +554,28 @@ void stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList steps
   }
   const std::vector<double> sums = tensor_sums(partial, first, n, K);
 
+  float* step_p = steps.mutable_data_ptr<float>();
+  const double* vsum_p = v_sums.const_data_ptr<double>();
   double row[adai::kStatsColumns] = {};
   for (size_t i = 0; i < n; ++i) {
-    float* k = steps[i].mutable_data_ptr<float>();
+    const int64_t slot = seg(rows, i, adai::kSlot);
+    float* k = step_p + slot;
     *k += 1.0f;
     const double bc2 = adai::bias_correction2(beta2, static_cast<double>(*k));
     const double w = (1.0 - beta2) / bc2;
-    const double V = *v_sums[i].const_data_ptr<double>();
+    const double V = vsum_p[slot];
     const double gg = sums[i * K + kSgg];
+    const volatile double wgg_rounded = w * gg;  // never fused into the adds below
+    const double wgg = wgg_rounded;
     row[adai::kA] += beta2 * V / bc2;
     if (use_l2) {
-      row[adai::kB] += w * sums[i * K + kSge];
-      row[adai::kBgg] += w * gg;
-      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSgt]);
-      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kStt]);
+      row[adai::kB] = row_muladd(w, sums[i * K + kSge], row[adai::kB]);
+      row[adai::kBgg] += wgg;
+      row[adai::kBgt] = row_muladd(w, 2.0 * l2d * sums[i * K + kSgt], row[adai::kBgt]);
+      row[adai::kBtt] = row_muladd(w, l2d * l2d * sums[i * K + kStt], row[adai::kBtt]);
     } else {
-      row[adai::kB] += w * gg;
-      row[adai::kBgg] += w * gg;
+      row[adai::kB] += wgg;
+      row[adai::kBgg] += wgg;
     }
     row[adai::kGn] += gg;
     row[adai::kN] += static_cast<double>(numel[i]);
@@ -567,32 +585,29 @@ void stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList steps
   for (int j = 0; j < adai::kStatsColumns; ++j) o[j * os] = row[j];
 }
 
-void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                at::TensorList exp_avg_sq, at::TensorList beta1_prod, at::TensorList v_sums,
-                at::TensorList steps, const at::Tensor& stats,
-                const std::optional<at::Tensor>& grad_scale,
+void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                const at::Tensor& beta1_prod, const at::Tensor& v_sums, const at::Tensor& steps,
+                const at::Tensor& stats, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
                 double beta2, double eps, double weight_decay, bool decoupled,
                 double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
-  adai::check_update_lists(op, params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums,
-                           steps);
+  adai::check_len(op, "grads", grads.size(), n);
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  const int64_t state_len = adai::check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
+                                               {&exp_avg, &exp_avg_sq, &beta1_prod}, kCpu);
+  adai::check_slots(op, steps, v_sums, kCpu);
   TORCH_CHECK(stats.device().is_cpu(), op, ": `stats` is on ", stats.device(),
               ", expected a CPU tensor");
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
                   stats.size(1) == adai::kStatsColumns,
               op, ": `stats` must be a 2-D float64 tensor with ", int(adai::kStatsColumns),
               " columns, got ", stats.scalar_type(), " of sizes ", stats.sizes());
-  for (size_t i = 0; i < n; ++i) {
-    check_tensor(op, i, params[i], grads[i]);
-    check_state(op, "exp_avg", i, exp_avg[i], params[i]);
-    check_state(op, "exp_avg_sq", i, exp_avg_sq[i], params[i]);
-    check_state(op, "beta1_prod", i, beta1_prod[i], params[i]);
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
-    check_scalar(op, "steps", i, steps[i], at::kFloat);
-  }
+  check_tensors(op, params, grads, rows, state_len, steps.numel());
+  adai::check_disjoint(op, rows, n);
   const float inv_scale = inv_grad_scale(op, grad_scale);
   const bool inf_found = optional_scalar(op, "found_inf", found_inf, 0.0f) != 0.0f;
   const bool has_lr_tensor = lr_tensor.has_value() && lr_tensor->defined();
@@ -609,9 +624,10 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
       for (int j = 0; j < adai::kStatsColumns; ++j) totals[j] += sp[r * rs + j * cs];
     }
   }
+  float* step_p = steps.mutable_data_ptr<float>();
   const adai::Globals gl = adai::globals(totals, max_grad_norm, skip_nonfinite, inf_found);
   if (gl.skip) {  // take back the increments of `stats`; nothing else is written
-    for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() -= 1.0f;
+    for (size_t i = 0; i < n; ++i) step_p[seg(rows, i, adai::kSlot)] -= 1.0f;
     return;
   }
   const float gmul = inv_scale * gl.clip;
@@ -620,15 +636,15 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
   std::vector<float> inv_bc2(n);
   for (size_t i = 0; i < n; ++i) {
-    const double k = static_cast<double>(*steps[i].const_data_ptr<float>());
+    const double k = static_cast<double>(step_p[seg(rows, i, adai::kSlot)]);
     inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
   }
 
   const std::vector<void*> pp = data_ptrs<void>(params);
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
-  const std::vector<float*> mp = data_ptrs<float>(exp_avg);
-  const std::vector<float*> vp = data_ptrs<float>(exp_avg_sq);
-  const std::vector<float*> bp = data_ptrs<float>(beta1_prod);
+  float* const m_base = exp_avg.mutable_data_ptr<float>();
+  float* const v_base = exp_avg_sq.mutable_data_ptr<float>();
+  float* const b_base = beta1_prod.mutable_data_ptr<float>();
   const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
   const std::vector<Chunk> chunks = make_chunks(numel, first);
@@ -637,43 +653,48 @@ void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t i = ch.tensor;
       const int64_t o = ch.begin;
+      const int64_t so = seg(rows, static_cast<size_t>(i), adai::kOffset) + o;
       dispatch_param(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         partial[k] = update_chunk<scalar_t>(
             static_cast<scalar_t*>(pp[i]) + o, static_cast<const scalar_t*>(gp[i]) + o,
-            mp[i] + o, vp[i] + o, bp[i] + o, ch.len, gmul, inv_bc2[i], gl.inv_vbar, c);
+            m_base + so, v_base + so, b_base + so, ch.len, gmul, inv_bc2[i], gl.inv_vbar, c);
       });
     });
   }
   const std::vector<double> V = tensor_sums(partial, first, n, 1);
-  for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
+  double* vsum_p = v_sums.mutable_data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) vsum_p[seg(rows, i, adai::kSlot)] = V[i];
 }
 
-void sum_v_cpu(at::TensorList exp_avg_sq, at::TensorList v_sums) {
+void sum_v_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+               const at::Tensor& v_sums) {
   const char* op = "adai::sum_v";
-  const size_t n = exp_avg_sq.size();
-  TORCH_CHECK(v_sums.size() == n, op, ": `v_sums` has ", v_sums.size(),
-              " tensors but `exp_avg_sq` has ", n);
+  // the rows name the tensors: n is whatever segments has (its shape is checked first)
+  const size_t n = segments.dim() == 2 ? static_cast<size_t>(segments.size(0)) : 0;
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  adai::check_flat(op, "exp_avg_sq", exp_avg_sq, at::kFloat, kCpu);
+  adai::check_flat(op, "v_sums", v_sums, at::kDouble, kCpu);
+  std::vector<char> seen(static_cast<size_t>(v_sums.numel()), 0);
+  std::vector<int64_t> numel(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& v = exp_avg_sq[i];
-    check_cpu(op, "exp_avg_sq", i, v);
-    TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": exp_avg_sq[", i, "] has dtype ",
-                v.scalar_type(), "; expected float32");
-    TORCH_CHECK(v.is_non_overlapping_and_dense(), op, ": exp_avg_sq[", i,
-                "] must be non-overlapping and dense");
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble);
+    adai::check_segment(op, i, rows + adai::kSegmentColumns * i, -1, exp_avg_sq.numel(), seen);
+    numel[i] = seg(rows, i, adai::kNumel);
   }
-  const std::vector<const float*> vp = data_ptrs<const float>(exp_avg_sq);
+  adai::check_disjoint(op, rows, n);
+  const float* const v_base = exp_avg_sq.const_data_ptr<float>();
   std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(numels(exp_avg_sq), first);
+  const std::vector<Chunk> chunks = make_chunks(numel, first);
   std::vector<double> partial(chunks.size(), 0.0);
   if (!chunks.empty()) {
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-      partial[k] = sum_v_chunk(vp[ch.tensor] + ch.begin, ch.len);
+      const int64_t so = seg(rows, static_cast<size_t>(ch.tensor), adai::kOffset) + ch.begin;
+      partial[k] = sum_v_chunk(v_base + so, ch.len);
     });
   }
   const std::vector<double> V = tensor_sums(partial, first, n, 1);
-  for (size_t i = 0; i < n; ++i) *v_sums[i].mutable_data_ptr<double>() = V[i];
+  double* vsum_p = v_sums.mutable_data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) vsum_p[seg(rows, i, adai::kSlot)] = V[i];
 }
 
 }  // namespace
