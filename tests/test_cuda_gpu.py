@@ -2,7 +2,10 @@
 oracle written here (the statistics row, gradient unscaling, clipping with and without L2
 decay, skipped steps, tensor learning rates), bitwise determinism, many tensors and the
 launch count, and the optimizer with backend="cuda" against backend="reference" (plain,
-clipping, skip_nonfinite, GradScaler).
+clipping, skip_nonfinite, GradScaler). States are passed as flat buffers plus a `segments`
+table (csrc/ops.cpp); the test buckets scramble segment order, offsets and slots, and check
+that nothing outside a call's segments and slots is written; the table's checks
+(csrc/segments.h) are tested on every op.
 
 Marker `gpu`; skipped without a GPU (or when adai_kernels._C has no CUDA kernels, unless
 ADAI_REQUIRE_CUDA=1, as bench/gpu_check.sh sets, makes that a failure). ADAI_TEST_LARGE=1 adds
@@ -13,6 +16,7 @@ share the schema), to check the tests themselves on a machine without a GPU.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -88,36 +92,114 @@ def make_grads(params, gen, scale=1.0) -> list[torch.Tensor]:
     return out
 
 
+def _align16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
 class Bucket:
-    """Everything the ops take for one bucket: params, float32 states with the params' strides
-    (starting `state_offset` elements into their buffers), and 0-dim views of a step vector
-    and a v_sum vector."""
+    """Everything the ops take for one bucket, laid out as the optimizer lays it out but
+    scrambled: flat float32 state buffers (`exp_avg`, `exp_avg_sq`, `beta1_prod`) holding each
+    tensor's states in its memory order (views with the params' strides in `m`, `v`, `b`),
+    segments placed in reverse tensor order with a gap after each, and slots a permutation of
+    the step / v_sum vectors' slots with SPARE unused ones. `state_offset` != 0: segments start
+    1 to 3 elements past a multiple of 16 (never 16-byte aligned). Gaps and unused slots hold
+    NaN; the ops must leave them as they are (`outside`)."""
+
+    SPARE = 2
 
     def __init__(self, params, state_offset=0):
         n = len(params)
-        self.params = params
-        self.steps_vec = torch.zeros(n, dtype=torch.float32, device=DEVICE)
-        self.vsum_vec = torch.zeros(n, dtype=torch.float64, device=DEVICE)
-        self.steps = [self.steps_vec[i] for i in range(n)]
-        self.v_sums = [self.vsum_vec[i] for i in range(n)]
+        self.params = list(params)
+        offsets, cursor = [0] * n, 0
+        for i in reversed(range(n)):
+            offsets[i] = cursor + (state_offset * (1 + i % 3) if state_offset else 0)
+            cursor = _align16(offsets[i] + params[i].numel() + 1)
+        self.n_slots = n + self.SPARE
+        perm = torch.randperm(self.n_slots, generator=torch.Generator().manual_seed(n))
+        self.slots = perm[:n].tolist()
+        self.segments = torch.tensor(
+            [(o, p.numel(), s) for o, p, s in zip(offsets, params, self.slots)],
+            dtype=torch.int64).reshape(-1, 3)
 
-        def state(fill):
-            return [strided(p.shape, p.stride(), torch.float32, state_offset, fill)
-                    for p in params]
+        def buffer(fill):
+            buf = torch.full((cursor,), float("nan"), dtype=torch.float32, device=DEVICE)
+            views = [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]
+            for v in views:
+                v.fill_(fill)
+            return buf, views
 
-        self.m, self.v, self.b = state(0.0), state(0.0), state(1.0)
+        self.exp_avg, self.m = buffer(0.0)
+        self.exp_avg_sq, self.v = buffer(0.0)
+        self.beta1_prod, self.b = buffer(1.0)
+        self.steps_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float32,
+                                    device=DEVICE)
+        self.vsum_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
+                                   device=DEVICE)
+        self.steps_vec[self._slot_index()] = 0.0
+        self.vsum_vec[self._slot_index()] = 0.0
+
+    def _slot_index(self) -> torch.Tensor:
+        return torch.tensor(self.slots, dtype=torch.int64, device=DEVICE)
+
+    def select(self, idx) -> "Bucket":
+        """Tensors `idx` of this bucket (in that order), sharing its buffers and slots, as the
+        optimizer passes the tensors of a bucket that have gradients."""
+        sub = copy.copy(self)
+        sub.params = [self.params[i] for i in idx]
+        sub.m, sub.v, sub.b = ([x[i] for i in idx] for x in (self.m, self.v, self.b))
+        sub.slots = [self.slots[i] for i in idx]
+        sub.segments = self.segments[list(idx)].reshape(-1, 3)
+        return sub
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def step_list(self) -> list[float]:
+        """Step counters in tensor order."""
+        return self.steps_vec[self._slot_index()].double().tolist()
+
+    def vsum_list(self) -> list[float]:
+        """v_sums in tensor order."""
+        return self.vsum_vec[self._slot_index()].tolist()
+
+    def vsum(self, i: int) -> float:
+        return self.vsum_vec[self.slots[i]].item()
+
+    def outside(self) -> list[torch.Tensor]:
+        """The bits of what a call over these tensors must not touch: the state buffers
+        outside their segments, and the slots they do not use."""
+        parts, pos, end = [], 0, self.exp_avg.numel()
+        spans = sorted((o, o + k) for o, k, _ in self.segments.tolist() if k > 0)
+        for a, e in spans + [(end, end)]:
+            if a > pos:
+                parts += [buf[pos:a] for buf in (self.exp_avg, self.exp_avg_sq, self.beta1_prod)]
+            pos = max(pos, e)
+        unused = torch.tensor(sorted(set(range(self.n_slots)) - set(self.slots)),
+                              dtype=torch.int64, device=DEVICE)
+        parts += [self.steps_vec[unused], self.vsum_vec[unused]]
+        return [_bits(t).clone() for t in parts]
+
     def snapshot(self) -> dict:
         f64 = lambda ts: [t.detach().double().clone() for t in ts]  # noqa: E731
         return dict(params=f64(self.params), m=f64(self.m), v=f64(self.v), b=f64(self.b),
-                    steps=self.steps_vec.double().tolist(), v_sums=self.vsum_vec.tolist())
+                    steps=self.step_list(), v_sums=self.vsum_list(), outside=self.outside())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.params, *self.m, *self.v, *self.b, self.steps_vec, self.vsum_vec]
+        return [*self.params, self.exp_avg, self.exp_avg_sq, self.beta1_prod, self.steps_vec,
+                self.vsum_vec]
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bitwise equality (NaN-safe: the buckets' gaps and unused slots hold NaN)."""
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(_bits(x), _bits(y))
+
+
+def assert_outside_untouched(bk, before, what=""):
+    now = bk.outside()
+    assert len(now) == len(before), what
+    for k, (x, y) in enumerate(zip(now, before)):
+        assert torch.equal(x, y), f"{what}: written outside the call's segments / slots ({k})"
 
 
 def _l2(hp) -> float:
@@ -125,16 +207,17 @@ def _l2(hp) -> float:
 
 
 def stats_op(bk, grads, hp, out, grad_scale=None):
-    ops.stats(bk.params, grads, bk.steps, bk.v_sums, grad_scale, hp["betas"][1], _l2(hp), out)
+    ops.stats(bk.params, grads, bk.segments, bk.steps_vec, bk.vsum_vec, grad_scale,
+              hp["betas"][1], _l2(hp), out)
 
 
 def update_op(bk, grads, hp, stats, grad_scale=None, found_inf=None, lr_tensor=None,
               max_grad_norm=0.0, skip_nonfinite=False):
     lr = 0.0 if lr_tensor is not None else hp["lr"]
-    ops.update(bk.params, grads, bk.m, bk.v, bk.b, bk.v_sums, bk.steps, stats, grad_scale,
-               found_inf, lr_tensor, lr, hp["betas"][0], hp["betas"][1], hp["eps"],
-               hp["weight_decay"], hp["decoupled"], hp["dampening"], max_grad_norm,
-               skip_nonfinite)
+    ops.update(bk.params, grads, bk.segments, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
+               bk.vsum_vec, bk.steps_vec, stats, grad_scale, found_inf, lr_tensor, lr,
+               hp["betas"][0], hp["betas"][1], hp["eps"], hp["weight_decay"], hp["decoupled"],
+               hp["dampening"], max_grad_norm, skip_nonfinite)
 
 
 def scalar(x) -> torch.Tensor | None:
@@ -164,7 +247,8 @@ EXTRA = (123.0, 59.0, 60.0, -4.0, 3.0, 700.0, 4567.0)
 def oracle_step(snap, grads, hp, extra=None, grad_scale=None, found_inf=None, lr=None,
                 max_grad_norm=0.0, skip_nonfinite=False) -> dict:
     """The spec in float64: `row` (this bucket's statistics), `skip`, `clip` and the bucket's
-    tensors after the step (unchanged, steps included, when skipped)."""
+    tensors after the step (unchanged, steps included, when skipped); `outside` (what lies
+    outside the call's segments and slots) is never written."""
     beta0, beta2 = hp["betas"]
     lr = hp["lr"] if lr is None else lr
     wd, eps, d = hp["weight_decay"], hp["eps"], hp["dampening"]
@@ -199,7 +283,7 @@ def oracle_step(snap, grads, hp, extra=None, grad_scale=None, found_inf=None, lr
          else total[A] + clip * clip * total[BGG] + clip * total[BGT] + total[BTT])
     inv_vbar = total[N] / S if S > 0 else 0.0
     out = dict(row=row, skip=skip, clip=clip, params=[], m=[], v=[], b=[], steps=[],
-               v_sums=[])
+               v_sums=[], outside=snap["outside"])
     if skip:
         for key in ("params", "m", "v", "b", "steps", "v_sums"):
             out[key] = list(snap[key])
@@ -238,7 +322,8 @@ def check_row(row, expected, what=""):
 
 def check_against_oracle(bk, grads_before, grads, stats, expected, what=""):
     check_row(stats[0], expected["row"], what)
-    assert bk.steps_vec.tolist() == expected["steps"], what
+    assert bk.step_list() == expected["steps"], what
+    assert_outside_untouched(bk, expected["outside"], what)
     for i, p in enumerate(bk.params):
         where = f"{what} tensor {i} {tuple(p.shape)} {p.dtype} stride {p.stride()}"
         exp_p = expected["params"][i].to(p.dtype).double()
@@ -249,17 +334,20 @@ def check_against_oracle(bk, grads_before, grads, stats, expected, what=""):
                                        **STATE_TOL, msg=lambda m: f"{where}: {name}: {m}")
         # v_sums: the kernel's reduction of its own new v (tight), and the oracle's (loose)
         own = float(bk.v[i].double().sum())
-        assert math.isclose(bk.vsum_vec[i].item(), own, rel_tol=1e-5, abs_tol=1e-30), where
-        assert math.isclose(bk.vsum_vec[i].item(), expected["v_sums"][i], rel_tol=2e-4,
+        assert math.isclose(bk.vsum(i), own, rel_tol=1e-5, abs_tol=1e-30), where
+        assert math.isclose(bk.vsum(i), expected["v_sums"][i], rel_tol=2e-4,
                             abs_tol=1e-30), where
         assert torch.equal(grads[i], grads_before[i]), f"{where}: the gradient was written"
 
 
-def assert_unchanged(bk, snap, what=""):
-    """Bitwise: every tensor of the bucket as in `snap` (a skipped step)."""
+def assert_unchanged(bk, snap, what="", outside=True):
+    """Bitwise: every tensor of the bucket as in `snap` (a skipped step); `outside`: and what
+    lies outside its segments and slots."""
     now = bk.snapshot()
     assert now["steps"] == snap["steps"], f"{what}: steps {now['steps']} vs {snap['steps']}"
     assert now["v_sums"] == snap["v_sums"], f"{what}: v_sums were written"
+    if outside:
+        assert_outside_untouched(bk, snap["outside"], what)
     for key in ("params", "m", "v", "b"):
         for i, (x, y) in enumerate(zip(now[key], snap[key])):
             assert torch.equal(_bits(x), _bits(y)), f"{what}: {key}[{i}] was written"
@@ -364,7 +452,7 @@ def test_power_of_two_grad_scale_is_bitwise_unscaled(dtype, hyper):
                               grad_scale=scalar(1024.0))
         assert torch.equal(rows_plain, rows_scaled)
     for i, (x, y) in enumerate(zip(plain.tensors(), scaled.tensors())):
-        assert torch.equal(x, y), f"output tensor {i}"
+        assert same_bits(x, y), f"output tensor {i}"
 
 
 @pytest.mark.parametrize("hyper", ["coupled", "decoupled_d0.5"])
@@ -383,7 +471,7 @@ def test_lr_tensor_is_read_on_the_device(hyper):
         op_step(a, grads, hp)
         op_step(b, grads, hp, lr_tensor=lr)
     for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
-        assert torch.equal(x, y), f"output tensor {i}"
+        assert same_bits(x, y), f"output tensor {i}"
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -439,12 +527,12 @@ def test_skipped_step_changes_nothing(dtype, hyper, skip):
         other_grads = _poison(other_grads, sk["other_bad"])
     stats_op(other, other_grads, hp, stats[1])
     stats_op(bk, grads, hp, stats[0], grad_scale=scalar(scale))
-    assert bk.steps_vec.tolist() == [k + 1 for k in snap["steps"]]  # stats incremented them
+    assert bk.step_list() == [k + 1 for k in snap["steps"]]  # stats incremented them
     update_op(bk, grads, hp, stats, grad_scale=scalar(scale), **control)
     update_op(other, other_grads, hp, stats, **control)
 
     assert_unchanged(bk, snap, f"{dtype} {hyper} {skip}")
-    assert other.steps_vec.tolist() == [0.0] * len(other.params)
+    assert other.step_list() == [0.0] * len(other.params)
     for g, g0 in zip(grads, grads_before):
         assert torch.equal(_bits(g), _bits(g0)), "a gradient was written"
     if "bad" in sk or "other_bad" in sk:
@@ -467,7 +555,8 @@ def test_nonfinite_gradient_without_skip(bad):
     snap = bk.snapshot()
     stats = op_step(bk, grads, hp)
     assert not math.isfinite(stats[0, GN].item())
-    assert bk.steps_vec.tolist() == [k + 1 for k in snap["steps"]]
+    assert bk.step_list() == [k + 1 for k in snap["steps"]]
+    assert_outside_untouched(bk, snap["outside"])
     assert not torch.isfinite(bk.params[3]).all()
     for i, p in enumerate(bk.params):
         if i != 3:
@@ -489,7 +578,7 @@ def test_nonfinite_param_without_l2_does_not_reach_the_state():
     for i in range(len(bk.params)):
         for t in (bk.v[i], bk.m[i], bk.b[i]):
             assert torch.isfinite(t).all(), i
-    assert math.isfinite(bk.vsum_vec.sum().item())
+    assert all(math.isfinite(x) for x in bk.vsum_list())
     assert not torch.isfinite(bk.params[3].view(-1)[7])
     assert torch.isfinite(bk.params[3].view(-1)[8:]).all()
 
@@ -505,8 +594,8 @@ def test_zero_gradients_leave_params_unchanged():
         assert torch.equal(p, p0)
         assert torch.count_nonzero(m) == 0 and torch.count_nonzero(v) == 0
         assert torch.all(b == torch.tensor(1.0 - 1e-3, dtype=torch.float32))
-    assert bk.steps_vec.tolist() == [1.0] * len(bk.params)
-    assert bk.vsum_vec.tolist() == [0.0] * len(bk.params)
+    assert bk.step_list() == [1.0] * len(bk.params)
+    assert bk.vsum_list() == [0.0] * len(bk.params)
 
 
 def _run(dtype, seed, hyper, steps=3, stream=None, **control):
@@ -532,7 +621,7 @@ def test_bitwise_deterministic(dtype, clip):
     b = _run(dtype, 3, "coupled", **control)
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x, y), f"run-to-run difference in output tensor {i}"
+        assert same_bits(x, y), f"run-to-run difference in output tensor {i}"
 
 
 @cuda_only
@@ -541,46 +630,115 @@ def test_bitwise_deterministic_on_a_side_stream():
     b = _run(torch.float32, 4, "decoupled_d0.5", stream=torch.cuda.Stream())
     torch.cuda.synchronize()
     for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x, y), f"side-stream difference in output tensor {i}"
+        assert same_bits(x, y), f"side-stream difference in output tensor {i}"
+
+
+def _relocated(v_views, shift):
+    """The tensors `v_views` copied into a fresh flat buffer, each at `shift` elements past a
+    multiple of 16 (shift 0: 16-byte aligned), with their strides; slots in order."""
+    offsets, cursor = [], 0
+    for v in v_views:
+        offsets.append(cursor + shift)
+        cursor = _align16(cursor + shift + v.numel())
+    buf = torch.full((cursor,), float("nan"), dtype=torch.float32, device=DEVICE)
+    for v, o in zip(v_views, offsets):
+        buf.as_strided(v.shape, v.stride(), o).copy_(v)
+    segments = torch.tensor([(o, v.numel(), i) for i, (v, o) in enumerate(zip(v_views, offsets))],
+                            dtype=torch.int64).reshape(-1, 3)
+    return buf, segments, list(range(len(v_views)))
 
 
 @pytest.mark.parametrize("state_offset", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
+    """sum_v gives bitwise update's v_sums: on the bucket's own buffer (scrambled segments and
+    slots), on copies of v at 16-byte aligned and at misaligned offsets, and on a subset of
+    the rows (only their slots are written)."""
     bk, gen = make_bucket(dtype, seed=5, state_offset=state_offset)
     hp = dict(HYPER["coupled"], lr=1e-2)
     for _ in range(2):
         op_step(bk, make_grads(bk.params, gen), hp, grad_scale=scalar(7.0),
                 max_grad_norm=200.0)
-    # The bucket's own views, and fresh (16-byte aligned) copies with the same strides.
-    for v_list in (bk.v, [v.clone(memory_format=torch.preserve_format) for v in bk.v]):
-        assert all(c.stride() == v.stride() for c, v in zip(v_list, bk.v))
-        out = torch.full((len(bk.v),), float("nan"), dtype=torch.float64, device=DEVICE)
-        ops.sum_v(v_list, [out[i] for i in range(len(bk.v))])
-        assert torch.equal(out, bk.vsum_vec), (out - bk.vsum_vec).abs().max()
+    expected = bk.vsum_vec[bk._slot_index()]
+    n = len(bk.v)
+    layouts = {"own": (bk.exp_avg_sq, bk.segments, bk.slots),
+               "aligned copy": _relocated(bk.v, 0), "misaligned copy": _relocated(bk.v, 3)}
+    for what, (buf, segments, slots) in layouts.items():
+        before = _bits(buf).clone()
+        out = torch.full((max(slots, default=-1) + 2,), float("nan"), dtype=torch.float64,
+                         device=DEVICE)
+        ops.sum_v(buf, segments, out)
+        idx = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+        assert same_bits(out[idx], expected), (what, (out[idx] - expected).abs().max())
+        assert math.isnan(out[-1].item()), f"{what}: an unused slot was written"
+        assert torch.equal(_bits(buf), before), f"{what}: exp_avg_sq was written"
+    rows = list(range(0, n, 2))
+    out = torch.full((bk.n_slots,), float("nan"), dtype=torch.float64, device=DEVICE)
+    ops.sum_v(bk.exp_avg_sq, bk.segments[rows], out)
+    for i in range(n):
+        got = out[bk.slots[i]]
+        if i in rows:
+            assert same_bits(got, expected[i]), i
+        else:
+            assert math.isnan(got.item()), f"tensor {i} is not in the call but its slot was written"
 
 
 def test_empty_lists():
-    out = torch.full((COLUMNS,), float("nan"), dtype=torch.float64, device=DEVICE)
-    ops.stats([], [], [], [], None, 0.99, 0.0, out)
-    assert out.tolist() == [0.0] * COLUMNS
-    stats = torch.ones(1, COLUMNS, dtype=torch.float64, device=DEVICE)
-    ops.update([], [], [], [], [], [], [], stats, None, None, None, 1e-2, 0.1, 0.99, 1e-3, 0.0,
-               False, 1.0, 0.0, False)
-    ops.update([], [], [], [], [], [], [], stats, scalar(2.0), scalar(1.0), scalar(1e-2), 0.0,
-               0.1, 0.99, 1e-3, 0.0, False, 1.0, 1.0, True)
+    """No tensors: stats writes a zero row, update and sum_v do nothing; state buffers and
+    slots that exist are not touched."""
+    segments = torch.zeros(0, 3, dtype=torch.int64)
+    for length, n_slots in ((0, 0), (40, 3)):
+        bufs = [torch.full((length,), x, dtype=torch.float32, device=DEVICE)
+                for x in (1.0, 2.0, 3.0)]
+        steps = torch.full((n_slots,), 5.0, dtype=torch.float32, device=DEVICE)
+        v_sums = torch.full((n_slots,), 6.0, dtype=torch.float64, device=DEVICE)
+        before = [t.clone() for t in (*bufs, steps, v_sums)]
+        out = torch.full((COLUMNS,), float("nan"), dtype=torch.float64, device=DEVICE)
+        ops.stats([], [], segments, steps, v_sums, None, 0.99, 0.0, out)
+        assert out.tolist() == [0.0] * COLUMNS
+        stats = torch.ones(1, COLUMNS, dtype=torch.float64, device=DEVICE)
+        ops.update([], [], segments, *bufs, v_sums, steps, stats, None, None, None, 1e-2, 0.1,
+                   0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
+        ops.update([], [], segments, *bufs, v_sums, steps, stats, scalar(2.0), scalar(1.0),
+                   scalar(1e-2), 0.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 1.0, True)
+        ops.sum_v(bufs[1], segments, v_sums)
+        for t, t0 in zip((*bufs, steps, v_sums), before):
+            assert torch.equal(t, t0)
 
 
 def test_all_tensors_empty():
     bk = Bucket([strided((0,), (1,), torch.float32), strided((0, 3), (3, 1), torch.float32)])
     grads = [torch.empty_like(p) for p in bk.params]
+    outside = bk.outside()
     stats = op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2))
     assert stats[0].tolist() == [0.0] * COLUMNS
-    assert bk.steps_vec.tolist() == [1.0, 1.0]
-    assert bk.vsum_vec.tolist() == [0.0, 0.0]
+    assert bk.step_list() == [1.0, 1.0]
+    assert bk.vsum_list() == [0.0, 0.0]
     # skipped: the increments are taken back
     op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2), found_inf=scalar(1.0))
-    assert bk.steps_vec.tolist() == [1.0, 1.0]
+    assert bk.step_list() == [1.0, 1.0]
+    assert_outside_untouched(bk, outside)
+
+
+def test_a_subset_of_the_bucket():
+    """The optimizer passes the tensors of a bucket that have gradients: a call over some of
+    them (their segments and slots, in another order) steps exactly those and leaves every
+    other tensor's states, step and v_sum bitwise as they were."""
+    hp = dict(HYPER["coupled"], lr=1e-2)
+    bk, gen = make_bucket(torch.float32, seed=19, state_offset=1)
+    op_step(bk, make_grads(bk.params, gen), hp)  # nonzero states everywhere
+    chosen = [9, 2, 5, 0, 13, 4]
+    sub = bk.select(chosen)
+    rest = bk.select([i for i in range(len(bk.params)) if i not in chosen])
+    for step in range(2):
+        grads = make_grads(sub.params, gen)
+        snap, rest_snap = sub.snapshot(), rest.snapshot()
+        stats = op_step(sub, grads, hp, EXTRA if step else None)
+        check_against_oracle(sub, grads, grads, stats,
+                             oracle_step(snap, grads, hp, EXTRA if step else None),
+                             f"subset step {step}")
+        # (the stepped tensors lie outside `rest`: checked above as outside `sub`)
+        assert_unchanged(rest, rest_snap, f"the other tensors, step {step}", outside=False)
 
 
 def test_stats_row_layout_and_strided_rows():
@@ -600,51 +758,200 @@ def test_stats_row_layout_and_strided_rows():
     update_op(a, grads, hp, rows)
     update_op(b, grads, hp, cols.t())
     for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
-        assert torch.equal(x, y), f"output tensor {i}"
+        assert same_bits(x, y), f"output tensor {i}"
+
+
+def _valid_call():
+    """Valid arguments for the three ops on DEVICE: params of 4, 3 and 0 elements whose
+    segments lie in buffers of 19 elements (the empty one inside another's span), slots
+    permuted."""
+    p = [torch.zeros(4, device=DEVICE), torch.zeros(3, device=DEVICE),
+         torch.zeros(0, device=DEVICE)]
+    return dict(
+        params=p, grads=[torch.zeros_like(x) for x in p],
+        segments=torch.tensor([[0, 4, 2], [16, 3, 0], [2, 0, 1]], dtype=torch.int64),
+        bufs=[torch.zeros(19, device=DEVICE) for _ in range(3)],
+        steps=torch.zeros(3, device=DEVICE),
+        v_sums=torch.zeros(3, dtype=torch.float64, device=DEVICE),
+        out=torch.zeros(COLUMNS, dtype=torch.float64, device=DEVICE),
+        stats=torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE),
+        grad_scale=None, found_inf=None, lr_tensor=None)
+
+
+def _call(op, **changes):
+    a = dict(_valid_call(), **changes)
+    if op == "stats":
+        ops.stats(a["params"], a["grads"], a["segments"], a["steps"], a["v_sums"],
+                  a["grad_scale"], 0.99, 0.0, a["out"])
+    elif op == "update":
+        ops.update(a["params"], a["grads"], a["segments"], *a["bufs"], a["v_sums"], a["steps"],
+                   a["stats"], a["grad_scale"], a["found_inf"], a["lr_tensor"], 1e-2, 0.1, 0.99,
+                   1e-3, 0.0, False, 1.0, 0.0, False)
+    else:
+        ops.sum_v(a["bufs"][1], a["segments"], a["v_sums"])
+
+
+def _segs(*rows):
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+_TABLE = r"`segments` must be a contiguous int64 CPU tensor of shape \(n, 3\)"
+SEGMENT_CASES = {
+    # name: (ops, changes or a function of the valid arguments giving them, message)
+    "int32": ("stats update sum_v", dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 1]).int()),
+              _TABLE),
+    "float64": ("stats update sum_v",
+                dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 1]).double()), _TABLE),
+    "two_columns": ("stats update sum_v", dict(segments=torch.zeros(3, 2, dtype=torch.int64)),
+                    _TABLE),
+    "1d": ("stats update sum_v", dict(segments=torch.zeros(9, dtype=torch.int64)), _TABLE),
+    "3d": ("stats update sum_v", dict(segments=torch.zeros(1, 3, 3, dtype=torch.int64)), _TABLE),
+    "non_contiguous": ("stats update sum_v",
+                       dict(segments=_segs([0, 16, 2], [4, 3, 0], [2, 0, 1]).t()), _TABLE),
+    "rows": ("stats update", dict(segments=_segs([0, 4, 2], [16, 3, 0])),
+             r"`segments` has 2 rows but `params` has 3 tensors"),
+    "grads": ("stats update", lambda a: dict(grads=a["grads"][:1]),
+              r"`grads` has 1 tensors but `params` has 3"),
+    "numel": ("stats update", dict(segments=_segs([0, 4, 2], [15, 4, 0], [2, 0, 1])),
+              r"segments\[1\] has numel 4 but params\[1\] has 3 elements"),
+    "numel_empty": ("stats update", dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 1, 1])),
+                    r"segments\[2\] has numel 1 but params\[2\] has 0 elements"),
+    "past_the_end": ("update sum_v", dict(segments=_segs([0, 4, 2], [17, 3, 0], [2, 0, 1])),
+                     r"segments\[1\] = \(offset 17, numel 3\) is outside the state buffers of "
+                     r"19 elements"),
+    "empty_past_the_end": ("update sum_v",
+                           dict(segments=_segs([0, 4, 2], [16, 3, 0], [20, 0, 1])),
+                           r"segments\[2\] = \(offset 20, numel 0\) is outside"),
+    "negative_offset": ("update sum_v", dict(segments=_segs([-1, 4, 2], [16, 3, 0], [2, 0, 1])),
+                        r"segments\[0\] = \(offset -1, numel 4\) is outside"),
+    "huge_offset": ("update sum_v", dict(segments=_segs([0, 4, 2], [2**62, 3, 0], [2, 0, 1])),
+                    r"segments\[1\] = \(offset 4611686018427387904, numel 3\) is outside"),
+    "negative_numel": ("sum_v", dict(segments=_segs([0, 4, 2], [16, -3, 0])),
+                       r"segments\[1\] = \(offset 16, numel -3\) is outside"),
+    "slot_too_big": ("stats update sum_v", dict(segments=_segs([0, 4, 3], [16, 3, 0], [2, 0, 1])),
+                     r"segments\[0\] has slot 3 but steps and v_sums have 3 slots"),
+    "negative_slot": ("stats update sum_v",
+                      dict(segments=_segs([0, 4, 2], [16, 3, -1], [2, 0, 1])),
+                      r"segments\[1\] has slot -1 but steps and v_sums have 3 slots"),
+    "duplicate_slot": ("stats update sum_v",
+                       dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 2])),
+                       r"segments\[2\] uses slot 2, which an earlier tensor of this call uses"),
+    "overlap": ("update sum_v", dict(segments=_segs([0, 4, 2], [3, 3, 0], [2, 0, 1])),
+                r"segments\[0\] and segments\[1\] overlap in the state buffers"),
+    "overlap_reversed": ("update sum_v", dict(segments=_segs([3, 4, 2], [1, 3, 0], [2, 0, 1])),
+                         r"segments\[1\] and segments\[0\] overlap in the state buffers"),
+    "same_start": ("update sum_v", dict(segments=_segs([15, 4, 2], [15, 3, 0], [2, 0, 1])),
+                  r"segments\[\d\] and segments\[\d\] overlap in the state buffers"),
+}
+STATE_CASES = {
+    "exp_avg_dtype": ("update", lambda a: dict(bufs=[a["bufs"][0].double(), *a["bufs"][1:]]),
+                      r"`exp_avg` must be a contiguous 1-D Float tensor"),
+    "exp_avg_sq_2d": ("update sum_v",
+                      lambda a: dict(bufs=[a["bufs"][0], a["bufs"][1].view(1, 19), a["bufs"][2]]),
+                      r"`exp_avg_sq` must be a contiguous 1-D Float tensor"),
+    "beta1_prod_strided": ("update", lambda a: dict(bufs=[
+        *a["bufs"][:2], torch.zeros(38, device=DEVICE)[::2]]),
+        r"`beta1_prod` must be a contiguous 1-D Float tensor"),
+    "lengths": ("update", lambda a: dict(bufs=[a["bufs"][0], a["bufs"][1][:18], a["bufs"][2]]),
+                r"`exp_avg_sq` has 18 elements but `exp_avg` has 19"),
+    "steps_dtype": ("stats update", lambda a: dict(steps=a["steps"].double()),
+                    r"`steps` must be a contiguous 1-D Float tensor"),
+    "steps_0d": ("stats update", lambda a: dict(steps=a["steps"][0]),
+                 r"`steps` must be a contiguous 1-D Float tensor"),
+    "v_sums_dtype": ("stats update sum_v", lambda a: dict(v_sums=a["v_sums"].float()),
+                     r"`v_sums` must be a contiguous 1-D Double tensor"),
+    "slot_counts": ("stats update", lambda a: dict(steps=torch.zeros(4, device=DEVICE)),
+                    r"`steps` has 4 slots but `v_sums` has 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES) + list(STATE_CASES))
+def test_segment_and_buffer_validation(case):
+    """The checks of csrc/segments.h (CPU and CUDA ops alike): the segments table, the flat
+    state buffers and the slot vectors, on each op that takes them. Nothing is written when a
+    call is refused."""
+    names, changes, message = {**SEGMENT_CASES, **STATE_CASES}[case]
+    if callable(changes):
+        changes = changes(_valid_call())
+    for op in ("stats", "update", "sum_v"):
+        _call(op)  # the valid call is accepted
+    for op in names.split():
+        a = dict(_valid_call(), **changes)
+        for t in (*a["bufs"], a["steps"], a["v_sums"]):
+            t.fill_(7.0)
+        before = [t.clone() for t in (*a["bufs"], a["steps"], a["v_sums"])]
+        with pytest.raises(RuntimeError, match=message):
+            _call(op, **a)
+        for t, t0 in zip((*a["bufs"], a["steps"], a["v_sums"]), before):
+            assert torch.equal(t, t0), f"{op}: written by a refused call"
 
 
 @cuda_only
 def test_validation_messages():
+    """CUDA-specific checks: devices, dtypes and layouts of params and grads, `out`, `stats`
+    and the control tensors."""
     p = torch.zeros(4, device=DEVICE)
     g = torch.zeros(4, device=DEVICE)
-    step = torch.zeros((), device=DEVICE)
-    vs = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    segs = _segs([0, 4, 0])
+    steps = torch.zeros(1, device=DEVICE)
+    vs = torch.zeros(1, dtype=torch.float64, device=DEVICE)
     out = torch.zeros(COLUMNS, dtype=torch.float64, device=DEVICE)
     one = scalar(1.0)
-    with pytest.raises(RuntimeError, match="grads has 0 tensors"):
-        ops.stats([p], [], [step], [vs], None, 0.99, 0.0, out)
+
+    def st(params=(p,), grads=(g,), segments=segs, steps=steps, v_sums=vs, grad_scale=None,
+           out=out):
+        ops.stats(list(params), list(grads), segments, steps, v_sums, grad_scale, 0.99, 0.0, out)
+
+    with pytest.raises(RuntimeError, match=r"`grads` has 0 tensors"):
+        st(grads=())
     with pytest.raises(RuntimeError, match=r"grads\[0\] is on cpu"):
-        ops.stats([p], [g.cpu()], [step], [vs], None, 0.99, 0.0, out)
+        st(grads=(g.cpu(),))
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype"):
-        ops.stats([p], [g.half()], [step], [vs], None, 0.99, 0.0, out)
-    with pytest.raises(RuntimeError, match=r"steps\[0\] must be a 0-dim"):
-        ops.stats([p], [g], [vs], [vs], None, 0.99, 0.0, out)
+        st(grads=(g.half(),))
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
+        st(grads=(g.view(2, 2),))
+    with pytest.raises(RuntimeError, match=r"params\[0\] is on cpu"):
+        st(params=(p.cpu(),))
+    with pytest.raises(RuntimeError, match="`segments` must be a contiguous int64 CPU tensor"):
+        st(segments=segs.to(DEVICE))
+    with pytest.raises(RuntimeError, match="`steps` is on cpu but the op runs on cuda"):
+        st(steps=steps.cpu())
+    with pytest.raises(RuntimeError, match="`v_sums` is on cpu but the op runs on cuda"):
+        st(v_sums=vs.cpu())
+    with pytest.raises(RuntimeError, match="out must be a CUDA tensor"):
+        st(out=out.cpu())
     with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
-        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, out.float())
+        st(out=out.float())
     with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
-        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, out[:6])
+        st(out=out[:6])
     with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
-        ops.stats([p], [g], [step], [vs], None, 0.99, 0.0, vs)
+        st(out=vs[0])
     with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
-        ops.stats([p], [g], [step], [vs], vs, 0.99, 0.0, out)
+        st(grad_scale=vs[0])
     with pytest.raises(RuntimeError, match="grad_scale is on cpu"):
-        ops.stats([p], [g], [step], [vs], one.cpu(), 0.99, 0.0, out)
+        st(grad_scale=one.cpu())
     with pytest.raises(RuntimeError, match="non-overlapping and dense"):
         q = torch.zeros(8, device=DEVICE)[::2]
-        ops.stats([q], [q], [step], [vs], None, 0.99, 0.0, out)
+        st(params=(q,), grads=(q,))
     with pytest.raises(RuntimeError, match=r"params must be float32, float16 or bfloat16"):
-        ops.stats([p.double()], [g.double()], [step], [vs], None, 0.99, 0.0, out)
+        st(params=(p.double(),), grads=(g.double(),))
     stats = torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE)
     tail = (1e-2, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
+    bufs = [torch.zeros(4, device=DEVICE) for _ in range(3)]
 
-    def up(states=(p, p, p), stats=stats, grad_scale=None, found_inf=None, lr_tensor=None):
-        ops.update([p], [g], [states[0]], [states[1]], [states[2]], [vs], [step], stats,
-                   grad_scale, found_inf, lr_tensor, *tail)
+    def up(bufs=bufs, stats=stats, steps=steps, v_sums=vs, grad_scale=None, found_inf=None,
+           lr_tensor=None):
+        ops.update([p], [g], segs, *bufs, v_sums, steps, stats, grad_scale, found_inf,
+                   lr_tensor, *tail)
 
-    with pytest.raises(RuntimeError, match=r"exp_avg\[0\] has dtype"):
-        up(states=(p.double(), p, p))
-    with pytest.raises(RuntimeError, match=r"exp_avg_sq\[0\] has shape"):
-        up(states=(p, p.view(2, 2), p))
+    with pytest.raises(RuntimeError, match="`exp_avg` is on cpu but the op runs on cuda"):
+        up(bufs=(bufs[0].cpu(), *bufs[1:]))
+    with pytest.raises(RuntimeError, match="`beta1_prod` is on cpu but the op runs on cuda"):
+        up(bufs=(*bufs[:2], bufs[2].cpu()))
+    with pytest.raises(RuntimeError, match="`steps` is on cpu but the op runs on cuda"):
+        up(steps=steps.cpu())
+    with pytest.raises(RuntimeError, match="stats must be a CUDA tensor"):
+        up(stats=stats.cpu())
     with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
         up(stats=stats.float())
     with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
@@ -656,11 +963,13 @@ def test_validation_messages():
     with pytest.raises(RuntimeError, match="found_inf is on cpu"):
         up(found_inf=one.cpu())
     with pytest.raises(RuntimeError, match="lr_tensor must be a 0-dim float32"):
-        up(lr_tensor=vs)
+        up(lr_tensor=vs[0])
     with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
         up(grad_scale=one.half())
-    with pytest.raises(RuntimeError, match=r"v_sums has 2 tensors"):
-        ops.sum_v([p], [vs, vs])
+    with pytest.raises(RuntimeError, match="`exp_avg_sq` must be a CUDA tensor"):
+        ops.sum_v(bufs[1].cpu(), segs, vs)
+    with pytest.raises(RuntimeError, match="`v_sums` is on cpu but the op runs on cuda"):
+        ops.sum_v(bufs[1], segs, vs.cpu())
 
 
 # ---- many tensors: parity and the number of kernel launches ---------------------------------
@@ -733,7 +1042,7 @@ def test_ops_do_not_synchronise_with_the_host():
             stats_op(bk, grads, hp, stats[0], grad_scale=scale)
             update_op(bk, grads, hp, stats, grad_scale=scale, found_inf=found_inf,
                       lr_tensor=lr, max_grad_norm=10.0 if k else 0.0, skip_nonfinite=k == 2)
-            ops.sum_v(bk.v, bk.v_sums)
+            ops.sum_v(bk.exp_avg_sq, bk.segments, bk.vsum_vec)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -1010,6 +1319,6 @@ def test_tensor_of_2_pow_31_plus_3_elements():
         torch.testing.assert_close(bk.m[t][a:e].double(), m, **STATE_TOL)
         torch.testing.assert_close(bk.b[t][a:e].double(), beta1, **STATE_TOL)
     v_total = sum(float(bk.v[0][i:i + piece].double().sum()) for i in range(0, n, piece))
-    assert math.isclose(bk.vsum_vec[0].item(), v_total, rel_tol=1e-5)
-    assert math.isclose(bk.vsum_vec[1].item(), float(bk.v[1].double().sum()), rel_tol=1e-6)
-    assert bk.steps_vec.tolist() == [1.0, 1.0]
+    assert math.isclose(bk.vsum(0), v_total, rel_tol=1e-5)
+    assert math.isclose(bk.vsum(1), float(bk.v[1].double().sum()), rel_tol=1e-6)
+    assert bk.step_list() == [1.0, 1.0]

@@ -1,7 +1,8 @@
 // CUDA implementations of adai::stats, adai::update and adai::sum_v (schemas: csrc/ops.cpp,
-// semantics: docs/design.md): input validation, the per-launch table (multi_tensor.h) and the
-// launches (stats.cu, update.cu). Also defines adai::_chunk_table, a CPU test hook exposing
-// the chunk table the kernels use.
+// semantics: docs/design.md): input validation (state buffers and the segments table:
+// csrc/segments.h), the per-launch table (multi_tensor.h) and the launches (stats.cu,
+// update.cu). Also defines adai::_chunk_table, a CPU test hook exposing the chunk table the
+// kernels use.
 //
 // Per op call: one pinned host buffer from the caching host allocator, one device buffer from
 // the caching device allocator, one asynchronous host-to-device copy and one kernel, all on
@@ -25,7 +26,7 @@
 #include <vector>
 
 #include "../adai_math.h"
-#include "../list_checks.h"
+#include "../segments.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "multi_tensor.h"
@@ -77,14 +78,6 @@ void check_like(const char* op, const char* name, size_t i, const at::Tensor& t,
   TORCH_CHECK(same_layout(t, param), op, ": ", name, "[", i, "] has shape ", t.sizes(),
               " and strides ", t.strides(), " but params[", i, "] has shape ", param.sizes(),
               " and strides ", param.strides(), "; they must match");
-}
-
-void check_scalar(const char* op, const char* name, size_t i, const at::Tensor& t,
-                  at::ScalarType dtype, const at::Device& device) {
-  check_device(op, name, i, t, device);
-  TORCH_CHECK(t.scalar_type() == dtype && t.numel() == 1, op, ": ", name, "[", i,
-              "] must be a 0-dim ", dtype, " tensor, got ", t.scalar_type(), " with ",
-              t.numel(), " elements");
 }
 
 bool is_capturing(cudaStream_t stream) {
@@ -159,12 +152,18 @@ const float* optional_scalar(const char* op, const char* name,
   return t->const_data_ptr<float>();
 }
 
-void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList steps,
-                at::TensorList v_sums, const std::optional<at::Tensor>& grad_scale,
-                double beta2, double l2, const at::Tensor& out) {
+// Where the states of a tensor start in `buffer` (its row of `segments`, checked).
+float* at_offset(const at::Tensor& buffer, const int64_t* row) {
+  return buffer.mutable_data_ptr<float>() + row[kOffset];
+}
+
+void stats_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                const at::Tensor& steps, const at::Tensor& v_sums,
+                const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
+                const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
-  adai::check_stats_lists(op, params, grads, steps, v_sums);
+  adai::check_len(op, "grads", grads.size(), n);
   TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
   const at::Device device = out.device();
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 &&
@@ -172,25 +171,31 @@ void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList step
               op, ": out must be a 1-D float64 tensor of ", static_cast<int>(kStatsColumns),
               " elements (one statistics row), got ", out.scalar_type(), " with shape ",
               out.sizes());
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  adai::check_slots(op, steps, v_sums, device);
   const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
   check_param_dtype(op, dtype);
   const float* scale = optional_scalar(op, "grad_scale", grad_scale, device);
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
+  float* step_base = steps.mutable_data_ptr<float>();
+  double* vsum_base = const_cast<double*>(v_sums.const_data_ptr<double>());
+  std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);
   double numel = 0.0;
   for (size_t i = 0; i < n; ++i) {
     check_param(op, i, params[i], dtype, device);
     check_like(op, "grads", i, grads[i], params[i], dtype, device);
-    check_scalar(op, "steps", i, steps[i], at::kFloat, device);
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    const int64_t* row = rows + kSegmentColumns * i;
+    // stats reads no state buffer: only numel and slot matter.
+    adai::check_segment(op, i, row, params[i].numel(), /*state_len=*/-1, seen);
     TensorMeta& m = metas[i];
     std::memset(&m, 0, sizeof(m));
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     m.param = use_l2 ? const_cast<void*>(params[i].const_data_ptr()) : nullptr;
-    m.step = steps[i].mutable_data_ptr<float>();
-    m.v_sum = const_cast<double*>(v_sums[i].const_data_ptr<double>());
+    m.step = step_base + row[kSlot];
+    m.v_sum = vsum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
     numel += static_cast<double>(m.numel);
@@ -206,9 +211,10 @@ void stats_cuda(at::TensorList params, at::TensorList grads, at::TensorList step
                c10::cuda::getCurrentCUDAStream().stream());
 }
 
-void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                 at::TensorList exp_avg_sq, at::TensorList beta1_prod, at::TensorList v_sums,
-                 at::TensorList steps, const at::Tensor& stats,
+void update_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                 const at::Tensor& beta1_prod, const at::Tensor& v_sums,
+                 const at::Tensor& steps, const at::Tensor& stats,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
                  const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
@@ -216,8 +222,7 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
                  double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
-  adai::check_update_lists(op, params, grads, exp_avg, exp_avg_sq, beta1_prod, v_sums,
-                           steps);
+  adai::check_len(op, "grads", grads.size(), n);
   TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": stats must be a CUDA tensor");
   const at::Device device = stats.device();
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
@@ -225,6 +230,10 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
               op, ": stats must be a 2-D float64 tensor of ", static_cast<int>(kStatsColumns),
               " columns (one statistics row per bucket), got ", stats.scalar_type(),
               " with shape ", stats.sizes());
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  const int64_t state_len = adai::check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
+                                               {&exp_avg, &exp_avg_sq, &beta1_prod}, device);
+  adai::check_slots(op, steps, v_sums, device);
   const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
   check_param_dtype(op, dtype);
   UpdateInputs in{};
@@ -232,30 +241,31 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
   in.found_inf = optional_scalar(op, "found_inf", found_inf, device);
   in.lr_tensor = optional_scalar(op, "lr_tensor", lr_tensor, device);
 
+  float* step_base = steps.mutable_data_ptr<float>();
+  double* vsum_base = v_sums.mutable_data_ptr<double>();
+  std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
     check_param(op, i, params[i], dtype, device);
     check_like(op, "grads", i, grads[i], params[i], dtype, device);
-    check_like(op, "exp_avg", i, exp_avg[i], params[i], at::kFloat, device);
-    check_like(op, "exp_avg_sq", i, exp_avg_sq[i], params[i], at::kFloat, device);
-    check_like(op, "beta1_prod", i, beta1_prod[i], params[i], at::kFloat, device);
-    check_scalar(op, "steps", i, steps[i], at::kFloat, device);
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    const int64_t* row = rows + kSegmentColumns * i;
+    adai::check_segment(op, i, row, params[i].numel(), state_len, seen);
     TensorMeta& m = metas[i];
     std::memset(&m, 0, sizeof(m));
     m.param = params[i].mutable_data_ptr();
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
-    m.exp_avg = exp_avg[i].mutable_data_ptr<float>();
-    m.exp_avg_sq = exp_avg_sq[i].mutable_data_ptr<float>();
-    m.beta1_prod = beta1_prod[i].mutable_data_ptr<float>();
-    m.step = steps[i].mutable_data_ptr<float>();
-    m.v_sum = v_sums[i].mutable_data_ptr<double>();
+    m.exp_avg = at_offset(exp_avg, row);
+    m.exp_avg_sq = at_offset(exp_avg_sq, row);
+    m.beta1_prod = at_offset(beta1_prod, row);
+    m.step = step_base + row[kSlot];
+    m.v_sum = vsum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
                         aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod)
                     ? 1
                     : 0;
   }
+  adai::check_disjoint(op, rows, n);
   if (n == 0) return;
 
   in.stats = stats.const_data_ptr<double>();
@@ -273,32 +283,34 @@ void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
   launch_update(t, dtype, in, beta2, c10::cuda::getCurrentCUDAStream().stream());
 }
 
-void sum_v_cuda(at::TensorList exp_avg_sq, at::TensorList v_sums) {
+void sum_v_cuda(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+                const at::Tensor& v_sums) {
   const char* op = "adai::sum_v";
-  const size_t n = exp_avg_sq.size();
-  TORCH_CHECK(v_sums.size() == n, op, ": v_sums has ", v_sums.size(),
-              " tensors but exp_avg_sq has ", n, "; the tensor lists must have the same length");
-  if (n == 0) return;
-  TORCH_CHECK(exp_avg_sq[0].defined() && exp_avg_sq[0].is_cuda(), op,
-              ": exp_avg_sq[0] must be a CUDA tensor");
-  const at::Device device = exp_avg_sq[0].device();
+  TORCH_CHECK(exp_avg_sq.defined() && exp_avg_sq.is_cuda(), op,
+              ": `exp_avg_sq` must be a CUDA tensor");
+  const at::Device device = exp_avg_sq.device();
+  const int64_t state_len = adai::check_states(op, {"exp_avg_sq"}, {&exp_avg_sq}, device);
+  adai::check_flat(op, "v_sums", v_sums, at::kDouble, device);
+  // The rows name the tensors to sum: their number is the table's.
+  const size_t n = segments.defined() && segments.dim() == 2
+                       ? static_cast<size_t>(segments.size(0))
+                       : 0;
+  const int64_t* rows = adai::segment_rows(op, segments, n);
+  double* vsum_base = v_sums.mutable_data_ptr<double>();
+  std::vector<char> seen(static_cast<size_t>(v_sums.numel()), 0);
   std::vector<TensorMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& v = exp_avg_sq[i];
-    check_device(op, "exp_avg_sq", i, v, device);
-    TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": exp_avg_sq[", i, "] has dtype ",
-                v.scalar_type(), ", expected Float");
-    TORCH_CHECK(v.numel() == 0 || v.is_non_overlapping_and_dense(), op, ": exp_avg_sq[", i,
-                "] must be non-overlapping and dense, got shape ", v.sizes(), " and strides ",
-                v.strides());
-    check_scalar(op, "v_sums", i, v_sums[i], at::kDouble, device);
+    const int64_t* row = rows + kSegmentColumns * i;
+    adai::check_segment(op, i, row, /*expect_numel=*/-1, state_len, seen);
     TensorMeta& m = metas[i];
     std::memset(&m, 0, sizeof(m));
-    m.exp_avg_sq = const_cast<float*>(v.const_data_ptr<float>());
-    m.v_sum = v_sums[i].mutable_data_ptr<double>();
-    m.numel = v.numel();
+    m.exp_avg_sq = const_cast<float*>(exp_avg_sq.const_data_ptr<float>()) + row[kOffset];
+    m.v_sum = vsum_base + row[kSlot];
+    m.numel = row[kNumel];
     m.aligned = aligned16(m.exp_avg_sq) ? 1 : 0;
   }
+  adai::check_disjoint(op, rows, n);
+  if (n == 0) return;
   c10::cuda::CUDAGuard guard(device);
   at::Tensor buffer;
   const LaunchTable t = upload_table(op, metas, device, buffer);
