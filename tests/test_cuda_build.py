@@ -206,7 +206,7 @@ def test_stats_columns_match_python():
     assert py["GRAD_NORM_SQ"] == cols["Gn"]
     schema = (ROOT / "csrc" / "ops.cpp").read_text()
     assert "Tensor? grad_scale, float beta2, float l2, Tensor(b!) out" in schema
-    assert "Tensor(f!)[] steps, Tensor stats, Tensor? grad_scale, Tensor? found_inf" in schema
+    assert "Tensor(f!) steps, Tensor stats, Tensor? grad_scale, Tensor? found_inf" in schema
 
 
 # ---- the element loops on the CPU -------------------------------------------------------

@@ -493,18 +493,6 @@ inline int64_t seg(const int64_t* rows, size_t i, adai::SegmentColumn col) {
   return rows[adai::kSegmentColumns * i + col];
 }
 
-// c + a * b for the stats row, with its roundings spelled out rather than left to the
-// compiler's FMA contraction (which changes with the surrounding code): fused in the FMA
-// builds, as they computed kB, kBgt and kBtt before; rounded twice in the default build.
-inline double row_muladd(double a, double b, double c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  const volatile double ab = a * b;
-  return c + ab;
-#endif
-}
-
 void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                const at::Tensor& steps, const at::Tensor& v_sums,
                const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
@@ -565,14 +553,13 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
     const double w = (1.0 - beta2) / bc2;
     const double V = vsum_p[slot];
     const double gg = sums[i * K + kSgg];
-    const volatile double wgg_rounded = w * gg;  // never fused into the adds below
-    const double wgg = wgg_rounded;
+    const double wgg = w * gg;
     row[adai::kA] += beta2 * V / bc2;
     if (use_l2) {
-      row[adai::kB] = row_muladd(w, sums[i * K + kSge], row[adai::kB]);
+      row[adai::kB] += w * sums[i * K + kSge];
       row[adai::kBgg] += wgg;
-      row[adai::kBgt] = row_muladd(w, 2.0 * l2d * sums[i * K + kSgt], row[adai::kBgt]);
-      row[adai::kBtt] = row_muladd(w, l2d * l2d * sums[i * K + kStt], row[adai::kBtt]);
+      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSgt]);
+      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kStt]);
     } else {
       row[adai::kB] += wgg;
       row[adai::kBgg] += wgg;
