@@ -131,14 +131,14 @@ class Bucket:
         order): per parameter (offset, numel, slot) as an int64 CPU tensor of shape (n, 3)."""
         slots = range(len(self.params)) if params is None else [self.position[id(p)]
                                                                  for p in params]
-        rows = array("q")
-        for i in slots:
-            rows.extend((self.offsets[i], local(self.params[i]).numel(), i))
+        rows = [x for i in slots for x in (self.offsets[i], local(self.params[i]).numel(), i)]
         if not rows:
             return torch.empty((0, 3), dtype=torch.int64)
+        if torch.compiler.is_compiling():  # a constant of the graph
+            return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
         # frombuffer: no copy, and no op that reads host data (which a CUDA graph could not
         # replay); the table stays on the host, the ops read it there
-        return torch.frombuffer(rows, dtype=torch.int64).reshape(-1, 3)
+        return torch.frombuffer(array("q", rows), dtype=torch.int64).reshape(-1, 3)
 
     def steps_list(self) -> list[int]:
         """Step counters as ints, in join order (one device-to-host copy)."""

@@ -76,9 +76,11 @@ inline void check_segment(const char* op, size_t i, const int64_t* row, int64_t 
   const int64_t offset = row[kOffset], numel = row[kNumel], slot = row[kSlot];
   TORCH_CHECK(expect_numel < 0 || numel == expect_numel, op, ": segments[", i, "] has numel ",
               numel, " but params[", i, "] has ", expect_numel, " elements");
-  TORCH_CHECK(numel >= 0 && offset >= 0 && (state_len < 0 || numel <= state_len - offset), op,
-              ": segments[", i, "] = (offset ", offset, ", numel ", numel,
-              ") is outside the state buffers of ", state_len, " elements");
+  TORCH_CHECK(numel >= 0 && offset >= 0, op, ": segments[", i, "] = (offset ", offset,
+              ", numel ", numel, ") has a negative entry");
+  TORCH_CHECK(state_len < 0 || numel <= state_len - offset, op, ": segments[", i,
+              "] = (offset ", offset, ", numel ", numel, ") is outside the state buffers of ",
+              state_len, " elements");
   const int64_t n_slots = static_cast<int64_t>(seen.size());
   TORCH_CHECK(slot >= 0 && slot < n_slots, op, ": segments[", i, "] has slot ", slot,
               " but steps and v_sums have ", n_slots, " slots");
