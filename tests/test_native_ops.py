@@ -231,7 +231,7 @@ def _segment_cases(segments, numels, state_len, n_slots):
         (f"`segments` has {n - 1} rows but `params` has {n} tensors", segments[:-1]),
         (r"segments\[2\] has numel 8 but params\[2\] has 7 elements",
          _seg_with(segments, 2, 1, 8)),
-        (r"segments\[1\] = \(offset -1, numel 1\) is outside", _seg_with(segments, 1, 0, -1)),
+        (r"segments\[1\] = \(offset -1, numel 1\) has a negative entry", _seg_with(segments, 1, 0, -1)),
         (r"segments\[4\] has slot 6 but steps and v_sums have 6 slots",
          _seg_with(segments, 4, 2, n_slots)),
         (r"segments\[4\] has slot -1", _seg_with(segments, 4, 2, -1)),
@@ -424,9 +424,9 @@ def test_sum_v_validation():
     _expect(rf"segments\[5\] = \(offset {n - last[1] + 1}, numel {last[1]}\) is outside the "
             rf"state buffers of {n} elements", sv, v, _seg_with(segments, 5, 0, n - last[1] + 1),
             v_sums)
-    _expect(r"segments\[2\] = \(offset \d+, numel -1\) is outside", sv, v,
+    _expect(r"segments\[2\] = \(offset \d+, numel -1\) has a negative entry", sv, v,
             _seg_with(segments, 2, 1, -1), v_sums)
-    _expect(r"segments\[2\] = \(offset -3, numel 7\) is outside", sv, v,
+    _expect(r"segments\[2\] = \(offset -3, numel 7\) has a negative entry", sv, v,
             _seg_with(segments, 2, 0, -3), v_sums)
     _expect(r"segments\[0\] has slot 6 but steps and v_sums have 6 slots", sv, v,
             _seg_with(segments, 0, 2, 6), v_sums)
