@@ -63,7 +63,8 @@ inline int64_t check_states(const char* op, const std::vector<const char*>& name
     check_flat(op, names[k], *states[k], at::kFloat, device);
     if (len < 0) len = states[k]->numel();
     TORCH_CHECK(states[k]->numel() == len, op, ": `", names[k], "` has ", states[k]->numel(),
-                " elements but `", names[0], "` has ", len, "; the state buffers must have one length");
+                " elements but `", names[0], "` has ", len,
+                "; the state buffers must have one length");
   }
   return len < 0 ? 0 : len;
 }
