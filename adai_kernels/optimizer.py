@@ -266,14 +266,20 @@ class Adai(Optimizer):
         plan = self._plan
         if plan is None or plan[0] != tuple(g is None for g in grads):
             return None
-        works, strided = [], torch.strided
+        works = []
         for template, positions, strides in plan[1]:
             gs = [grads[i] for i in positions]
             dtype, device = template.dtype, template.device
-            for g, stride in zip(gs, strides):
-                if (g.dtype is not dtype or g.layout is not strided or g.device != device
-                        or g.stride() != stride):
-                    return None
+            try:
+                for g, stride in zip(gs, strides):
+                    # stride None: the parameter is contiguous, and is_contiguous() is a
+                    # cheaper test than building the stride tuple
+                    if (g.dtype is not dtype or g.device != device
+                            or not (g.is_contiguous() if stride is None
+                                    else g.stride() == stride)):
+                        return None
+            except RuntimeError:  # a sparse gradient has neither: the full checks say so
+                return None
             works.append(Work(template.group, device, dtype, template.params, gs,
                               template.exp_avg, template.exp_avg_sq, template.beta1_prod,
                               template.steps, template.v_sums, template.bucket,
@@ -351,7 +357,8 @@ class Adai(Optimizer):
                           [(Work(w.group, w.device, w.dtype, w.params, [], w.exp_avg,
                                  w.exp_avg_sq, w.beta1_prod, w.steps, w.v_sums, w.bucket,
                                  w.segments),
-                            positions[key], [p.stride() for p in w.params])
+                            positions[key],
+                            [None if p.is_contiguous() else p.stride() for p in w.params])
                            for key, w in works.items()])
         return list(works.values())
 
