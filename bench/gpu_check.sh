@@ -2,7 +2,7 @@
 # One-shot check on a GPU machine (no network; python3 with torch + CUDA, triton, nvcc,
 # ninja, pytest): build the package with its CUDA kernels, run the GPU tests, time the fused
 # step, run the benchmark CLI. Everything lands in $OUT (default ./gpu_out): build.log,
-# pytest_gpu.log, pytest_large.log, timing.json, bench.log, bench/gpu.{md,json},
+# pytest_gpu.log, pytest_triton.log, pytest_large.log, timing.json, bench.log, bench/gpu.{md,json},
 # summary.txt. A short table is printed last. The whole run stays under ~8 minutes: every
 # stage runs under `timeout`, capped by what is left of the overall budget.
 #
@@ -67,7 +67,7 @@ run_stage() {
 # ---- 1. build (the package in place, with the CUDA kernels) -------------------------------
 LOCK=()  # several builders may share a tree (a dev machine): build under the project's lock
 command -v flock >/dev/null && LOCK=(flock /tmp/adai_build.lock)
-RESERVE_S=200
+RESERVE_S=230
 run_stage build 240 "$OUT/build.log" \
   "${LOCK[@]}" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . ||
   run_stage build-inplace 200 "$OUT/build.log" "${LOCK[@]}" "$PY" setup.py build_ext --inplace
@@ -76,12 +76,16 @@ import torch, adai_kernels._native as n
 print("cuda kernels:", n.has_cuda_kernels(), "| load error:", n.load_error())
 EOF
 
-# ---- 2. GPU tests -------------------------------------------------------------------------
-RESERVE_S=150
-run_stage pytest-gpu 180 "$OUT/pytest_gpu.log" \
-  "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/
-RESERVE_S=120
-run_stage pytest-large 60 "$OUT/pytest_large.log" \
+# ---- 2. GPU tests (CUDA kernels and capture first; Triton's JIT compiles come after) -----
+RESERVE_S=180
+run_stage pytest-gpu 150 "$OUT/pytest_gpu.log" \
+  "$PY" -m pytest -m gpu -q -rfEs --durations=10 -p no:cacheprovider \
+  --deselect tests/test_triton_gpu.py tests/
+RESERVE_S=130
+run_stage pytest-triton 80 "$OUT/pytest_triton.log" \
+  "$PY" -m pytest -m gpu -q -rfEs --durations=5 -p no:cacheprovider tests/test_triton_gpu.py
+RESERVE_S=110
+run_stage pytest-large 45 "$OUT/pytest_large.log" \
   env ADAI_TEST_LARGE=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_gpu.py -k 2_pow_31
 
 # ---- 3. inline timing: Adai(backend="cuda") vs torch Adam(fused) at 100M fp32 params ------
@@ -137,8 +141,8 @@ for name, ctor, nbytes in (
 json.dump(res, open(out, "w"), indent=1)
 print(json.dumps(res))
 EOF
-RESERVE_S=100
-run_stage timing 90 "$OUT/timing.log" "$PY" "$OUT/.timing.py" "$OUT/timing.json"
+RESERVE_S=70
+run_stage timing 60 "$OUT/timing.log" "$PY" "$OUT/.timing.py" "$OUT/timing.json"
 rm -f "$OUT/.timing.py"
 
 # ---- 4. the benchmark CLI (bench/, quick profiles, no plots) ------------------------------
@@ -163,6 +167,7 @@ for k in ("adai_cuda", "adam_fused"):
           f"({x['bytes_per_param']} B/param, {x['pct_copy_bw']:.0f}% of copy)")
 EOF
   grep -hE "passed|failed|skipped|error" "$OUT/pytest_gpu.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest -m gpu: /'
+  grep -hE "passed|failed|skipped|error" "$OUT/pytest_triton.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest triton: /'
   grep -hE "passed|failed|skipped|error" "$OUT/pytest_large.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest large:  /'
   echo "total $((SECONDS - START))s; logs in $OUT"
 } >>"$SUMMARY"
