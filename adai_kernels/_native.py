@@ -1,5 +1,5 @@
 """Loads the compiled ops (torch.ops.adai.stats / .update / .sum_v) and registers their fake
-kernels.
+kernels (adai_kernels/fakes.py).
 
 `adai_kernels._C` holds the op schemas (and the CUDA kernels when built with CUDA); the CPU
 kernels are compiled once per ISA into `_cpu_avx512`, `_cpu_avx2` and `_cpu_default`, and
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .backends.base import STATS_COLUMNS  # csrc/adai_math.h, StatsColumn
+from . import fakes
 
 _ISA_ORDER = ("avx512", "avx2", "default")
 
@@ -136,104 +136,9 @@ def has_cuda_kernels() -> bool:
         return False
 
 
-# ---- fake (meta) kernels: shape/dtype checks only; the ops return nothing -------------------
-
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_grads(op: str, params, grads) -> None:
-    torch._check(len(grads) == len(params),
-                 lambda: f"{op}: `grads` has {len(grads)} tensors but `params` has {len(params)}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        torch._check(p.dtype in _PARAM_DTYPES,
-                     lambda: f"{op}: params[{i}] has dtype {p.dtype}; expected float32, "
-                             f"bfloat16 or float16")
-        torch._check(g.dtype == p.dtype,
-                     lambda: f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}")
-        torch._check(g.shape == p.shape,
-                     lambda: f"{op}: grads[{i}] has shape {tuple(g.shape)} but params[{i}] has "
-                             f"{tuple(p.shape)}")
-
-
-def _check_segments(op: str, segments, n: int) -> None:
-    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
-                 and segments.shape[0] == n and segments.shape[1] == 3,
-                 lambda: f"{op}: `segments` must be an int64 tensor of shape ({n}, 3), got "
-                         f"{segments.dtype} of shape {tuple(segments.shape)}")
-
-
-def _check_flat(op: str, name: str, t, dtype: torch.dtype) -> None:
-    torch._check(t.dim() == 1 and t.dtype == dtype,
-                 lambda: f"{op}: `{name}` must be a 1-D {dtype} tensor, got {t.dtype} of shape "
-                         f"{tuple(t.shape)}")
-
-
-def _check_slots(op: str, steps, v_sums) -> None:
-    _check_flat(op, "steps", steps, torch.float32)
-    _check_flat(op, "v_sums", v_sums, torch.float64)
-    torch._check(steps.shape[0] == v_sums.shape[0],
-                 lambda: f"{op}: `steps` has {steps.shape[0]} slots but `v_sums` has "
-                         f"{v_sums.shape[0]}")
-
-
-def _check_control(op: str, name: str, t) -> None:
-    """An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor)."""
-    if t is not None:
-        torch._check(t.dim() == 0 and t.dtype == torch.float32,
-                     lambda: f"{op}: `{name}` must be a 0-dim float32 tensor, got {t.dtype} "
-                             f"of shape {tuple(t.shape)}")
-
-
-def _stats_fake(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
-    op = "adai::stats"
-    _check_grads(op, params, grads)
-    _check_segments(op, segments, len(params))
-    _check_slots(op, steps, v_sums)
-    _check_control(op, "grad_scale", grad_scale)
-    torch._check(out.dim() == 1 and out.shape[0] == STATS_COLUMNS
-                 and out.dtype == torch.float64,
-                 lambda: f"{op}: `out` must be a 1-D float64 tensor of {STATS_COLUMNS} "
-                         f"elements, got {out.dtype} of shape {tuple(out.shape)}")
-    return None
-
-
-def _update_fake(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
-                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
-                 decoupled, dampening, max_grad_norm, skip_nonfinite):
-    op = "adai::update"
-    _check_grads(op, params, grads)
-    _check_segments(op, segments, len(params))
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                    ("beta1_prod", beta1_prod)):
-        _check_flat(op, name, t, torch.float32)
-        torch._check(t.shape[0] == exp_avg.shape[0],
-                     lambda: f"{op}: `{name}` has {t.shape[0]} elements but `exp_avg` has "
-                             f"{exp_avg.shape[0]}")
-    _check_slots(op, steps, v_sums)
-    torch._check(stats.dim() == 2 and stats.shape[1] == STATS_COLUMNS
-                 and stats.dtype == torch.float64,
-                 lambda: f"{op}: `stats` must be a 2-D float64 tensor with {STATS_COLUMNS} "
-                         f"columns, got {stats.dtype} of shape {tuple(stats.shape)}")
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
-                    ("lr_tensor", lr_tensor)):
-        _check_control(op, name, t)
-    return None
-
-
-def _sum_v_fake(exp_avg_sq, segments, v_sums):
-    op = "adai::sum_v"
-    _check_flat(op, "exp_avg_sq", exp_avg_sq, torch.float32)
-    _check_flat(op, "v_sums", v_sums, torch.float64)
-    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
-                 and segments.shape[1] == 3,
-                 lambda: f"{op}: `segments` must be an int64 tensor of shape (n, 3), got "
-                         f"{segments.dtype} of shape {tuple(segments.shape)}")
-    return None
-
-
 _fake_errors: list[str] = []  # fake kernels that could not be registered
 if _C is not None:
-    for _name, _fn in (("stats", _stats_fake), ("update", _update_fake), ("sum_v", _sum_v_fake)):
+    for _name, _fn in fakes.kernels("adai").items():
         try:
             torch.library.register_fake(f"adai::{_name}")(_fn)
         except Exception as e:  # eager calls still work; torch.compile / opcheck would not

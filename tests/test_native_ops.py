@@ -159,7 +159,7 @@ def test_fake_kernels_check_inputs():
                     torch.zeros(18, dtype=torch.int64)):
             bad = list(fa)
             bad[S_SEG] = mode.from_tensor(seg)
-            with pytest.raises(Exception, match="`segments` must be an int64 tensor"):
+            with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
                 torch.ops.adai.stats(*bad)
         bad = list(fa)
         bad[S_VSUMS] = mode.from_tensor(torch.zeros(5, dtype=F64))
@@ -182,7 +182,7 @@ def test_fake_kernels_check_inputs():
             bad[j] = mode.from_tensor(torch.zeros((), dtype=F64))
             with pytest.raises(Exception, match=f"`{name}` must be a 0-dim float32"):
                 torch.ops.adai.update(*bad)
-        with pytest.raises(Exception, match="`segments` must be an int64 tensor"):
+        with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
             torch.ops.adai.sum_v(fu[U_V], mode.from_tensor(torch.zeros(6, 2, dtype=torch.int64)),
                                  fu[U_VSUMS])
 

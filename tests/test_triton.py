@@ -763,7 +763,7 @@ BAD_SEGMENTS = {
     "1-D": ("stats update sum_v", lambda: torch.tensor(_ROWS).reshape(-1),
             r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
     "meta": ("stats update sum_v", lambda: torch.tensor(_ROWS).to("meta"),
-             r"segments must be an int64 CPU tensor .* on meta"),
+             r"`segments` must be an int64 CPU tensor .* on meta"),
     "rows": ("stats update", lambda: torch.tensor(_ROWS[:2]),
              "segments has 2 rows but params has 3 tensors"),
     "numel": ("stats update", _rows(r1c1=4), r"segments\[1\] has numel 4 but params\[1\] "
@@ -832,10 +832,10 @@ BAD_BUFFERS = {
     "slot-counts": ("stats update", lambda bk: dict(v_sums=torch.zeros(4, dtype=F64)),
                     "steps has 3 slots but v_sums has 4"),
     "state-device": ("update", lambda bk: dict(exp_avg_sq=torch.zeros(48, device="meta")),
-                     "exp_avg_sq is on meta but the op runs on cpu"),
+                     "`exp_avg_sq` is on meta but the op runs on cpu"),
     "v_sums-device": ("stats update sum_v",
                       lambda bk: dict(v_sums=torch.zeros(3, dtype=F64, device="meta")),
-                      "v_sums is on meta but the op runs on cpu"),
+                      "`v_sums` is on meta but the op runs on cpu"),
     "params-dtype": ("stats update", lambda bk: dict(
         params=[bk.params[0], bk.params[1].double(), bk.params[2]]),
         "params and grads must all have dtype torch.float32"),

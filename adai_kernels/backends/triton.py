@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .. import fakes
 from .base import STATS_COLUMNS, OpsBackend
 
 NAMESPACE = "adai_triton"
@@ -449,36 +450,10 @@ def _sum_v_impl(exp_avg_sq, segments, v_sums):
 
 
 # --------------------------------------------------------------------------- registration
-def _check_fake_segments(op, segments, n) -> None:
-    torch._check(segments.dtype == torch.int64 and segments.dim() == 2
-                 and segments.shape[1] == 3 and segments.device.type == "cpu"
-                 and (n is None or segments.shape[0] == n),
-                 lambda: f"adai_triton::{op}: segments must be an int64 CPU tensor of shape "
-                         f"({'n' if n is None else n}, 3), got {segments.dtype} on "
-                         f"{segments.device} with shape {tuple(segments.shape)}")
-
-
-def _check_fake_flat(op, name, t, dtype, device, length=None) -> None:
-    torch._check(t.dim() == 1 and t.dtype == dtype
-                 and (length is None or t.shape[0] == length),
-                 lambda: f"adai_triton::{op}: {name} must be a 1-D {dtype} tensor"
-                         f"{'' if length is None else f' of {length} elements'}, got "
-                         f"{t.dtype} with shape {tuple(t.shape)}")
-    torch._check(t.device == device,
-                 lambda: f"adai_triton::{op}: {name} is on {t.device} but the op runs on "
-                         f"{device}")
-
-
-def _check_fake_control(op, name, t) -> None:
-    if t is not None:
-        torch._check(t.dtype == torch.float32 and t.numel() == 1,
-                     lambda: f"adai_triton::{op}: {name} must be a 0-dim float32 tensor, got "
-                             f"{t.dtype} of sizes {tuple(t.shape)}")
-
-
 def _register() -> None:
-    """Define the three custom ops and their fake (meta) kernels."""
+    """Define the three custom ops and their fake (meta) kernels (adai_kernels/fakes.py)."""
     Tensor = torch.Tensor
+    fake = fakes.kernels(NAMESPACE)
 
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
     def stats(params: list[Tensor], grads: list[Tensor], segments: Tensor, steps: Tensor,
@@ -486,15 +461,7 @@ def _register() -> None:
               out: Tensor) -> None:
         _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out)
 
-    @stats.register_fake
-    def _(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
-        _check_lists("stats", params, grads)
-        _check_fake_segments("stats", segments, len(params))
-        _check_fake_flat("stats", "steps", steps, torch.float32, out.device)
-        _check_fake_flat("stats", "v_sums", v_sums, torch.float64, out.device, steps.shape[0])
-        _check_fake_control("stats", "grad_scale", grad_scale)
-        _check_out(out)
-        return None
+    stats.register_fake(fake["stats"])
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
@@ -509,35 +476,13 @@ def _register() -> None:
                      stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
                      weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
 
-    @update.register_fake
-    def _(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-          grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay, decoupled,
-          dampening, max_grad_norm, skip_nonfinite):
-        _check_lists("update", params, grads)
-        _check_fake_segments("update", segments, len(params))
-        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                        ("beta1_prod", beta1_prod)):
-            _check_fake_flat("update", name, t, torch.float32, stats.device,
-                             exp_avg.shape[0])
-        _check_fake_flat("update", "steps", steps, torch.float32, stats.device)
-        _check_fake_flat("update", "v_sums", v_sums, torch.float64, stats.device,
-                         steps.shape[0])
-        _check_stats(stats)
-        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
-                        ("lr_tensor", lr_tensor)):
-            _check_fake_control("update", name, t)
-        return None
+    update.register_fake(fake["update"])
 
     @torch.library.custom_op(f"{NAMESPACE}::sum_v", mutates_args=("v_sums",))
     def sum_v(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
         _sum_v_impl(exp_avg_sq, segments, v_sums)
 
-    @sum_v.register_fake
-    def _(exp_avg_sq, segments, v_sums):
-        _check_fake_segments("sum_v", segments, None)
-        _check_fake_flat("sum_v", "exp_avg_sq", exp_avg_sq, torch.float32, exp_avg_sq.device)
-        _check_fake_flat("sum_v", "v_sums", v_sums, torch.float64, exp_avg_sq.device)
-        return None
+    sum_v.register_fake(fake["sum_v"])
 
 
 def _interpreting(kernels) -> bool:
