@@ -5,7 +5,7 @@ launch count, and the optimizer with backend="cuda" against backend="reference" 
 clipping, skip_nonfinite, GradScaler). States are passed as flat buffers plus a `segments`
 table (csrc/ops.cpp); the test buckets scramble segment order, offsets and slots, and check
 that nothing outside a call's segments and slots is written; the table's checks
-(csrc/segments.h) are tested on every op.
+(csrc/op_checks.h) are tested on every op.
 
 Marker `gpu`; skipped without a GPU (or when adai_kernels._C has no CUDA kernels, unless
 ADAI_REQUIRE_CUDA=1, as bench/gpu_check.sh sets, makes that a failure). ADAI_TEST_LARGE=1 adds
@@ -867,7 +867,7 @@ STATE_CASES = {
 
 @pytest.mark.parametrize("case", list(SEGMENT_CASES) + list(STATE_CASES))
 def test_segment_and_buffer_validation(case):
-    """The checks of csrc/segments.h (CPU and CUDA ops alike): the segments table, the flat
+    """The checks of csrc/op_checks.h (CPU and CUDA ops alike): the segments table, the flat
     state buffers and the slot vectors, on each op that takes them. Nothing is written when a
     call is refused."""
     names, changes, message = {**SEGMENT_CASES, **STATE_CASES}[case]
@@ -918,13 +918,13 @@ def test_validation_messages():
         st(steps=steps.cpu())
     with pytest.raises(RuntimeError, match="`v_sums` is on cpu but the op runs on cuda"):
         st(v_sums=vs.cpu())
-    with pytest.raises(RuntimeError, match="out must be a CUDA tensor"):
+    with pytest.raises(RuntimeError, match="`out` must be a CUDA tensor"):
         st(out=out.cpu())
-    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`out` must be a 1-D float64 tensor of 7"):
         st(out=out.float())
-    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`out` must be a 1-D float64 tensor of 7"):
         st(out=out[:6])
-    with pytest.raises(RuntimeError, match="out must be a 1-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`out` must be a 1-D float64 tensor of 7"):
         st(out=vs[0])
     with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
         st(grad_scale=vs[0])
@@ -950,13 +950,13 @@ def test_validation_messages():
         up(bufs=(*bufs[:2], bufs[2].cpu()))
     with pytest.raises(RuntimeError, match="`steps` is on cpu but the op runs on cuda"):
         up(steps=steps.cpu())
-    with pytest.raises(RuntimeError, match="stats must be a CUDA tensor"):
+    with pytest.raises(RuntimeError, match="`stats` must be a CUDA tensor"):
         up(stats=stats.cpu())
-    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`stats` must be a 2-D float64 tensor with 7"):
         up(stats=stats.float())
-    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`stats` must be a 2-D float64 tensor with 7"):
         up(stats=stats[0])
-    with pytest.raises(RuntimeError, match="stats must be a 2-D float64 tensor of 7"):
+    with pytest.raises(RuntimeError, match="`stats` must be a 2-D float64 tensor with 7"):
         up(stats=stats[:, :6])
     with pytest.raises(RuntimeError, match="found_inf must be a 0-dim float32"):
         up(found_inf=torch.ones(2, device=DEVICE))

@@ -203,7 +203,7 @@ def _overlap(offsets, numels):
 
 def _check_rows(op, offsets, numels, slots, n_slots, state_len=None, expect=None,
                 slot_names="steps and v_sums"):
-    """The rows of `segments` (csrc/segments.h): numels[i] == expect[i]; offsets and numels
+    """The rows of `segments` (csrc/op_checks.h): numels[i] == expect[i]; offsets and numels
     >= 0 and, given the state buffers' length, every span inside them and no two non-empty
     spans overlapping; slots inside [0, n_slots) and distinct. A fast pass over whole lists;
     the first bad row is found only on failure."""

@@ -45,7 +45,7 @@
 #include <vector>
 
 #include "adai_math.h"
-#include "segments.h"
+#include "op_checks.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -504,10 +504,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   adai::check_slots(op, steps, v_sums, kCpu);
   TORCH_CHECK(out.device().is_cpu(), op, ": `out` is on ", out.device(),
               ", expected a CPU tensor");
-  TORCH_CHECK(out.dim() == 1 && out.size(0) == adai::kStatsColumns &&
-                  out.scalar_type() == at::kDouble,
-              op, ": `out` must be a 1-D float64 tensor of ", int(adai::kStatsColumns),
-              " elements, got ", out.scalar_type(), " of sizes ", out.sizes());
+  adai::check_stats_row(op, out);
   check_tensors(op, params, grads, rows, -1, steps.numel());
   const float inv_scale = inv_grad_scale(op, grad_scale);
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
@@ -589,10 +586,7 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
   adai::check_slots(op, steps, v_sums, kCpu);
   TORCH_CHECK(stats.device().is_cpu(), op, ": `stats` is on ", stats.device(),
               ", expected a CPU tensor");
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
-                  stats.size(1) == adai::kStatsColumns,
-              op, ": `stats` must be a 2-D float64 tensor with ", int(adai::kStatsColumns),
-              " columns, got ", stats.scalar_type(), " of sizes ", stats.sizes());
+  adai::check_stats_matrix(op, stats);
   check_tensors(op, params, grads, rows, state_len, steps.numel());
   adai::check_disjoint(op, rows, n);
   const float inv_scale = inv_grad_scale(op, grad_scale);

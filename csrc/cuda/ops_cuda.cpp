@@ -1,6 +1,6 @@
 // CUDA implementations of adai::stats, adai::update and adai::sum_v (schemas: csrc/ops.cpp,
 // semantics: docs/design.md): input validation (state buffers and the segments table:
-// csrc/segments.h), the per-launch table (multi_tensor.h) and the launches (stats.cu,
+// csrc/op_checks.h), the per-launch table (multi_tensor.h) and the launches (stats.cu,
 // update.cu). Also defines adai::_chunk_table, a CPU test hook exposing the chunk table the
 // kernels use.
 //
@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "../adai_math.h"
-#include "../segments.h"
+#include "../op_checks.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "multi_tensor.h"
@@ -164,13 +164,9 @@ void stats_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& s
   const char* op = "adai::stats";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
+  TORCH_CHECK(out.defined() && out.is_cuda(), op, ": `out` must be a CUDA tensor");
   const at::Device device = out.device();
-  TORCH_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 &&
-                  out.size(0) == kStatsColumns,
-              op, ": out must be a 1-D float64 tensor of ", static_cast<int>(kStatsColumns),
-              " elements (one statistics row), got ", out.scalar_type(), " with shape ",
-              out.sizes());
+  adai::check_stats_row(op, out);
   const int64_t* rows = adai::segment_rows(op, segments, n);
   adai::check_slots(op, steps, v_sums, device);
   const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
@@ -223,13 +219,9 @@ void update_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& 
   const char* op = "adai::update";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": stats must be a CUDA tensor");
+  TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": `stats` must be a CUDA tensor");
   const at::Device device = stats.device();
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
-                  stats.size(1) == kStatsColumns,
-              op, ": stats must be a 2-D float64 tensor of ", static_cast<int>(kStatsColumns),
-              " columns (one statistics row per bucket), got ", stats.scalar_type(),
-              " with shape ", stats.sizes());
+  adai::check_stats_matrix(op, stats);
   const int64_t* rows = adai::segment_rows(op, segments, n);
   const int64_t state_len = adai::check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
                                                {&exp_avg, &exp_avg_sq, &beta1_prod}, device);

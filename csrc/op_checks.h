@@ -1,5 +1,5 @@
-// Checks shared by the CPU and CUDA ops (host code only): the list lengths, the flat state
-// buffers and the `segments` table (csrc/ops.cpp). After these checks every state access of
+// Checks shared by the CPU and CUDA ops (host code only): the list lengths, the statistics
+// tensors, the flat state buffers and the `segments` table (csrc/ops.cpp). After these checks every state access of
 // a kernel is in bounds and every tensor owns its own step counter and v_sum.
 #pragma once
 
@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "adai_math.h"
+
 namespace adai {
 
 // Columns of a row of `segments`.
@@ -19,6 +21,24 @@ enum SegmentColumn { kOffset = 0, kNumel = 1, kSlot = 2, kSegmentColumns = 3 };
 inline void check_len(const char* op, const char* name, size_t got, size_t want) {
   TORCH_CHECK(got == want, op, ": `", name, "` has ", got, " tensors but `params` has ", want,
               "; the tensor lists must have the same length");
+}
+
+// stats' `out`: one statistics row, 1-D float64 of kStatsColumns elements.
+inline void check_stats_row(const char* op, const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 &&
+                  out.size(0) == kStatsColumns,
+              op, ": `out` must be a 1-D float64 tensor of ", static_cast<int>(kStatsColumns),
+              " elements (one statistics row), got ", out.scalar_type(), " with shape ",
+              out.sizes());
+}
+
+// update's `stats`: 2-D float64, one row per bucket, kStatsColumns columns.
+inline void check_stats_matrix(const char* op, const at::Tensor& stats) {
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
+                  stats.size(1) == kStatsColumns,
+              op, ": `stats` must be a 2-D float64 tensor with ", static_cast<int>(kStatsColumns),
+              " columns (one statistics row per bucket), got ", stats.scalar_type(),
+              " with shape ", stats.sizes());
 }
 
 // `segments` must be a contiguous int64 CPU tensor of shape (n, 3). Returns its rows.
