@@ -50,33 +50,34 @@ def _sharded(rank, backend, max_norm):
     torch.testing.assert_close(opt.grad_norm, ref.grad_norm, rtol=1e-9, atol=0)
 
 
-def _ddp(rank, backend):
-    """DDP replicas: gradients are averaged by DDP, no collective is needed in the step."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    single = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(),
-                                 torch.nn.Linear(16, 3))
-    single.load_state_dict(model.state_dict())
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = Adai(ddp.parameters(), lr=0.05, backend=backend)
-    opt_single = Adai(single.parameters(), lr=0.05, backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        x, y = torch.randn(8, 10, generator=gen), torch.randn(8, 3, generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x[rank::WORLD]), y[rank::WORLD]).backward()
-        opt.step()
-        opt_single.zero_grad()
-        torch.nn.functional.mse_loss(single(x), y).backward()
-        opt_single.step()
-    for p, q in zip(model.parameters(), single.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
 def _mlp():
     torch.manual_seed(0)
     # 3 output rows: dim-0 shards of 2 and 1 rows, an uneven split
     return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _train_both(rank, model, opt, single, opt_single, gen):
+    """STEPS steps of `model` on this rank's half of each batch and of `single` on all of it
+    (batches drawn from `gen`)."""
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 10, generator=gen), torch.randn(8, 3, generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+        opt.step()
+        opt_single.zero_grad()
+        torch.nn.functional.mse_loss(single(x), y).backward()
+        opt_single.step()
+
+
+def _ddp(rank, backend):
+    """DDP replicas: gradients are averaged by DDP, no collective is needed in the step."""
+    model, single = _mlp(), _mlp()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = Adai(ddp.parameters(), lr=0.05, backend=backend)
+    opt_single = Adai(single.parameters(), lr=0.05, backend=backend)
+    _train_both(rank, ddp, opt, single, opt_single, torch.Generator().manual_seed(1))
+    for p, q in zip(model.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def _fsdp(rank, backend, max_norm, ckpt_dir):
@@ -98,14 +99,7 @@ def _fsdp(rank, backend, max_norm, ckpt_dir):
     opt_single = Adai(single.parameters(), lr=0.05, weight_decay=1e-3, backend=backend,
                       max_grad_norm=max_norm)
     gen = torch.Generator().manual_seed(2)
-    for _ in range(STEPS):
-        x, y = torch.randn(8, 10, generator=gen), torch.randn(8, 3, generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD]).backward()
-        opt.step()
-        opt_single.zero_grad()
-        torch.nn.functional.mse_loss(single(x), y).backward()
-        opt_single.step()
+    _train_both(rank, model, opt, single, opt_single, gen)
     for p, q in zip(model.parameters(), single.parameters()):
         torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(opt.grad_norm, opt_single.grad_norm, rtol=1e-6, atol=0)
