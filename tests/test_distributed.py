@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adai_kernels import Adai
-from cases import clone_groups, cpu_backends, make_grads, make_groups, set_grads
+from cases import cpu_backends, make_grads, make_groups, set_grads
 
 BACKENDS = [b for b in cpu_backends() if b != "triton"]  # interpreter: too slow for 2 procs
 WORLD = 2
