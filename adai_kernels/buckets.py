@@ -127,7 +127,7 @@ class Bucket:
         return self.views[self.position[id(param)]]
 
     def segments(self, params=None) -> torch.Tensor:
-        """The ops' `segments` table (csrc/ops.cpp) of `params` (default: all, in join
+        """The ops' `segments` table (csrc/op_schemas.h) of `params` (default: all, in join
         order): per parameter (offset, numel, slot) as an int64 CPU tensor of shape (n, 3)."""
         slots = range(len(self.params)) if params is None else [self.position[id(p)]
                                                                  for p in params]

@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of the stats / update / sum_v schema (csrc/ops.cpp), shared by the
+"""Fake (meta) kernels of the stats / update / sum_v schema (csrc/op_schemas.h), shared by the
 compiled ops (`adai::`) and the Triton ops (`adai_triton::`): shape, dtype and device checks
 only (what torch.compile and opcheck need); the ops return nothing."""
 from __future__ import annotations

@@ -1,6 +1,7 @@
 // Checks shared by the CPU and CUDA ops (host code only): the list lengths, the statistics
-// tensors, the flat state buffers and the `segments` table (csrc/ops.cpp). After these checks every state access of
-// a kernel is in bounds and every tensor owns its own step counter and v_sum.
+// tensors, the flat state buffers and the `segments` table (csrc/op_schemas.h). After these
+// checks every state access of a kernel is in bounds and every tensor owns its own step
+// counter and v_sum.
 #pragma once
 
 #include <ATen/core/Tensor.h>

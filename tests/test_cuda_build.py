@@ -204,7 +204,7 @@ def test_stats_columns_match_python():
     py = {name: int(v) for name, v in re.findall(r"^(\w+) = (\d+)", base, re.M)}
     assert py["STATS_COLUMNS"] == cols["StatsColumns"] == 7
     assert py["GRAD_NORM_SQ"] == cols["Gn"]
-    schema = re.sub(r'"\s*"', "", (ROOT / "csrc" / "ops.cpp").read_text())  # join literals
+    schema = re.sub(r'"\s*"', "", (ROOT / "csrc" / "op_schemas.h").read_text())  # join literals
     assert "Tensor? grad_scale, float beta2, float l2, Tensor(b!) out" in schema
     assert "Tensor(f!) steps, Tensor stats, Tensor? grad_scale, Tensor? found_inf" in schema
 

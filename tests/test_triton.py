@@ -74,7 +74,7 @@ class Bucket:
     """Tensors as the optimizer hands them to the ops: params/grads in their own layout; the
     states in three flat float32 buffers, tensor i's at [offset_i, offset_i + numel_i) in the
     memory order of params[i], its step (float32) and v_sum (float64) in slot_i of two vectors
-    (`segments`, csrc/ops.cpp). `states` lays the buffers out:
+    (`segments`, csrc/op_schemas.h). `states` lays the buffers out:
       "aligned"     offsets padded to 16 elements, slot i = i (the optimizer's buckets);
       "misaligned"  every offset 1, 2 or 3 modulo 4 (no 16-byte aligned state pointer);
       "shuffled"    aligned spans in reverse order with gaps, slots reversed, two spare
@@ -904,13 +904,13 @@ def _schemas(text):
 
 
 def test_schemas_are_the_native_ones():
-    """adai_triton::* declare exactly csrc/ops.cpp's schemas (no build needed)."""
+    """adai_triton::* declare exactly csrc/op_schemas.h's schemas (no build needed)."""
     import pathlib
     import re
 
-    src = (pathlib.Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text()
-    native = _schemas("".join(re.findall(r'"([^"]*)"', d))
-                      for d in re.findall(r"m\.def\((.*?)\);", src, re.S))
+    src = (pathlib.Path(__file__).parents[1] / "csrc" / "op_schemas.h").read_text()
+    decls = re.findall(r"constexpr const char\* k(?:Stats|Update|SumV) =(.*?);", src, re.S)
+    native = _schemas("".join(re.findall(r'"([^"]*)"', d)) for d in decls)
     ours = _schemas(str(getattr(ops, name).default._schema) for name in native)
     assert set(native) == {"stats", "update", "sum_v"}
     assert ours == native

@@ -7,7 +7,7 @@ a first op call): `import adai_kernels` stays cheap and works without triton. Th
 run compiled on CUDA (and ROCm) devices, and on CPU tensors only when triton was imported
 under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 
-The states come as a bucket's flat buffers plus `segments` (csrc/ops.cpp): tensor i's state
+The states come as a bucket's flat buffers plus `segments` (csrc/op_schemas.h): tensor i's state
 pointer is buffer.data_ptr() + 4 * offset_i, its step and v_sum pointers steps.data_ptr() +
 4 * slot_i and v_sums.data_ptr() + 8 * slot_i, so the kernels see one pointer per tensor and
 column as before.

@@ -18,7 +18,7 @@
 // gets the same arithmetic wherever it sits.
 //
 // State: tensor i's j-th element (in memory order) has its states at buffer[offset_i + j]
-// and its step and v_sum at steps[slot_i] and v_sums[slot_i] (`segments`, csrc/ops.cpp).
+// and its step and v_sum at steps[slot_i] and v_sums[slot_i] (`segments`, csrc/op_schemas.h).
 //
 // pow: AdaiV2 (dampening < 1) needs two per element, and Vectorized<float>::pow (SLEEF's
 // powf) made its update ~5x slower than Adai's. The kernel computes pow(x, e) as

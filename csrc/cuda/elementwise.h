@@ -21,13 +21,19 @@
 #define ADAI_UNROLL
 #endif
 
+// Global memory goes through the explicit built-ins (__ldca, __stwb) in device code and in
+// the CPU emulator of the kernels (csrc/emu/), which checks them; plain host code copies.
+#if defined(__CUDA_ARCH__) || defined(ADAI_CUDA_EMU)
+#define ADAI_GLOBAL_BUILTINS 1
+#endif
+
 namespace adai {
 namespace cuda {
 
 // Copies the 16 bytes at src (16-byte aligned, global memory) into dst[0 .. 16 / sizeof(U)).
 template <typename U>
 ADAI_HD void load16(const U* src, U* dst) {
-#if defined(__CUDA_ARCH__)
+#if defined(ADAI_GLOBAL_BUILTINS)
   // An explicit global-space 128-bit load (ld.global.ca.v4): the pointers come from the
   // table, so the compiler could only emit generic loads.
   const int4 x = __ldca(reinterpret_cast<const int4*>(src));
@@ -41,7 +47,7 @@ ADAI_HD void load16(const U* src, U* dst) {
 // Copies src[0 .. 16 / sizeof(U)) to the 16 bytes at dst (16-byte aligned, global memory).
 template <typename U>
 ADAI_HD void store16(U* dst, const U* src) {
-#if defined(__CUDA_ARCH__)
+#if defined(ADAI_GLOBAL_BUILTINS)
   int4 x;
   memcpy(&x, static_cast<const void*>(src), 16);
   __stwb(reinterpret_cast<int4*>(dst), x);  // st.global.wb.v4
@@ -53,7 +59,7 @@ ADAI_HD void store16(U* dst, const U* src) {
 // One element (4 or 2 bytes) from / to global memory, with explicit global-space accesses.
 template <typename U>
 ADAI_HD U load1(const U* src) {
-#if defined(__CUDA_ARCH__)
+#if defined(ADAI_GLOBAL_BUILTINS)
   static_assert(sizeof(U) == 4 || sizeof(U) == 2, "element size");
   U r;
   if constexpr (sizeof(U) == 4) {
@@ -71,7 +77,7 @@ ADAI_HD U load1(const U* src) {
 
 template <typename U>
 ADAI_HD void store1(U* dst, U value) {
-#if defined(__CUDA_ARCH__)
+#if defined(ADAI_GLOBAL_BUILTINS)
   static_assert(sizeof(U) == 4 || sizeof(U) == 2, "element size");
   if constexpr (sizeof(U) == 4) {
     unsigned int x;

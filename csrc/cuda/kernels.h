@@ -1,5 +1,5 @@
 // Launchers of the CUDA kernels (stats.cu; update.cu: update and sum_v; upload.cu), called by
-// ops_cuda.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
+// ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
 #pragma once
 
 #include <cuda_runtime_api.h>

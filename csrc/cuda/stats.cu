@@ -10,6 +10,7 @@
 
 #include "elementwise.h"
 #include "kernels.h"
+#include "launch.h"
 #include "reduce.cuh"
 
 namespace adai {
@@ -99,12 +100,12 @@ void launch(const LaunchTable& t, bool use_l2, const Consts& c, double beta2,
             cudaStream_t stream) {
   const unsigned int grid = grid_size(t);
   if (use_l2) {
-    stats_kernel<T, true>
-        <<<grid, kBlock, 0, stream>>>(t, c, beta2, grad_scale, numel, out, out_stride);
+    ADAI_LAUNCH(grid, kBlock, stream, stats_kernel<T, true>)(t, c, beta2, grad_scale, numel, out,
+                                                             out_stride);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    stats_kernel<T, false>
-        <<<grid, kBlock, 0, stream>>>(t, c, beta2, grad_scale, numel, out, out_stride);
+    ADAI_LAUNCH(grid, kBlock, stream, stats_kernel<T, false>)(t, c, beta2, grad_scale, numel, out,
+                                                              out_stride);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -12,6 +12,7 @@
 
 #include "elementwise.h"
 #include "kernels.h"
+#include "launch.h"
 #include "reduce.cuh"
 
 namespace adai {
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kBlock) sum_v_kernel(LaunchTable t) {
 
 template <typename T>
 void launch(const LaunchTable& t, const UpdateInputs& in, double beta2, cudaStream_t stream) {
-  update_kernel<T><<<grid_size(t), kBlock, 0, stream>>>(t, in, beta2);
+  ADAI_LAUNCH(grid_size(t), kBlock, stream, update_kernel<T>)(t, in, beta2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -157,7 +158,7 @@ void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInpu
 }
 
 void launch_sum_v(const LaunchTable& t, cudaStream_t stream) {
-  sum_v_kernel<<<grid_size(t), kBlock, 0, stream>>>(t);
+  ADAI_LAUNCH(grid_size(t), kBlock, stream, sum_v_kernel)(t);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

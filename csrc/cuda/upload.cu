@@ -2,7 +2,7 @@
 //
 // An asynchronous copy from pinned host memory, once captured, reads that host memory again at
 // every replay, so the memory would have to stay unchanged for as long as the graph lives;
-// the pinned buffers of ops_cuda.cpp go back to the host allocator after the call. Kernel
+// the pinned buffers of ops_host.cpp go back to the host allocator after the call. Kernel
 // arguments are instead copied into the graph when it is captured. Each launch carries up to
 // kPayloadBytes (the CUDA 12.1+ limit on kernel arguments is 32,764 bytes on sm_70 and newer;
 // a launch table of 1,000 tensors takes three launches).
@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "launch.h"
 
 namespace adai {
 namespace cuda {
@@ -39,7 +40,7 @@ void copy_as_arguments(const void* src, size_t bytes, void* dst, cudaStream_t st
   for (size_t off = 0; off < bytes; off += kPayloadBytes) {
     const size_t len = std::min(bytes - off, static_cast<size_t>(kPayloadBytes));
     std::memcpy(p.bytes, s + off, len);
-    write_payload_kernel<<<1, kBlock, 0, stream>>>(p, d + off, static_cast<int>(len));
+    ADAI_LAUNCH(1, kBlock, stream, write_payload_kernel)(p, d + off, static_cast<int>(len));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

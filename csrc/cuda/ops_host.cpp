@@ -1,24 +1,26 @@
-// CUDA implementations of adai::stats, adai::update and adai::sum_v (schemas: csrc/ops.cpp,
-// semantics: docs/design.md): input validation (state buffers and the segments table:
-// csrc/op_checks.h), the per-launch table (multi_tensor.h) and the launches (stats.cu,
-// update.cu). Also defines adai::_chunk_table, a CPU test hook exposing the chunk table the
-// kernels use.
+// Host launch code of adai::stats, adai::update and adai::sum_v on the CUDA kernels (schemas:
+// csrc/op_schemas.h, semantics: docs/design.md): input validation (state buffers and the
+// segments table: csrc/op_checks.h), the per-launch table (multi_tensor.h) and the launches
+// (stats.cu, update.cu). Shared by the CUDA build and the CPU emulator of the kernels: what
+// differs between them (streams, staging memory, which tensors are on the device) is behind
+// device.h. Also adai::_chunk_table, a CPU test hook exposing the chunk table the kernels use,
+// and adai::_upload, the capture-safe copy for the Triton backend's tables.
 //
-// Per op call: one pinned host buffer from the caching host allocator, one device buffer from
-// the caching device allocator, one asynchronous host-to-device copy and one kernel, all on
-// the current stream of the tensors' device. No device-to-host synchronisation: the pinned
-// buffer is handed back to the host allocator with an event recorded by the copy, so it is
-// not reused before the copy has read it.
+// Per op call: one staging host buffer (pinned, from the caching host allocator), one device
+// buffer from the caching device allocator, one asynchronous host-to-device copy and one
+// kernel, all on the current stream of the tensors' device. No device-to-host
+// synchronisation: the pinned buffer is handed back to the host allocator with an event
+// recorded by the copy, so it is not reused before the copy has read it.
 //
 // While the stream is being captured into a CUDA graph, the table travels as kernel
 // arguments instead (upload.cu): a captured copy would read the pinned buffer again at every
 // replay, after the host allocator has handed it to someone else. The device buffer then
-// comes from the graph's private memory pool and keeps its address across replays. Also
-// defines adai::_upload, the same capture-safe copy for the Triton backend's tables.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// comes from the graph's private memory pool and keeps its address across replays.
+#include "ops_host.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <cstdint>
 #include <cstring>
@@ -27,6 +29,7 @@
 
 #include "../adai_math.h"
 #include "../op_checks.h"
+#include "device.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "multi_tensor.h"
@@ -41,7 +44,8 @@ void check_device(const char* op, const char* name, size_t i, const at::Tensor& 
                   const at::Device& device) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
-              " but the op runs on ", device, "; all tensors must be on one CUDA device");
+              " but the op runs on ", device, "; all tensors must be on one ", device::kName,
+              " device");
 }
 
 void check_param_dtype(const char* op, at::ScalarType dtype) {
@@ -80,12 +84,6 @@ void check_like(const char* op, const char* name, size_t i, const at::Tensor& t,
               " and strides ", param.strides(), "; they must match");
 }
 
-bool is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // Writes the host part of a table (header with a zero counter, prefix sums, metas) to `h`.
 void fill_table(uint8_t* h, const TableLayout& layout, const std::vector<int64_t>& prefix,
                 const std::vector<TensorMeta>& metas) {
@@ -97,12 +95,12 @@ void fill_table(uint8_t* h, const TableLayout& layout, const std::vector<int64_t
 }
 
 // Builds the table for `metas` and copies it asynchronously into a fresh device buffer
-// (returned in `buffer`, which must outlive the launch call) on the current stream: from
-// pinned host memory, or as kernel arguments while the stream is captured. The counter of
-// finished blocks is uploaded as 0 (at every replay of a captured call as well).
+// (returned in `buffer`, which must outlive the launch call) on `stream`: from staging
+// memory, or as kernel arguments while the stream is captured. The counter of finished
+// blocks is uploaded as 0 (at every replay of a captured call as well).
 LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
-                         const at::Device& device, at::Tensor& buffer, int partial_cols = 1,
-                         int tensor_cols = 1) {
+                         const at::Device& device, const device::Stream& stream,
+                         at::Tensor& buffer, int partial_cols = 1, int tensor_cols = 1) {
   const int64_t n = static_cast<int64_t>(metas.size());
   std::vector<int64_t> numels(metas.size());
   for (size_t i = 0; i < metas.size(); ++i) numels[i] = metas[i].numel;
@@ -115,15 +113,11 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
   buffer = at::empty({static_cast<int64_t>(layout.total_bytes)},
                      at::TensorOptions().dtype(at::kByte).device(device));
   auto* d = buffer.mutable_data_ptr<uint8_t>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  if (is_capturing(stream)) {
-    std::vector<uint8_t> host(layout.host_bytes);
-    fill_table(host.data(), layout, prefix, metas);
-    copy_as_arguments(host.data(), host.size(), d, stream);
+  at::Tensor host = device::staging(layout.host_bytes, stream.capturing);
+  fill_table(host.mutable_data_ptr<uint8_t>(), layout, prefix, metas);
+  if (stream.capturing) {
+    copy_as_arguments(host.const_data_ptr(), layout.host_bytes, d, stream.handle);
   } else {
-    at::Tensor host = at::empty({static_cast<int64_t>(layout.host_bytes)},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    fill_table(host.mutable_data_ptr<uint8_t>(), layout, prefix, metas);
     buffer.narrow(0, 0, static_cast<int64_t>(layout.host_bytes))
         .copy_(host, /*non_blocking=*/true);
   }
@@ -145,7 +139,8 @@ const float* optional_scalar(const char* op, const char* name,
                              const std::optional<at::Tensor>& t, const at::Device& device) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
-              " but the op runs on ", device, "; all tensors must be on one CUDA device");
+              " but the op runs on ", device, "; all tensors must be on one ", device::kName,
+              " device");
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", name,
               " must be a 0-dim float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
               " elements");
@@ -157,14 +152,17 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
   return buffer.mutable_data_ptr<float>() + row[kOffset];
 }
 
-void stats_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+}  // namespace
+
+void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                 const at::Tensor& steps, const at::Tensor& v_sums,
                 const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
                 const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(out.defined() && out.is_cuda(), op, ": `out` must be a CUDA tensor");
+  TORCH_CHECK(out.defined() && device::holds(out), op, ": `out` must be a ", device::kName,
+              " tensor");
   const at::Device device = out.device();
   adai::check_stats_row(op, out);
   const int64_t* rows = adai::segment_rows(op, segments, n);
@@ -197,17 +195,17 @@ void stats_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& s
     numel += static_cast<double>(m.numel);
   }
 
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
+  const device::Stream stream = device::current_stream(device);
   at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, buffer, use_l2 ? kStatsSums : 1,
-                                     kStatsColumns - 1);
+  const LaunchTable t = upload_table(op, metas, device, stream, buffer,
+                                     use_l2 ? kStatsSums : 1, kStatsColumns - 1);
   launch_stats(t, dtype, use_l2,
                adai::make_consts(0.0, 0.0, beta2, 0.0, l2, /*decoupled=*/false, 1.0), beta2,
-               scale, numel, out.mutable_data_ptr<double>(), out.stride(0),
-               c10::cuda::getCurrentCUDAStream().stream());
+               scale, numel, out.mutable_data_ptr<double>(), out.stride(0), stream.handle);
 }
 
-void update_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                  const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                  const at::Tensor& beta1_prod, const at::Tensor& v_sums,
                  const at::Tensor& steps, const at::Tensor& stats,
@@ -219,7 +217,8 @@ void update_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& 
   const char* op = "adai::update";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(stats.defined() && stats.is_cuda(), op, ": `stats` must be a CUDA tensor");
+  TORCH_CHECK(stats.defined() && device::holds(stats), op, ": `stats` must be a ",
+              device::kName, " tensor");
   const at::Device device = stats.device();
   adai::check_stats_matrix(op, stats);
   const int64_t* rows = adai::segment_rows(op, segments, n);
@@ -269,17 +268,18 @@ void update_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& 
   in.max_grad_norm = max_grad_norm;
   in.skip_nonfinite = skip_nonfinite;
 
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
+  const device::Stream stream = device::current_stream(device);
   at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, buffer);
-  launch_update(t, dtype, in, beta2, c10::cuda::getCurrentCUDAStream().stream());
+  const LaunchTable t = upload_table(op, metas, device, stream, buffer);
+  launch_update(t, dtype, in, beta2, stream.handle);
 }
 
-void sum_v_cuda(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                 const at::Tensor& v_sums) {
   const char* op = "adai::sum_v";
-  TORCH_CHECK(exp_avg_sq.defined() && exp_avg_sq.is_cuda(), op,
-              ": `exp_avg_sq` must be a CUDA tensor");
+  TORCH_CHECK(exp_avg_sq.defined() && device::holds(exp_avg_sq), op, ": `exp_avg_sq` must be a ",
+              device::kName, " tensor");
   const at::Device device = exp_avg_sq.device();
   const int64_t state_len = adai::check_states(op, {"exp_avg_sq"}, {&exp_avg_sq}, device);
   adai::check_flat(op, "v_sums", v_sums, at::kDouble, device);
@@ -303,10 +303,11 @@ void sum_v_cuda(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
   }
   adai::check_disjoint(op, rows, n);
   if (n == 0) return;
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
+  const device::Stream stream = device::current_stream(device);
   at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, buffer);
-  launch_sum_v(t, c10::cuda::getCurrentCUDAStream().stream());
+  const LaunchTable t = upload_table(op, metas, device, stream, buffer);
+  launch_sum_v(t, stream.handle);
 }
 
 // adai::_chunk_table(numels, chunk=-1): for every chunk of a launch over tensors with these
@@ -334,42 +335,28 @@ at::Tensor chunk_table(at::IntArrayRef numels, int64_t chunk) {
 }
 
 // adai::_upload(src, dst): dst[:] = src's bytes, src a contiguous CPU tensor, dst a contiguous
-// CUDA tensor of as many bytes, on the current stream without a synchronisation; as kernel
-// arguments while the stream is captured (so the graph keeps the data), else through pinned
+// device tensor of as many bytes, on the current stream without a synchronisation; as kernel
+// arguments while the stream is captured (so the graph keeps the data), else through staging
 // memory. The Triton backend's launch tables go through it.
-void upload(const at::Tensor& src, const at::Tensor& dst) {
+void upload_op(const at::Tensor& src, const at::Tensor& dst) {
   const char* op = "adai::_upload";
   TORCH_CHECK(src.defined() && src.device().is_cpu() && src.is_contiguous(), op,
               ": src must be a contiguous CPU tensor");
-  TORCH_CHECK(dst.defined() && dst.is_cuda() && dst.is_contiguous(), op,
-              ": dst must be a contiguous CUDA tensor");
+  TORCH_CHECK(dst.defined() && device::holds(dst) && dst.is_contiguous(), op,
+              ": dst must be a contiguous ", device::kName, " tensor");
   TORCH_CHECK(src.nbytes() == dst.nbytes(), op, ": src has ", src.nbytes(), " bytes but dst has ",
               dst.nbytes());
   if (src.nbytes() == 0) return;
-  c10::cuda::CUDAGuard guard(dst.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (is_capturing(stream)) {
-    copy_as_arguments(src.const_data_ptr(), src.nbytes(), dst.mutable_data_ptr(), stream);
+  c10::DeviceGuard guard(dst.device());
+  const device::Stream stream = device::current_stream(dst.device());
+  if (stream.capturing) {
+    copy_as_arguments(src.const_data_ptr(), src.nbytes(), dst.mutable_data_ptr(), stream.handle);
     return;
   }
-  at::Tensor flat_dst = dst.view({-1}).view(at::kByte);
-  at::Tensor flat_src = src.view({-1}).view(at::kByte);
-  if (!flat_src.is_pinned()) flat_src = flat_src.pin_memory();
-  flat_dst.copy_(flat_src, /*non_blocking=*/true);
+  at::Tensor host = device::staging(src.nbytes(), /*capturing=*/false);
+  host.copy_(src.view({-1}).view(at::kByte));
+  dst.view({-1}).view(at::kByte).copy_(host, /*non_blocking=*/true);
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace adai
-
-TORCH_LIBRARY_FRAGMENT(adai, m) {
-  m.def("_chunk_table(int[] numels, int chunk=-1) -> Tensor", &adai::cuda::chunk_table);
-  m.def("_upload(Tensor src, Tensor(a!) dst) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(adai, CUDA, m) {
-  m.impl("stats", &adai::cuda::stats_cuda);
-  m.impl("update", &adai::cuda::update_cuda);
-  m.impl("sum_v", &adai::cuda::sum_v_cuda);
-  m.impl("_upload", &adai::cuda::upload);
-}

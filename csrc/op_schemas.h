@@ -1,0 +1,31 @@
+// The op schemas, written once: csrc/ops.cpp declares them in the `adai` namespace, and the
+// CPU emulator of the CUDA kernels (csrc/emu/) in `adai_emu`. Semantics: docs/design.md
+// ("Native op schemas").
+//
+// Optimizer state is passed as a bucket's flat buffers plus `segments`, an int64 CPU tensor
+// of shape (n, 3) whose row i is (offset, numel, slot) of tensor i: its states are
+// buffer[offset : offset + numel] in the memory order of params[i], its step counter and v_sum
+// are steps[slot] and v_sums[slot]. Only params and grads are tensor lists (their conversion
+// from Python is most of an op call's host cost with many tensors).
+#pragma once
+
+namespace adai {
+namespace schema {
+
+constexpr const char* kStats =
+    "stats(Tensor[] params, Tensor[] grads, Tensor segments, Tensor(a!) steps, "
+    "Tensor v_sums, Tensor? grad_scale, float beta2, float l2, Tensor(b!) out) -> ()";
+constexpr const char* kUpdate =
+    "update(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!) exp_avg, "
+    "Tensor(c!) exp_avg_sq, Tensor(d!) beta1_prod, Tensor(e!) v_sums, Tensor(f!) steps, "
+    "Tensor stats, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, "
+    "float beta0, float beta2, float eps, float weight_decay, bool decoupled, "
+    "float dampening, float max_grad_norm, bool skip_nonfinite) -> ()";
+constexpr const char* kSumV = "sum_v(Tensor exp_avg_sq, Tensor segments, Tensor(a!) v_sums) -> ()";
+
+// Test hook and capture-safe copy of the CUDA kernels' host code (csrc/cuda/ops_host.cpp).
+constexpr const char* kChunkTable = "_chunk_table(int[] numels, int chunk=-1) -> Tensor";
+constexpr const char* kUpload = "_upload(Tensor src, Tensor(a!) dst) -> ()";
+
+}  // namespace schema
+}  // namespace adai
