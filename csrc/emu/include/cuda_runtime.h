@@ -1,0 +1,3 @@
+// Shadow of the CUDA header for the CPU emulator: the built-ins of csrc/emu/device.h.
+#pragma once
+#include "../device.h"
