@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f -not -path 'csrc/emu/*' 2>/dev/null)
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-emu clean
 
 install: $(VENV)/.built
 
@@ -26,8 +26,15 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 demo: install
 	$(PY) examples/train_digits.py --out demo_out
 
+# Then the CUDA kernels executed on the CPU by their emulator (csrc/emu/, built from the
+# current tree): the op matrix of tests/test_cuda_gpu.py, the emulator's own checks, and its
+# AddressSanitizer build.
 test: install
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-emu
+
+test-emu: install
+	ADAI_GPU_TEST_DEVICE=emu $(PY) -m pytest -q tests/test_cuda_gpu.py tests/test_cuda_emu.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info adai_kernels/*.so

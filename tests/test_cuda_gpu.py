@@ -3,7 +3,7 @@ oracle written here (the statistics row, gradient unscaling, clipping with and w
 decay, skipped steps, tensor learning rates), bitwise determinism, many tensors and the
 launch count, and the optimizer with backend="cuda" against backend="reference" (plain,
 clipping, skip_nonfinite, GradScaler). States are passed as flat buffers plus a `segments`
-table (csrc/ops.cpp); the test buckets scramble segment order, offsets and slots, and check
+table (csrc/op_schemas.h); the test buckets scramble segment order, offsets and slots, and check
 that nothing outside a call's segments and slots is written; the table's checks
 (csrc/op_checks.h) are tested on every op.
 
@@ -11,8 +11,14 @@ Marker `gpu`; skipped without a GPU (or when adai_kernels._C has no CUDA kernels
 ADAI_REQUIRE_CUDA=1, as bench/gpu_check.sh sets, makes that a failure). ADAI_TEST_LARGE=1 adds
 a tensor of 2^31 + 3 elements (about 45 GB of GPU memory).
 
-ADAI_GPU_TEST_DEVICE=cpu runs the op-level tests on CPU tensors instead (the C++ CPU kernels
-share the schema), to check the tests themselves on a machine without a GPU.
+ADAI_GPU_TEST_DEVICE selects what runs the op-level tests (the optimizer tests use the
+matching backend):
+- `cuda` (default): the CUDA kernels on a GPU;
+- `emu`: the same CUDA kernels and host launch code on CPU tensors, executed by the emulator
+  of csrc/emu/ (`torch.ops.adai_emu`, built from the current tree by tests/emu_build.py; with
+  ADAI_EMU_ASAN=1 its AddressSanitizer build, in a process with libasan preloaded). Runs in
+  CI (`make test-emu`), with smaller tensors: every GPU thread is a fiber;
+- `cpu`: the C++ CPU kernels, which share the schema (a check of the tests themselves).
 """
 from __future__ import annotations
 
@@ -26,9 +32,17 @@ import torch
 import adai_kernels._native as native
 from cases import DTYPES, PARAM_TOL, STATE_TOL, clone_groups  # one tolerance table
 
-DEVICE = torch.device(os.environ.get("ADAI_GPU_TEST_DEVICE", "cuda"))
+MODE = os.environ.get("ADAI_GPU_TEST_DEVICE", "cuda")
+if MODE not in ("cuda", "emu", "cpu"):
+    raise ValueError(f"ADAI_GPU_TEST_DEVICE must be cuda, emu or cpu, got {MODE!r}")
+EMU = MODE == "emu"
+DEVICE = torch.device("cpu" if EMU else MODE)
 ON_CUDA = DEVICE.type == "cuda"
-BACKEND = "cuda" if ON_CUDA else "cpu"  # the optimizer tests' backend
+BACKEND = {"cuda": "cuda", "emu": "cuda_emu", "cpu": "cpu"}[MODE]  # the optimizer tests'
+if EMU:
+    import emu_build
+
+    emu_build.load(asan=os.environ.get("ADAI_EMU_ASAN") == "1")
 
 
 def _skip_reason() -> str | None:
@@ -44,8 +58,10 @@ def _skip_reason() -> str | None:
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA-specific")
+# The CUDA kernels (on a GPU or emulated), not the CPU kernels.
+cuda_kernels = pytest.mark.skipif(MODE == "cpu", reason="tests the CUDA kernels")
 
-ops = torch.ops.adai
+ops = torch.ops.adai_emu if EMU else torch.ops.adai
 HYPER = {
     "coupled": dict(betas=(0.1, 0.99), eps=1e-3, weight_decay=1e-2, decoupled=False,
                     dampening=1.0),
@@ -359,9 +375,9 @@ def assert_unchanged(bk, snap, what="", outside=True):
 # channels_last, misaligned views (start at an odd element of a larger buffer).
 SHAPES = [
     ((0,), "c", 0), ((1,), "c", 0), ((3,), "c", 0), ((4099,), "c", 0),
-    ((1_048_576 + 3,), "c", 0), ((29, 31), "t", 0), ((2, 3, 5, 5), "cl", 0),
-    ((4099,), "c", 1), ((1000,), "c", 3), ((0, 5), "c", 0), ((64, 65), "t", 1),
-    ((16384,), "c", 0), ((16385,), "c", 0), ((8, 16, 3, 3), "cl", 0),
+    ((3 * 16384 + 5,) if EMU else (1_048_576 + 3,), "c", 0), ((29, 31), "t", 0),
+    ((2, 3, 5, 5), "cl", 0), ((4099,), "c", 1), ((1000,), "c", 3), ((0, 5), "c", 0),
+    ((64, 65), "t", 1), ((16384,), "c", 0), ((16385,), "c", 0), ((8, 16, 3, 3), "cl", 0),
 ]
 
 
@@ -388,12 +404,14 @@ def test_ops_match_oracle(dtype, hyper, state_offset):
                              f"{dtype} {hyper} state_offset={state_offset} step {step}")
 
 
-# Gradient norms here: about sqrt(numel of SHAPES) ~ 1060 (plus EXTRA's sqrt(700)).
+# The gradient norm of one step of make_grads: about sqrt(numel of SHAPES) (1,060 on a GPU,
+# 320 emulated), plus sqrt(700) from EXTRA's row when that is added.
+NORM = math.sqrt(sum(math.prod(shape) for shape, _, _ in SHAPES))
 CONTROLS = {
     "grad_scale": dict(grad_scale=3000.0),
-    "clip": dict(max_grad_norm=100.0),
-    "clip_inactive": dict(max_grad_norm=1e7),
-    "clip_scale_extra": dict(grad_scale=0.37, max_grad_norm=300.0, extra=True),
+    "clip": dict(max_grad_norm=NORM / 10),
+    "clip_inactive": dict(max_grad_norm=1e4 * NORM),
+    "clip_scale_extra": dict(grad_scale=0.37, max_grad_norm=0.28 * NORM, extra=True),
     "lr_tensor": dict(lr_tensor=True),
     "found_inf_zero": dict(found_inf=0.0, skip_nonfinite=True),
 }
@@ -989,7 +1007,9 @@ def _kernels_in(fn) -> tuple[list[str], list[str]]:
     return kernels, names
 
 
-MANY = [((4096,), "c", 0)] * 1000
+# More tensors than threads in a block (the last block loops over them); smaller when
+# emulated.
+MANY = [((1000,), "c", 0)] * 300 if EMU else [((4096,), "c", 0)] * 1000
 
 
 def test_many_tensors_match_oracle():
@@ -1002,7 +1022,7 @@ def test_many_tensors_match_oracle():
         control = dict(max_grad_norm=500.0) if step == 1 else {}
         stats = op_step(bk, grads, hp, **control)
         check_against_oracle(bk, grads_before, grads, stats,
-                             oracle_step(snap, grads, hp, **control), f"1000 x 4096 step {step}")
+                             oracle_step(snap, grads, hp, **control), f"{len(MANY)} tensors, step {step}")
 
 
 @cuda_only

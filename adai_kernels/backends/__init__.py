@@ -8,13 +8,14 @@ import torch
 
 from .base import Backend
 
-NAMES = ("cuda", "triton", "cpu", "reference")
+NAMES = ("cuda", "triton", "cpu", "reference", "cuda_emu")
 # module and attribute of each backend object
 _WHERE = {
     "reference": ("reference", "REFERENCE"),
     "cpu": ("native", "CPU"),
     "cuda": ("native", "CUDA"),
     "triton": ("triton", "TRITON"),
+    "cuda_emu": ("emulated", "EMULATED"),
 }
 # what "auto" tries, fastest first, per device type; anything else gets the reference
 _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
