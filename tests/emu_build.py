@@ -64,14 +64,17 @@ def _runtime(cxx: str, lib: str) -> str:
     return path
 
 
-def asan_env() -> dict[str, str]:
+def asan_env(log_path: str | None = None) -> dict[str, str]:
     """Environment for a process that loads the ASan build: libasan preloaded, and libstdc++
     after it (Python does not link libstdc++, and ASan must find the real __cxa_throw when it
-    starts); leaks are not reported (Python and torch keep memory until exit by design)."""
+    starts); leaks are not reported (Python and torch keep memory until exit by design).
+    `log_path`: reports go to files `log_path.<pid>` (a test runner that captures stderr
+    would lose a report, since ASan ends the process right after it)."""
     cxx = os.environ.get("CXX", "c++")
     env = dict(os.environ)
     env["LD_PRELOAD"] = f"{_runtime(cxx, 'libasan.so')} {_runtime(cxx, 'libstdc++.so')}"
-    env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"
+    env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1" + (
+        f":log_path={log_path}" if log_path else "")
     return env
 
 
