@@ -572,6 +572,54 @@ def test_layouts_step_alike():
     assert_bitwise(snaps[0], snaps[2])
 
 
+def _triton_type(x) -> str:
+    """The type Triton's JIT gives a launch argument (its signature string)."""
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float64: "fp64",
+                      torch.int64: "i64"}[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i32" if -2**31 <= x < 2**31 else "i64"
+    return "fp32" if isinstance(x, float) else type(x).__name__
+
+
+def test_launches_follow_launch_specs(monkeypatch):
+    """Every kernel is launched with the argument types and constexprs of launch_specs, the
+    table the kernels are compiled from ahead of time (tests/test_compiled_kernels.py)."""
+    K = triton_backend._state["kernels"]
+    specs = triton_backend._state["specs"]
+    seen = []
+
+    class Recording:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, args, kwargs))
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for name in specs:
+        monkeypatch.setattr(K, name, Recording(name, getattr(K, name)))
+    bk = Bucket(torch.bfloat16, seed=3)
+    for extras in (dict(), dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
+                               lr_tensor=torch.tensor(0.1), max_norm=1.0,
+                               skip_nonfinite=True)):
+        grads = bk.grads()
+        stats = run_stats(bk, grads, 0.99, 0.1, grad_scale=extras.get("grad_scale"))
+        run_update(bk, grads, stats, hyper("coupled", 0.5), **extras)
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    assert {name for name, _, _ in seen} == set(specs)
+    for name, args, kwargs in seen:
+        spec = specs[name]
+        assert [_triton_type(a) for a in args] == list(spec.signature.values()), name
+        chosen = {k: v for k, v in kwargs.items() if k not in spec.fixed and k != "num_warps"}
+        assert chosen.keys() == spec.choices.keys(), name
+        assert all(v in spec.choices[k] for k, v in chosen.items()), (name, chosen)
+
+
 def _launch_flags(monkeypatch):
     """Record the constexpr alignment flags of every element-wise launch."""
     K = triton_backend._state["kernels"]
