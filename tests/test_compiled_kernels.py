@@ -1,13 +1,21 @@
-"""The compiled CUDA kernels (csrc/cuda), checked without a GPU (they run in CI on a CPU
-machine) from the cubins of the built adai_kernels._C (bench/cubin.py): no stats, update or
-sum_v kernel spills, for sm_80 and sm_90 and every dtype, and the update kernel moves an
-aligned group with 128-bit global loads and stores.
+"""The compiled GPU kernels, checked without a GPU (they run in CI on a CPU machine):
 
-Without a CUDA build these checks skip; with one, a missing tool skips too, except in CI
-(CI=true), where it fails: there these checks must run.
+- CUDA (csrc/cuda), read from the cubins of the built adai_kernels._C (bench/cubin.py):
+  no stats, update or sum_v kernel spills, for sm_80 and sm_90 and every dtype, and the
+  update kernel moves an aligned group with 128-bit global loads and stores.
+- Triton: every kernel compiled ahead of time for sm_80, sm_90 and gfx942 from the
+  backend's own launch table (bench/triton_aot.py): no spills; update's aligned chunks use
+  vector accesses as wide as its layout allows; IEEE division and square roots; update and
+  sum_v reduce the chunk sums of v in one register layout (so sum_v restores update's sums
+  bitwise).
+
+Without a CUDA build the CUDA checks skip. A missing tool or Triton backend skips too,
+except in CI (CI=true) with the CUDA build, where a missing tool, or Triton failing to
+compile for CUDA, fails: there these checks must run.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections import Counter
@@ -16,10 +24,11 @@ from pathlib import Path
 import pytest
 
 from adai_kernels import _native
-from bench import cubin
+from bench import cubin, triton_aot
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DTYPES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2}  # -> bytes per element
+TRITON_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def _missing(reason: str):
@@ -78,5 +87,109 @@ def test_cuda_update_moves_aligned_groups_in_128_bit_accesses(so, usage, arch, d
         if cubin.width(mnemonic) == 128:
             wide[mnemonic[:3]] += n
     param, state = _group_size() * CUDA_DTYPES[dtype] // 16, _group_size() * 4 // 16
-    assert wide["LDG"] >= 2 * param + 3 * state, dict(accesses)
-    assert wide["STG"] >= param + 3 * state, dict(accesses)
+    want = {"LDG": 2 * param + 3 * state, "STG": param + 3 * state}
+    assert all(wide[op] >= n for op, n in want.items()), (
+        f"128-bit accesses {dict(wide)}, want at least {want}; all: {dict(accesses)}")
+
+
+# ---- Triton, compiled ahead of time -------------------------------------------------------
+
+
+def _triton_backend(name: str) -> bool:
+    spec = importlib.util.find_spec("triton")  # without importing triton
+    return spec is not None and bool(spec.submodule_search_locations) and (
+        Path(spec.submodule_search_locations[0]) / "backends" / name / "compiler.py").exists()
+
+
+@pytest.fixture(scope="module")
+def aot() -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    return triton_aot.compile_all()
+
+
+def _target(aot: dict, target: str) -> list[dict]:
+    """The compiled launches for `target`; skips (or fails) with the reason it did not."""
+    result = aot[target]
+    if "error" not in result:
+        return result["kernels"]
+    backend = triton_aot.TARGETS[target][0]
+    if not _triton_backend({"cuda": "nvidia", "hip": "amd"}[backend]):
+        pytest.skip(f"triton has no {backend} backend here")
+    if backend == "cuda":
+        _missing(f"Triton cannot compile for {target} here: {result['error']}")
+    pytest.skip(f"Triton cannot compile for {target} here: {result['error']}")
+
+
+def _kernel_names() -> set[str]:
+    """The kernels of triton_kernels.py (its public @triton.jit functions)."""
+    src = (ROOT / "adai_kernels" / "backends" / "triton_kernels.py").read_text()
+    return set(re.findall(r"^@triton\.jit\ndef ([a-z]\w*)\(", src, re.M))
+
+
+@pytest.mark.parametrize("target", triton_aot.TARGETS)
+def test_triton_kernels_compile_and_do_not_spill(aot, target):
+    kernels = _target(aot, target)
+    assert {e["kernel"] for e in kernels} == _kernel_names()
+    spills = [(e["kernel"], e["variant"], e["dtype"]) for e in kernels
+              if e.get("spill_bytes") or e.get("spills")]
+    assert not spills, spills
+
+
+def _vector_accesses(entry: dict) -> Counter:
+    """{(load or store, bytes): count} of the vector global accesses in entry's assembly."""
+    out = Counter()
+    if "ptx" in entry["asm"]:
+        for op, n, bits in re.findall(r"\b(ld|st)\.global(?:\.[\w:]+?)*\.v(\d)\.[bfsu](\d+)\b",
+                                      entry["asm"]["ptx"]):
+            out[op, int(n) * int(bits) // 8] += 1
+    else:
+        for op, n in re.findall(r"\b(?:global|buffer)_(load|store)_dwordx(\d)\b",
+                                entry["asm"]["amdgcn"]):
+            out[{"load": "ld", "store": "st"}[op], 4 * int(n)] += 1
+    return out
+
+
+@pytest.mark.parametrize("target", triton_aot.TARGETS)
+def test_triton_update_uses_vector_accesses(aot, target):
+    """An aligned chunk: each thread moves its elements of every array in runs of VEC (the
+    width `_offsets` declares): VEC params or grads (16 bytes of fp32, 8 of bf16 / fp16) and
+    VEC fp32 states per access."""
+    for e in _target(aot, target):
+        if e["kernel"] != "update_kernel" or e["variant"] == "unaligned":
+            continue
+        c = e["constexprs"]
+        per_thread = c["BLOCK"] // (e["warp_size"] * e["num_warps"]) // c["VEC"]
+        param, state = c["VEC"] * TRITON_DTYPES[e["dtype"]], c["VEC"] * 4
+        want = Counter({("ld", param): 2 * per_thread, ("st", param): per_thread})
+        want += Counter({("ld", state): 3 * per_thread, ("st", state): 3 * per_thread})
+        have = _vector_accesses(e)
+        assert all(have[k] >= n for k, n in want.items()), (e["variant"], e["dtype"], have)
+
+
+def _reduce_layouts(entry: dict) -> list[str]:
+    """sizePerThread of the layout of every fp32 reduction over a chunk, from the TTGIR."""
+    ttgir = entry["asm"]["ttgir"]
+    spt = dict(re.findall(r"^(#blocked\d*) = #ttg.blocked<\{sizePerThread = \[(\d+)\]", ttgir,
+                          re.M))
+    block = entry["constexprs"]["BLOCK"]
+    return [spt[m] for m in re.findall(
+        rf'"tt.reduce"\(%[\w.]+\).*?\}}\) : \(tensor<{block}xf32, (#blocked\d*)>\)', ttgir,
+        re.S)]
+
+
+def test_triton_update_math_and_reductions_on_sm90(aot):
+    """IEEE division and square roots (no div.full, no sqrt.approx; the clip coefficient in
+    float64), and update's chunk sums of v in the layout of sum_v's for the same alignment."""
+    kernels = _target(aot, "sm_90")
+    vsum = {e["chosen"]["S_ALIGNED"]: _reduce_layouts(e) for e in kernels
+            if e["kernel"] == "vsum_partials_kernel"}
+    assert set(vsum) == {True, False} and all(vsum.values())
+    updates = [e for e in kernels if e["kernel"] == "update_kernel"]
+    assert {e["variant"] for e in updates} == {"usual", "options", "unaligned"}
+    for e in updates:
+        ptx, label = e["asm"]["ptx"], (e["variant"], e["dtype"])
+        assert "div.full" not in ptx and "sqrt.approx" not in ptx, label
+        if e["chosen"]["CLIP"]:
+            assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx, label
+        assert _reduce_layouts(e) == vsum[e["chosen"]["S_ALIGNED"]], label
