@@ -8,6 +8,7 @@
   vector accesses as wide as its layout allows; IEEE division and square roots; update and
   sum_v reduce the chunk sums of v in one register layout (so sum_v restores update's sums
   bitwise).
+- bench/results/cuda-resources.md is what `python -m bench.cuda_resources` writes now.
 
 Without a CUDA build the CUDA checks skip. A missing tool or Triton backend skips too,
 except in CI (CI=true) with the CUDA build, where a missing tool, or Triton failing to
@@ -24,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from adai_kernels import _native
-from bench import cubin, triton_aot
+from bench import cubin, cuda_resources, triton_aot
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "bench" / "results" / "cuda-resources.md"
 CUDA_DTYPES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2}  # -> bytes per element
 TRITON_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -164,7 +166,9 @@ def test_triton_update_uses_vector_accesses(aot, target):
         want = Counter({("ld", param): 2 * per_thread, ("st", param): per_thread})
         want += Counter({("ld", state): 3 * per_thread, ("st", state): 3 * per_thread})
         have = _vector_accesses(e)
-        assert all(have[k] >= n for k, n in want.items()), (e["variant"], e["dtype"], have)
+        assert all(have[k] >= n for k, n in want.items()), (
+            f"{e['variant']} {e['dtype']}: (op, bytes) of vector accesses {dict(have)}, want "
+            f"at least {dict(want)}")
 
 
 def _reduce_layouts(entry: dict) -> list[str]:
@@ -193,3 +197,18 @@ def test_triton_update_math_and_reductions_on_sm90(aot):
         if e["chosen"]["CLIP"]:
             assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx, label
         assert _reduce_layouts(e) == vsum[e["chosen"]["S_ALIGNED"]], label
+
+
+# ---- the committed table ------------------------------------------------------------------
+
+
+def test_resource_table_is_up_to_date(so, aot):
+    for target in ("sm_80", "sm_90"):
+        _target(aot, target)
+    committed = TABLE.read_text()
+    other = [line for line in cuda_resources.toolchain_lines(so, aot) if line not in committed]
+    if other:
+        pytest.skip(f"{TABLE.name} was made by other compilers than these: {other}")
+    assert cuda_resources.markdown(so, aot) == committed, (
+        f"{TABLE.relative_to(ROOT)} is out of date: run python -m bench.cuda_resources --out "
+        f"{TABLE.relative_to(ROOT)}")
