@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,9 @@ def main(argv=None) -> int:
         try:
             results[target] = compile_target(target)
         except Exception as e:  # reported per target: the others still compile
-            results[target] = {"error": f"{type(e).__name__}: {str(e).strip()[:2000]}"}
+            first = (str(e).strip().splitlines() or [""])[0]
+            results[target] = {"error": f"{type(e).__name__}: {first}",
+                               "log": traceback.format_exc()}
     Path(args.out).write_text(json.dumps(results))
     return 0
 
