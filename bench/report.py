@@ -11,7 +11,13 @@ from dataclasses import asdict
 
 import torch
 
+from .contenders import bytes_per_element
 from .runners import FUSED_ADAM, PYPI_ADAI, Row
+
+# The bandwidth of the roofline model of GPU reports: the H200's HBM3e, NVIDIA's nominal
+# figure (a measured copy reaches less).
+ROOFLINE_GBPS = 4800.0
+ROOFLINE_WHAT = "H200 HBM3e, 4.8 TB/s nominal"
 
 
 def _git(*args: str) -> str | None:
@@ -149,6 +155,24 @@ def headline(rows: list[Row], ours: str, device_type: str) -> list[str]:
     return out
 
 
+def roofline(cases) -> list[str]:
+    """A model, not a measurement: the time of a step that moves exactly the spec's minimal
+    bytes per element at ROOFLINE_GBPS (Adai with fp32 states; fused Adam with its states
+    in the parameter dtype, as torch keeps them)."""
+    lines = ["## Roofline model (a prediction, not a measurement)", "",
+             f"time = bytes per element x elements / bandwidth, at {ROOFLINE_WHAT}, with the "
+             f"spec's minimal bytes per element.", "",
+             "| case | elements | Adai B/elem | Adai model ms | fused Adam B/elem "
+             "| fused Adam model ms |", "|---|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        adai = bytes_per_element("adai", c.dtype, torch.float32)
+        adam = bytes_per_element("adam", c.dtype, c.dtype)
+        ms = [c.numel * b / (ROOFLINE_GBPS * 1e9) * 1e3 for b in (adai, adam)]
+        lines.append(f"| {c.name} | {c.numel:,} | {adai} | {ms[0]:.3g} | {adam} | "
+                     f"{ms[1]:.3g} |")
+    return lines + [""]
+
+
 def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, str],
              ours: str) -> str:
     dev = meta["device_type"]
@@ -175,6 +199,8 @@ def markdown(meta: dict, bw: dict, cases, rows: list[Row], skipped: dict[str, st
     head = headline(rows, ours, dev)
     if head:
         lines += ["## Headline", ""] + head + [""]
+    if dev == "cuda":
+        lines += roofline(cases)
     lines += ["## Results", "",
               "Median time of one `opt.step()` (each step timed alone, contenders interleaved "
               "round-robin). GB/s = elements x minimal bytes per element (B/elem) / median "

@@ -65,6 +65,21 @@ def test_byte_counts():
     assert bytes_per_element("adam", bf16, bf16) == 14
 
 
+def test_roofline_of_gpu_profiles():
+    """GPU reports model each case's step at the nominal bandwidth, labelled as a model."""
+    from bench import profiles, report
+
+    cases = profiles.build(profiles.DEFAULT_PROFILES, "cuda", False)
+    lines = report.roofline(cases)
+    assert "not a measurement" in lines[0] and "4.8 TB/s nominal" in lines[2]
+    cells = [[x.strip() for x in line.strip("|").split("|")] for line in lines[6:-1]]
+    rows = {row[0]: row[1:] for row in cells}
+    assert set(rows) == {c.name for c in cases}
+    # ResNet-50: 25,557,032 elements x 40 B / 4.8 TB/s; bf16 params: 32 B (Adam 14 B)
+    assert rows["resnet50/fp32"] == ["25,557,032", "40", "0.213", "28", "0.149"]
+    assert rows["resnet50/bf16"][1:] == ["32", "0.17", "14", "0.0745"]
+
+
 def test_resnet50_shapes():
     import math
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import cubin
+
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("stats", "update", "sum_v")
 
@@ -168,22 +170,15 @@ def _fatbin_archs(blob: bytes) -> set[tuple[str, int]]:
     return out
 
 
-def _cuobjdump() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and os.access(os.path.join(home, "bin", "cuobjdump"), os.X_OK):
-            return os.path.join(home, "bin", "cuobjdump")
-    return shutil.which("cuobjdump")
-
-
 @needs_cuda_build
 def test_cubins_for_sm80_and_sm90():
     so = Path(_C.__file__)
-    tool = _cuobjdump()
+    tool = cubin.find_tool("cuobjdump")
     if tool is not None:
         out = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True,
                              check=True).stdout
         archs = {int(a) for a in re.findall(r"sm_(\d+)", out)}
-    else:  # this toolkit has no cuobjdump: read the fat binary headers ourselves
+    else:  # no cuobjdump anywhere: read the fat binary headers ourselves
         section = _elf_section(so.read_bytes(), ".nv_fatbin")
         assert section is not None, f"{so} has no .nv_fatbin section"
         archs = {arch for kind, arch in _fatbin_archs(section) if kind == "elf"}

@@ -572,6 +572,54 @@ def test_layouts_step_alike():
     assert_bitwise(snaps[0], snaps[2])
 
 
+def _triton_type(x) -> str:
+    """The type Triton's JIT gives a launch argument (its signature string)."""
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float64: "fp64",
+                      torch.int64: "i64"}[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i32" if -2**31 <= x < 2**31 else "i64"
+    return "fp32" if isinstance(x, float) else type(x).__name__
+
+
+def test_launches_follow_launch_specs(monkeypatch):
+    """Every kernel is launched with the argument types and constexprs of launch_specs, the
+    table the kernels are compiled from ahead of time (tests/test_compiled_kernels.py)."""
+    K = triton_backend._state["kernels"]
+    specs = triton_backend._state["specs"]
+    seen = []
+
+    class Recording:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, args, kwargs))
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for name in specs:
+        monkeypatch.setattr(K, name, Recording(name, getattr(K, name)))
+    bk = Bucket(torch.bfloat16, seed=3)
+    for extras in (dict(), dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
+                               lr_tensor=torch.tensor(0.1), max_norm=1.0,
+                               skip_nonfinite=True)):
+        grads = bk.grads()
+        stats = run_stats(bk, grads, 0.99, 0.1, grad_scale=extras.get("grad_scale"))
+        run_update(bk, grads, stats, hyper("coupled", 0.5), **extras)
+    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    assert {name for name, _, _ in seen} == set(specs)
+    for name, args, kwargs in seen:
+        spec = specs[name]
+        assert [_triton_type(a) for a in args] == list(spec.signature.values()), name
+        chosen = {k: v for k, v in kwargs.items() if k not in spec.fixed and k != "num_warps"}
+        assert chosen.keys() == spec.choices.keys(), name
+        assert all(v in spec.choices[k] for k, v in chosen.items()), (name, chosen)
+
+
 def _launch_flags(monkeypatch):
     """Record the constexpr alignment flags of every element-wise launch."""
     K = triton_backend._state["kernels"]
@@ -935,85 +983,6 @@ def test_import_is_lazy_and_cpu_needs_the_interpreter():
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "Triton needs a GPU; CPU tensors run only under TRITON_INTERPRET=1" in res.stdout
-
-
-_XCOMPILE = r"""
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from adai_kernels.backends import triton_kernels as K
-
-F = ("lr beta0 beta2 one_minus_beta2 beta1_max l2 lr_wd dampening exponent mhat_scale").split()
-TYPES = dict(meta="*i64", stats="*fp64", partials="*fp64", contrib="*fp64", x="*fp64",
-             out="*fp64", gs_ptr="*fp32", fi_ptr="*fp32", lr_ptr="*fp32", n_rows="i32",
-             P="i32", T="i32", n="i32", out_stride="i32", **{f: "fp32" for f in F})
-EL = dict(BLOCK=K.BLOCK, VEC=K.VEC)
-FLAGS = ("HAS_SCALE", "HAS_FOUND_INF", "HAS_LR", "CLIP", "SKIP_NONFINITE")
-
-
-def compile(fn, **constexprs):
-    sig = {a: "constexpr" if a in constexprs else TYPES[a] for a in fn.arg_names}
-    try:
-        return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=K.NUM_WARPS))
-    except Exception as e:
-        if "ptxas" in str(e).lower():
-            print("no ptxas:", e)
-            sys.exit(3)
-        raise
-
-
-def reduce_layouts(k):
-    ttgir = k.asm["ttgir"]
-    spt = dict(re.findall(r"^(#blocked\d*) = #ttg.blocked<\{sizePerThread = \[(\d+)\]", ttgir,
-                          re.M))
-    return [spt[m] for m in re.findall(
-        r'"tt.reduce"\(%[\w.]+\).*?\}\) : \(tensor<1024xf32, (#blocked\d*)>\)', ttgir, re.S)]
-
-
-for s_al in (True, False):
-    vsum = reduce_layouts(compile(K.vsum_partials_kernel, S_ALIGNED=s_al, **EL))
-    cases = [(K.F32, True, False), (K.F16, True, True), (K.BF16, True, False),
-             (K.BF16, False, True)] if s_al else [(K.BF16, True, True)]
-    for code, v1, flags in cases:
-        k = compile(K.update_kernel, CODE=code, ADAI_V1=v1, HAS_L2=flags, P_ALIGNED=s_al,
-                    S_ALIGNED=s_al, **{f: flags for f in FLAGS}, **EL)
-        assert reduce_layouts(k) == vsum, (code, v1, s_al, reduce_layouts(k), vsum)
-        ptx = k.asm["ptx"]
-        if s_al:
-            assert "ld.global.v4.b32" in ptx, "no vector loads"
-        assert "div.full" not in ptx and "sqrt.approx" not in ptx
-        if flags:  # the clip coefficient in IEEE float64
-            assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx
-for flags in (True, False):
-    compile(K.stats_partials_kernel, CODE=K.BF16, HAS_SCALE=flags, HAS_L2=flags,
-            P_ALIGNED=True, **EL)
-    compile(K.stats_finalize_kernel, HAS_L2=flags, FB=K.FBLOCK)
-    compile(K.update_finalize_kernel, HAS_FOUND_INF=flags, CLIP=flags,
-            SKIP_NONFINITE=flags, FB=K.FBLOCK)
-compile(K.row_sum_kernel, FB=K.FBLOCK)
-compile(K.vsum_finalize_kernel, FB=K.FBLOCK)
-print("ok")
-"""
-
-
-def test_kernels_compile_for_sm90(tmp_path):
-    """The GPU path, without a GPU: every kernel compiles to sm_90 PTX (fp64 exp and sqrt,
-    pointer tables, bit casts, div_rn, the device-side skip branch...), aligned chunks use
-    vector accesses, and update's chunk sums of v reduce in the same register layout as
-    sum_v's (so they are bitwise equal)."""
-    from triton.backends import backends as triton_backends
-    if "nvidia" not in triton_backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    res = subprocess.run([sys.executable, "-c", _XCOMPILE], env=env, capture_output=True,
-                         text=True, timeout=600)
-    if res.returncode == 3:
-        pytest.skip(res.stdout.strip())
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.strip().endswith("ok")
 
 
 def test_optimizer_matches_reference_backend():

@@ -27,6 +27,7 @@ import operator
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from functools import reduce
 from itertools import accumulate, islice
 from typing import Optional
@@ -39,7 +40,8 @@ from .base import STATS_COLUMNS, OpsBackend
 NAMESPACE = "adai_triton"
 
 _lock = threading.Lock()
-_state: dict = {"done": False, "reason": None, "interpret": False, "kernels": None}
+_state: dict = {"done": False, "reason": None, "interpret": False, "kernels": None,
+                "specs": None}
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -321,6 +323,71 @@ def _slot_columns(steps, v_sums, slots):
     return [k0 + 4 * s for s in slots], [s0 + 8 * s for s in slots]
 
 
+# --------------------------------------------------------------------------- launches
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How the op bodies below launch one kernel of triton_kernels: the Triton type of each
+    runtime argument as they pass it (absent optional tensors are stood in for by a float32
+    tensor that is never read, so the types do not depend on the flags), the constexprs and
+    num_warps of every launch, and the constexprs a launch chooses with the values each can
+    take (the usual one first)."""
+    signature: dict
+    fixed: dict
+    num_warps: int
+    choices: dict
+
+
+def _signature(text: str) -> dict:
+    """{name: type} from "name:type ...", in argument order."""
+    return dict(item.split(":") for item in text.split())
+
+
+def launch_specs(K) -> dict:
+    """The launches of the kernels module K (triton_kernels), by kernel name. The op bodies
+    launch from this table, and bench/triton_aot.py compiles the kernels ahead of time from
+    it (tests/test_triton.py checks it against the arguments of real launches)."""
+    elementwise = dict(BLOCK=K.BLOCK, VEC=K.VEC)
+    finalize = dict(FB=K.FBLOCK)
+    flag = (False, True)
+    aligned = (True, False)
+    codes = tuple(_DTYPE_CODES.values())
+    scalars = " ".join(f"{f}:fp32" for f in ("lr beta0 beta2 one_minus_beta2 beta1_max l2 "
+                                             "lr_wd dampening exponent mhat_scale").split())
+    return {
+        "stats_partials_kernel": LaunchSpec(
+            _signature("meta:*i64 partials:*fp64 P:i32 T:i32 gs_ptr:*fp32 l2:fp32"),
+            elementwise, K.NUM_WARPS,
+            dict(CODE=codes, HAS_SCALE=flag, HAS_L2=flag, P_ALIGNED=aligned)),
+        "stats_finalize_kernel": LaunchSpec(
+            _signature("meta:*i64 partials:*fp64 P:i32 contrib:*fp64 T:i32"), finalize, 4,
+            dict(HAS_L2=flag)),
+        "row_sum_kernel": LaunchSpec(
+            _signature("contrib:*fp64 T:i32 out:*fp64 out_stride:i32"), finalize, 4, {}),
+        "update_kernel": LaunchSpec(
+            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 T:i32 gs_ptr:*fp32 "
+                       "fi_ptr:*fp32 lr_ptr:*fp32 " + scalars),
+            elementwise, K.NUM_WARPS,
+            dict(CODE=codes, ADAI_V1=(True, False), HAS_L2=flag, P_ALIGNED=aligned,
+                 S_ALIGNED=aligned, HAS_SCALE=flag, HAS_FOUND_INF=flag, HAS_LR=flag,
+                 CLIP=flag, SKIP_NONFINITE=flag)),
+        "update_finalize_kernel": LaunchSpec(
+            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 T:i32 fi_ptr:*fp32"),
+            finalize, 4, dict(HAS_FOUND_INF=flag, CLIP=flag, SKIP_NONFINITE=flag)),
+        "vsum_partials_kernel": LaunchSpec(
+            _signature("meta:*i64 partials:*fp64 T:i32"), elementwise, K.NUM_WARPS,
+            dict(S_ALIGNED=aligned)),
+        "vsum_finalize_kernel": LaunchSpec(
+            _signature("meta:*i64 partials:*fp64 T:i32"), finalize, 4, {}),
+    }
+
+
+def _launch(name: str, grid: tuple, *args, **chosen) -> None:
+    """Kernel `name` on `grid` with its launch_specs constexprs and num_warps."""
+    spec = _state["specs"][name]
+    getattr(_state["kernels"], name)[grid](*args, **spec.fixed, **chosen,
+                                           num_warps=spec.num_warps)
+
+
 # --------------------------------------------------------------------------- op bodies
 def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
     K = _state["kernels"]
@@ -352,13 +419,11 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
     with _on(device):
         if n_chunks:
             aligned = _aligned(g_col, numels) and (not has_l2 or _aligned(p_col, numels))
-            K.stats_partials_kernel[(n_chunks,)](
-                meta, partials, P, n, grad_scale if has_scale else partials, l2f,
-                CODE=_DTYPE_CODES[dtype], HAS_SCALE=has_scale, HAS_L2=has_l2,
-                P_ALIGNED=aligned, BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
-        K.stats_finalize_kernel[(n,)](meta, partials, P, contrib, n, HAS_L2=has_l2,
-                                      FB=K.FBLOCK, num_warps=4)
-        K.row_sum_kernel[(1,)](contrib, n, out, out.stride(0), FB=K.FBLOCK, num_warps=4)
+            _launch("stats_partials_kernel", (n_chunks,), meta, partials, P, n,
+                    grad_scale if has_scale else steps, l2f, CODE=_DTYPE_CODES[dtype],
+                    HAS_SCALE=has_scale, HAS_L2=has_l2, P_ALIGNED=aligned)
+        _launch("stats_finalize_kernel", (n,), meta, partials, P, contrib, n, HAS_L2=has_l2)
+        _launch("row_sum_kernel", (1,), contrib, n, out, out.stride(0))
 
 
 def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
@@ -396,7 +461,7 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     flags = dict(HAS_FOUND_INF=found_inf is not None, CLIP=clip,
                  SKIP_NONFINITE=bool(skip_nonfinite))
-    fi_ptr = found_inf if found_inf is not None else stats
+    fi_ptr = found_inf if found_inf is not None else steps
     with _on(device):
         if n_chunks:
             # adai_math.h::make_consts: computed in double, rounded to float
@@ -406,10 +471,10 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
             # layout as sum_v's (which sees the states only).
             s_aligned = _states_aligned(bases, offsets, numels)
             p_aligned = s_aligned and _aligned(p_col, numels) and _aligned(g_col, numels)
-            K.update_kernel[(n_chunks,)](
-                meta, stats, stats.size(0), partials, n,
-                grad_scale if grad_scale is not None else stats, fi_ptr,
-                lr_tensor if lr_tensor is not None else stats,
+            _launch(
+                "update_kernel", (n_chunks,), meta, stats, stats.size(0), partials, n,
+                grad_scale if grad_scale is not None else steps, fi_ptr,
+                lr_tensor if lr_tensor is not None else steps,
                 _f32(lr), _f32(beta0), _f32(beta2), _f32(1.0 - beta2), _f32(1.0 - eps),
                 0.0 if decoupled else _f32(weight_decay),
                 _f32(lr * weight_decay) if decoupled else 0.0,
@@ -417,10 +482,9 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                 CODE=_DTYPE_CODES[dtype], ADAI_V1=(d == 1.0),
                 HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
                 S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
-                HAS_LR=lr_tensor is not None, **flags,
-                BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
-        K.update_finalize_kernel[(n,)](meta, stats, stats.size(0), partials, n, fi_ptr,
-                                       **flags, FB=K.FBLOCK, num_warps=4)
+                HAS_LR=lr_tensor is not None, **flags)
+        _launch("update_finalize_kernel", (n,), meta, stats, stats.size(0), partials, n,
+                fi_ptr, **flags)
 
 
 def _sum_v_impl(exp_avg_sq, segments, v_sums):
@@ -443,10 +507,9 @@ def _sum_v_impl(exp_avg_sq, segments, v_sums):
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
-            K.vsum_partials_kernel[(n_chunks,)](
-                meta, partials, n, S_ALIGNED=_states_aligned((base,), offsets, numels),
-                BLOCK=K.BLOCK, VEC=K.VEC, num_warps=K.NUM_WARPS)
-        K.vsum_finalize_kernel[(n,)](meta, partials, n, FB=K.FBLOCK, num_warps=4)
+            _launch("vsum_partials_kernel", (n_chunks,), meta, partials, n,
+                    S_ALIGNED=_states_aligned((base,), offsets, numels))
+        _launch("vsum_finalize_kernel", (n,), meta, partials, n)
 
 
 # --------------------------------------------------------------------------- registration
@@ -513,6 +576,7 @@ def load() -> str | None:
                 from . import triton_kernels
                 _register()
                 _state["kernels"] = triton_kernels
+                _state["specs"] = launch_specs(triton_kernels)
                 _state["interpret"] = _interpreting(triton_kernels)
             except Exception as e:
                 reason = f"the Triton kernels failed to load: {type(e).__name__}: {e}"

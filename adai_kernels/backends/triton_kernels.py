@@ -25,7 +25,7 @@ mask would defeat vector accesses); a tensor's last chunk runs masked. Pointers 
 the buckets' aligned states every access of `update` and `sum_v` gets the same register
 layout (VEC elements per thread), hence the same reduction order for the chunk sums of v, and
 a checkpoint restored through `sum_v` continues bitwise (checked in the compiled TTGIR for
-sm_90 by tests/test_triton.py).
+sm_90 by tests/test_compiled_kernels.py).
 
 `stats` writes per chunk fp32 sums of g^2 (and, with L2, of (g + l2 theta)^2, g theta and
 theta^2) as float64 partials, one program per tensor turns them into the tensor's share of
