@@ -51,7 +51,7 @@ class Bucket:
         self.size = 0
         f32 = dict(dtype=torch.float32, device=device)
         self.buffers = {k: torch.empty(0, **f32) for k in self.STATE_KEYS}
-        self.steps = torch.empty(0, **f32)
+        self.steps = torch.empty(0, dtype=torch.float64, device=device)  # exact to 2^53
         self.v_sums = torch.empty(0, dtype=torch.float64, device=device)
         self.views: list[dict[str, torch.Tensor]] = []
 
@@ -77,7 +77,7 @@ class Bucket:
             buf = torch.empty(size, dtype=torch.float32, device=self.device)
             buf[: old.numel()].copy_(old)
             new_buffers[key] = buf
-        steps = torch.zeros(n_new, dtype=torch.float32, device=self.device)
+        steps = torch.zeros(n_new, dtype=torch.float64, device=self.device)
         steps[:n_old].copy_(self.steps)
         v_sums = torch.zeros(n_new, dtype=torch.float64, device=self.device)
         v_sums[:n_old].copy_(self.v_sums)

@@ -44,19 +44,24 @@ def _check_flat(op: str, name: str, t, dtype: torch.dtype, device) -> None:
 
 
 def _check_slots(op: str, steps, v_sums, device) -> None:
-    _check_flat(op, "steps", steps, torch.float32, device)
+    _check_flat(op, "steps", steps, torch.float64, device)
     _check_flat(op, "v_sums", v_sums, torch.float64, device)
     torch._check(steps.shape[0] == v_sums.shape[0],
                  lambda: f"{op}: `steps` has {steps.shape[0]} slots but `v_sums` has "
                          f"{v_sums.shape[0]}")
 
 
-def _check_control(op: str, name: str, t) -> None:
-    """An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor)."""
-    if t is not None:
-        torch._check(t.dim() == 0 and t.dtype == torch.float32,
-                     lambda: f"{op}: `{name}` must be a 0-dim float32 tensor, got {t.dtype} "
-                             f"of shape {tuple(t.shape)}")
+def check_control(op: str, name: str, t, device) -> None:
+    """An optional control tensor (grad_scale, found_inf, lr_tensor): float32 with one
+    element, 0-dim or of shape (1,), on `device`. The rule of csrc/op_checks.h's
+    check_control, for the fake kernels and the Triton ops."""
+    if t is None:
+        return
+    torch._check(t.dtype == torch.float32 and t.dim() <= 1 and t.numel() == 1,
+                 lambda: f"{op}: `{name}` must be a float32 tensor of one element (shape () "
+                         f"or (1,)), got {t.dtype} of shape {tuple(t.shape)}")
+    torch._check(t.device == device,
+                 lambda: f"{op}: `{name}` is on {t.device} but the op runs on {device}")
 
 
 def kernels(namespace: str) -> dict:
@@ -67,7 +72,7 @@ def kernels(namespace: str) -> dict:
         _check_grads(op, params, grads)
         _check_segments(op, segments, len(params))
         _check_slots(op, steps, v_sums, out.device)
-        _check_control(op, "grad_scale", grad_scale)
+        check_control(op, "grad_scale", grad_scale, out.device)
         torch._check(out.dim() == 1 and out.shape[0] == STATS_COLUMNS
                      and out.dtype == torch.float64,
                      lambda: f"{op}: `out` must be a 1-D float64 tensor of {STATS_COLUMNS} "
@@ -94,7 +99,7 @@ def kernels(namespace: str) -> dict:
                              f"{tuple(stats.shape)}")
         for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
                         ("lr_tensor", lr_tensor)):
-            _check_control(op, name, t)
+            check_control(op, name, t, stats.device)
         return None
 
     def sum_v(exp_avg_sq, segments, v_sums):

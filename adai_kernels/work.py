@@ -22,7 +22,7 @@ class Work:
 
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
     non-overlapping and dense; states are float32 views with the same shape and strides;
-    `steps[i]` is a 0-dim float32 view, `v_sums[i]` a 0-dim float64 view. The same state as
+    `steps[i]` and `v_sums[i]` are 0-dim float64 views. The same state as
     the compiled ops take it: `bucket`'s flat buffers and `segments` (csrc/op_schemas.h).
     """
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "adai_math.h"
@@ -66,10 +67,11 @@ inline void check_flat(const char* op, const char* name, const at::Tensor& t,
               " but the op runs on ", device);
 }
 
-// steps (float32) and v_sums (float64): one slot per tensor of the bucket.
+// steps and v_sums (float64): one slot per tensor of the bucket. The step counters are
+// float64 so that they stay exact (2^53; float32 stops counting at 2^24 steps).
 inline void check_slots(const char* op, const at::Tensor& steps, const at::Tensor& v_sums,
                         const at::Device& device) {
-  check_flat(op, "steps", steps, at::kFloat, device);
+  check_flat(op, "steps", steps, at::kDouble, device);
   check_flat(op, "v_sums", v_sums, at::kDouble, device);
   TORCH_CHECK(steps.numel() == v_sums.numel(), op, ": `steps` has ", steps.numel(),
               " slots but `v_sums` has ", v_sums.numel());
@@ -109,6 +111,20 @@ inline void check_segment(const char* op, size_t i, const int64_t* row, int64_t 
   TORCH_CHECK(!seen[slot], op, ": segments[", i, "] uses slot ", slot,
               ", which an earlier tensor of this call uses");
   seen[slot] = 1;
+}
+
+// An optional control tensor (grad_scale, found_inf, lr_tensor): float32 with one element,
+// 0-dim or of shape (1,) (GradScaler's scale and found_inf come either way), on `device`.
+// Returns whether it is given.
+inline bool check_control(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                          const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->dim() <= 1, op, ": `",
+              name, "` must be a float32 tensor of one element (shape () or (1,)), got ",
+              t->scalar_type(), " of shape ", t->sizes());
+  TORCH_CHECK(t->device() == device, op, ": `", name, "` is on ", t->device(),
+              " but the op runs on ", device);
+  return true;
 }
 
 // No two non-empty segments overlap (a kernel writes each state element from one thread).

@@ -129,7 +129,7 @@ class Bucket:
             [(o, p.numel(), s) for o, p, s in zip(self.offsets, self.params, self.slots)],
             dtype=torch.int64).reshape(n, 3)
         self.m_buf, self.v_buf, self.b_buf = (torch.full((size,), GAP) for _ in range(3))
-        self.step_vec = torch.zeros(n, dtype=torch.float32)
+        self.step_vec = torch.zeros(n, dtype=F64)
         self.vsum_vec = torch.zeros(n, dtype=F64)
         self.exp_avg, self.exp_avg_sq, self.beta1_prod = (
             [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(self.params, self.offsets)]

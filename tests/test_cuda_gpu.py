@@ -147,7 +147,7 @@ class Bucket:
         self.exp_avg, self.m = buffer(0.0)
         self.exp_avg_sq, self.v = buffer(0.0)
         self.beta1_prod, self.b = buffer(1.0)
-        self.steps_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float32,
+        self.steps_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
                                     device=DEVICE)
         self.vsum_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
                                    device=DEVICE)
@@ -492,6 +492,45 @@ def test_lr_tensor_is_read_on_the_device(hyper):
         assert same_bits(x, y), f"output tensor {i}"
 
 
+@pytest.mark.parametrize("start", [2.0**24, 2.0**31 - 1, 2.0**40], ids=["2^24", "2^31-1", "2^40"])
+def test_step_counters_are_exact_far_past_float32(start):
+    """Step counters are float64: stats increments them exactly past 2^24 (where a float32
+    counter stops) and 2^31, the step is the oracle's (bc2 = 1 - beta2^k in double), and a
+    skipped update takes the increment back exactly."""
+    hp = dict(HYPER["coupled"], lr=1e-2)
+    bk, gen = make_bucket(torch.float32, seed=23, shapes=SHAPES[:4] + SHAPES[11:13])
+    bk.steps_vec[bk._slot_index()] = start
+    grads = make_grads(bk.params, gen)
+    snap = bk.snapshot()
+    stats = op_step(bk, grads, hp)
+    check_against_oracle(bk, [g.clone() for g in grads], grads, stats,
+                         oracle_step(snap, grads, hp), f"from step {start}")
+    assert bk.step_list() == [start + 1] * len(bk.params)
+    snap = bk.snapshot()
+    op_step(bk, make_grads(bk.params, gen), hp, found_inf=scalar(1.0))
+    assert_unchanged(bk, snap, f"skipped at step {start + 1}")
+
+
+def test_control_tensors_of_shape_1():
+    """grad_scale, found_inf and lr_tensor of shape (1,) (as GradScaler may hold them) step
+    bitwise like 0-dim ones (one rule: csrc/op_checks.h, check_control)."""
+    hp = dict(HYPER["coupled"], lr=2.0**-7)
+    results = []
+    for shape in ((), (1,)):
+        bk, gen = make_bucket(torch.float32, seed=24, shapes=SHAPES[:6])
+
+        def full(x):
+            return torch.full(shape, x, dtype=torch.float32, device=DEVICE)
+
+        for _ in range(2):
+            grads = [g * 64 for g in make_grads(bk.params, gen)]
+            op_step(bk, grads, hp, grad_scale=full(64.0), found_inf=full(0.0),
+                    lr_tensor=full(hp["lr"]))
+        results.append(bk.tensors())
+    for i, (x, y) in enumerate(zip(*results)):
+        assert same_bits(x, y), f"output tensor {i}"
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's elements as integers (NaN-safe bitwise comparison)."""
     return t.contiguous().view(-1).view({2: torch.int16, 4: torch.int32,
@@ -708,7 +747,7 @@ def test_empty_lists():
     for length, n_slots in ((0, 0), (40, 3)):
         bufs = [torch.full((length,), x, dtype=torch.float32, device=DEVICE)
                 for x in (1.0, 2.0, 3.0)]
-        steps = torch.full((n_slots,), 5.0, dtype=torch.float32, device=DEVICE)
+        steps = torch.full((n_slots,), 5.0, dtype=torch.float64, device=DEVICE)
         v_sums = torch.full((n_slots,), 6.0, dtype=torch.float64, device=DEVICE)
         before = [t.clone() for t in (*bufs, steps, v_sums)]
         out = torch.full((COLUMNS,), float("nan"), dtype=torch.float64, device=DEVICE)
@@ -789,7 +828,7 @@ def _valid_call():
         params=p, grads=[torch.zeros_like(x) for x in p],
         segments=torch.tensor([[0, 4, 2], [16, 3, 0], [2, 0, 1]], dtype=torch.int64),
         bufs=[torch.zeros(19, device=DEVICE) for _ in range(3)],
-        steps=torch.zeros(3, device=DEVICE),
+        steps=torch.zeros(3, dtype=torch.float64, device=DEVICE),
         v_sums=torch.zeros(3, dtype=torch.float64, device=DEVICE),
         out=torch.zeros(COLUMNS, dtype=torch.float64, device=DEVICE),
         stats=torch.zeros(1, COLUMNS, dtype=torch.float64, device=DEVICE),
@@ -872,13 +911,14 @@ STATE_CASES = {
         r"`beta1_prod` must be a contiguous 1-D Float tensor"),
     "lengths": ("update", lambda a: dict(bufs=[a["bufs"][0], a["bufs"][1][:18], a["bufs"][2]]),
                 r"`exp_avg_sq` has 18 elements but `exp_avg` has 19"),
-    "steps_dtype": ("stats update", lambda a: dict(steps=a["steps"].double()),
-                    r"`steps` must be a contiguous 1-D Float tensor"),
+    "steps_dtype": ("stats update", lambda a: dict(steps=a["steps"].float()),
+                    r"`steps` must be a contiguous 1-D Double tensor"),
     "steps_0d": ("stats update", lambda a: dict(steps=a["steps"][0]),
-                 r"`steps` must be a contiguous 1-D Float tensor"),
+                 r"`steps` must be a contiguous 1-D Double tensor"),
     "v_sums_dtype": ("stats update sum_v", lambda a: dict(v_sums=a["v_sums"].float()),
                      r"`v_sums` must be a contiguous 1-D Double tensor"),
-    "slot_counts": ("stats update", lambda a: dict(steps=torch.zeros(4, device=DEVICE)),
+    "slot_counts": ("stats update", lambda a: dict(steps=torch.zeros(4, dtype=torch.float64,
+                                                                      device=DEVICE)),
                     r"`steps` has 4 slots but `v_sums` has 3"),
 }
 
@@ -911,7 +951,7 @@ def test_validation_messages():
     p = torch.zeros(4, device=DEVICE)
     g = torch.zeros(4, device=DEVICE)
     segs = _segs([0, 4, 0])
-    steps = torch.zeros(1, device=DEVICE)
+    steps = torch.zeros(1, dtype=torch.float64, device=DEVICE)
     vs = torch.zeros(1, dtype=torch.float64, device=DEVICE)
     out = torch.zeros(COLUMNS, dtype=torch.float64, device=DEVICE)
     one = scalar(1.0)
@@ -944,9 +984,9 @@ def test_validation_messages():
         st(out=out[:6])
     with pytest.raises(RuntimeError, match="`out` must be a 1-D float64 tensor of 7"):
         st(out=vs[0])
-    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+    with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one"):
         st(grad_scale=vs[0])
-    with pytest.raises(RuntimeError, match="grad_scale is on cpu"):
+    with pytest.raises(RuntimeError, match="grad_scale` is on cpu"):
         st(grad_scale=one.cpu())
     with pytest.raises(RuntimeError, match="non-overlapping and dense"):
         q = torch.zeros(8, device=DEVICE)[::2]
@@ -976,13 +1016,13 @@ def test_validation_messages():
         up(stats=stats[0])
     with pytest.raises(RuntimeError, match="`stats` must be a 2-D float64 tensor with 7"):
         up(stats=stats[:, :6])
-    with pytest.raises(RuntimeError, match="found_inf must be a 0-dim float32"):
+    with pytest.raises(RuntimeError, match="found_inf` must be a float32 tensor of one"):
         up(found_inf=torch.ones(2, device=DEVICE))
-    with pytest.raises(RuntimeError, match="found_inf is on cpu"):
+    with pytest.raises(RuntimeError, match="found_inf` is on cpu"):
         up(found_inf=one.cpu())
-    with pytest.raises(RuntimeError, match="lr_tensor must be a 0-dim float32"):
+    with pytest.raises(RuntimeError, match="lr_tensor` must be a float32 tensor of one"):
         up(lr_tensor=vs[0])
-    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+    with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one"):
         up(grad_scale=one.half())
     with pytest.raises(RuntimeError, match="`exp_avg_sq` must be a CUDA tensor"):
         ops.sum_v(bufs[1].cpu(), segs, vs)

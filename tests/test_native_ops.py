@@ -77,7 +77,7 @@ def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=N
         m.copy_(torch.randn_like(m) * 0.1)
         v.copy_(torch.rand_like(v) * 0.1)
         b.fill_(0.9)
-    step_vec = torch.ones(len(params), dtype=torch.float32)
+    step_vec = torch.ones(len(params), dtype=F64)
     vsum_vec = torch.zeros(len(params), dtype=F64)
     for (_, _, slot), v in zip(segments.tolist(), views(exp_avg_sq)):
         vsum_vec[slot] = v.double().sum()
@@ -152,8 +152,8 @@ def test_fake_kernels_check_inputs():
         with pytest.raises(Exception, match="`out` must be a 1-D float64 tensor of 7"):
             torch.ops.adai.stats(*bad)
         bad = list(fa)
-        bad[S_SCALE] = mode.from_tensor(torch.ones(1))
-        with pytest.raises(Exception, match="`grad_scale` must be a 0-dim float32"):
+        bad[S_SCALE] = mode.from_tensor(torch.ones(2))
+        with pytest.raises(Exception, match="`grad_scale` must be a float32 tensor of one"):
             torch.ops.adai.stats(*bad)
         for seg in (torch.zeros(5, 3, dtype=torch.int64), torch.zeros(6, 3, dtype=torch.int32),
                     torch.zeros(18, dtype=torch.int64)):
@@ -180,7 +180,7 @@ def test_fake_kernels_check_inputs():
         for j, name in ((U_SCALE, "grad_scale"), (U_INF, "found_inf"), (U_LR, "lr_tensor")):
             bad = list(fu)
             bad[j] = mode.from_tensor(torch.zeros((), dtype=F64))
-            with pytest.raises(Exception, match=f"`{name}` must be a 0-dim float32"):
+            with pytest.raises(Exception, match=f"`{name}` must be a float32 tensor of one"):
                 torch.ops.adai.update(*bad)
         with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
             torch.ops.adai.sum_v(fu[U_V], mode.from_tensor(torch.zeros(6, 2, dtype=torch.int64)),
@@ -270,10 +270,10 @@ def test_stats_validation():
     for match, seg in _segment_cases(segments, [p.numel() for p in params], None, 6):
         _expect(match, st, *_with(args, {S_SEG: seg}))
     # steps and v_sums: flat, of their dtype, one length
-    _expect("`steps` must be a contiguous 1-D Float tensor", st,
+    _expect("`steps` must be a contiguous 1-D Double tensor", st,
             *_with(args, {S_STEPS: steps.reshape(2, 3)}))
-    _expect("`steps` must be a contiguous 1-D Float tensor", st,
-            *_with(args, {S_STEPS: steps.double()}))
+    _expect("`steps` must be a contiguous 1-D Double tensor", st,
+            *_with(args, {S_STEPS: steps.float()}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
             *_with(args, {S_VSUMS: v_sums.float()}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
@@ -287,8 +287,8 @@ def test_stats_validation():
                     torch.zeros(1, COLS, dtype=F64)):
         _expect("`out` must be a 1-D float64 tensor of 7 elements", st,
                 *_with(args, {S_OUT: bad_out}))
-    for bad_scale in (torch.ones(1), torch.ones((), dtype=F64)):
-        _expect("`grad_scale` must be a 0-dim float32", st,
+    for bad_scale in (torch.ones(2), torch.ones(1, 1), torch.ones((), dtype=F64)):
+        _expect("`grad_scale` must be a float32 tensor of one element", st,
                 *_with(args, {S_SCALE: bad_scale}))
     # devices (the CPU kernel called directly)
     _expect_cpu(r"`segments` must be a contiguous int64 CPU tensor .* on meta", st,
@@ -298,7 +298,7 @@ def test_stats_validation():
     _expect_cpu("`v_sums` is on meta but the op runs on cpu", st,
                 _with(args, {S_VSUMS: v_sums.to("meta")}))
     # more slots than tensors (a subset of a bucket's tensors) is fine
-    torch.ops.adai.stats(*_with(args, {S_STEPS: torch.zeros(9),
+    torch.ops.adai.stats(*_with(args, {S_STEPS: torch.zeros(9, dtype=F64),
                                          S_VSUMS: torch.zeros(9, dtype=F64)}))
 
 
@@ -332,15 +332,16 @@ def test_update_validation():
             *_with(args, {U_VSUMS: args[U_VSUMS][:5]}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", up,
             *_with(args, {U_VSUMS: args[U_VSUMS].float()}))
-    _expect("`steps` must be a contiguous 1-D Float tensor", up,
-            *_with(args, {U_STEPS: args[U_STEPS].double()}))
+    _expect("`steps` must be a contiguous 1-D Double tensor", up,
+            *_with(args, {U_STEPS: args[U_STEPS].float()}))
     _expect_cpu("`steps` is on meta but the op runs on cpu", up,
                 _with(args, {U_STEPS: args[U_STEPS].to("meta")}))
     for bad in (args[U_STATS].float(), args[U_STATS][0], args[U_STATS][:, :6]):
         _expect("`stats` must be a 2-D float64 tensor with 7 columns", up,
                 *_with(args, {U_STATS: bad}))
     for j, name in ((U_SCALE, "grad_scale"), (U_INF, "found_inf"), (U_LR, "lr_tensor")):
-        _expect(f"`{name}` must be a 0-dim float32", up, *_with(args, {j: torch.ones(1)}))
+        _expect(f"`{name}` must be a float32 tensor of one element", up,
+                *_with(args, {j: torch.ones(2)}))
 
 
 def test_update_validation_writes_nothing():
@@ -449,16 +450,16 @@ def test_sum_v_validation():
 def test_empty_lists():
     seg0 = torch.zeros(0, 3, dtype=torch.int64)
     out = torch.full((COLS,), 7.0, dtype=F64)
-    torch.ops.adai.stats([], [], seg0, torch.zeros(0), torch.zeros(0, dtype=F64), None, 0.99,
-                         0.0, out)
+    torch.ops.adai.stats([], [], seg0, torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64),
+                         None, 0.99, 0.0, out)
     assert out.tolist() == [0.0] * COLS
     torch.ops.adai.update([], [], seg0, torch.zeros(0), torch.zeros(0), torch.zeros(0),
-                          torch.zeros(0, dtype=F64), torch.zeros(0),
+                          torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64),
                           torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
                           1e-3, 0.0, False, 1.0, 0.0, False)
     torch.ops.adai.sum_v(torch.zeros(0), seg0, torch.zeros(0, dtype=F64))
     # no tensors, but a bucket's buffers and slots: nothing is written
-    buf, steps, vs = torch.ones(32), torch.ones(2), torch.ones(2, dtype=F64)
+    buf, steps, vs = torch.ones(32), torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
     torch.ops.adai.sum_v(buf, seg0, vs)
     torch.ops.adai.update([], [], seg0, buf, buf.clone(), buf.clone(), vs, steps,
                           torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
@@ -473,7 +474,7 @@ def test_one_element_and_empty_tensors_at_buffer_ends():
     e = torch.zeros(0)
     seg = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.int64)
     m, v, b = torch.zeros(1), torch.zeros(1), torch.ones(1)
-    steps, vs = torch.zeros(2), torch.zeros(2, dtype=F64)
+    steps, vs = torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)
     row = torch.zeros(1, COLS, dtype=F64)
     torch.ops.adai.stats([p, e], [g, e], seg, steps, vs, None, 0.99, 0.0, row[0])
     torch.ops.adai.update([p, e], [g, e], seg, m, v, b, vs, steps, row, None, None, None, 0.1,
@@ -527,7 +528,7 @@ def _probe(env: dict) -> dict:
         "g = torch.Generator().manual_seed(0)\n"
         "p = torch.randn(1000, generator=g); gr = torch.randn(1000, generator=g)\n"
         "m, v, b = torch.zeros(1000), torch.zeros(1000), torch.ones(1000)\n"
-        "k = torch.zeros(1, dtype=torch.float32); vs = torch.zeros(1, dtype=torch.float64)\n"
+        "k = torch.zeros(1, dtype=torch.float64); vs = torch.zeros(1, dtype=torch.float64)\n"
         "seg = torch.tensor([[0, 1000, 0]])\n"
         "st = torch.zeros(1, 7, dtype=torch.float64)\n"
         "torch.ops.adai.stats([p], [gr], seg, k, vs, None, 0.99, 0.0, st[0])\n"

@@ -145,6 +145,24 @@ def test_save_load_continue_is_bitwise(backend):
                     assert torch.equal(opt.state[pa][key], opt2.state[pb][key])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_counter_exact_past_float32(backend):
+    """A checkpoint at step 2^31 - 1 (or 2^24, where a float32 counter stops) continues to
+    2^31 (2^24 + 1) exactly, as the authors' int step does, and a skipped step keeps it."""
+    for start in (2**24, 2**31 - 1):
+        p = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(0)))
+        opt = Adai([p], lr=0.1, backend=backend, skip_nonfinite=True)
+        state = {"step": start, "exp_avg": torch.zeros(5), "exp_avg_sq": torch.full((5,), 0.1),
+                 "beta1_prod": torch.full((5,), 0.5)}
+        opt.load_state_dict({"state": {0: state}, "param_groups": opt.state_dict()["param_groups"]})
+        p.grad = torch.ones(5)
+        opt.step()
+        assert opt.state_dict()["state"][0]["step"] == start + 1
+        p.grad = torch.full((5,), float("inf"))
+        opt.step()  # skipped
+        assert opt.state_dict()["state"][0]["step"] == start + 1
+
+
 def test_state_dict_is_authors_format():
     groups = make_groups()
     opt = Adai(groups, lr=1.0, backend="reference")

@@ -117,7 +117,7 @@ class Bucket:
         for k in self.STATES:
             setattr(self, k, [self.buf[k].as_strided(p.shape, p.stride(), o)
                               for p, o in zip(self.params, offsets)])
-        self.step_buf = torch.full((n_slots,), UNOWNED)
+        self.step_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
         self.vsum_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
         self.steps = [self.step_buf[s] for s in slots]
         self.v_sums = [self.vsum_buf[s] for s in slots]
@@ -728,7 +728,7 @@ def test_empty_lists(slots):
     """No tensors: empty buffers and slot vectors, or a bucket's whose tensors all sit out
     the step (nothing is written but the zero row)."""
     segs = torch.zeros(0, 3, dtype=torch.int64)
-    steps = torch.full((slots,), 2.0)
+    steps = torch.full((slots,), 2.0, dtype=torch.float64)
     v_sums = torch.full((slots,), 3.0, dtype=torch.float64)
     states = [torch.full((16 * slots,), 4.0) for _ in range(3)]
     out = torch.full((7,), 7.0, dtype=torch.float64)
@@ -737,7 +737,7 @@ def test_empty_lists(slots):
     ops.update([], [], segs, *states, v_sums, steps, torch.zeros(1, 7, dtype=torch.float64),
                None, None, None, 1.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
     ops.sum_v(states[1], segs, v_sums)
-    assert torch.equal(steps, torch.full((slots,), 2.0))
+    assert torch.equal(steps, torch.full((slots,), 2.0, dtype=torch.float64))
     assert torch.equal(v_sums, torch.full((slots,), 3.0, dtype=torch.float64))
     assert all(torch.equal(s, torch.full((16 * slots,), 4.0)) for s in states)
 
@@ -762,7 +762,7 @@ def test_bad_shapes_are_rejected():
                   torch.zeros((), dtype=torch.float64))
     with pytest.raises(RuntimeError, match="stats must be a 2-D float64"):
         run_update(bk, grads, torch.zeros(7, dtype=torch.float64), hyper("none", 1.0))
-    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim float32"):
+    with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one element"):
         ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf,
                   torch.tensor(2.0, dtype=torch.float64), 0.99, 0.0,
                   torch.zeros(7, dtype=torch.float64))
@@ -871,10 +871,10 @@ BAD_BUFFERS = {
     "lengths": ("update", lambda bk: dict(beta1_prod=torch.zeros(64)),
                 "beta1_prod has 64 elements but exp_avg has 48; the state buffers must have "
                 "one length"),
-    "steps-float64": ("stats update", lambda bk: dict(steps=bk.step_buf.double()),
-                      "steps must be a contiguous 1-D torch.float32 tensor"),
+    "steps-float32": ("stats update", lambda bk: dict(steps=bk.step_buf.float()),
+                      "steps must be a contiguous 1-D torch.float64 tensor"),
     "steps-0-dim": ("stats update", lambda bk: dict(steps=bk.steps[0]),
-                    "steps must be a contiguous 1-D torch.float32 tensor"),
+                    "steps must be a contiguous 1-D torch.float64 tensor"),
     "v_sums-float32": ("stats update sum_v", lambda bk: dict(v_sums=bk.vsum_buf.float()),
                        "v_sums must be a contiguous 1-D torch.float64 tensor"),
     "slot-counts": ("stats update", lambda bk: dict(v_sums=torch.zeros(4, dtype=F64)),

@@ -125,7 +125,7 @@ class ReferenceBackend(Backend):
         commit(work.exp_avg, m)
         commit(work.beta1_prod, b)
         commit(work.v_sums, v_sums)
-        torch._foreach_sub_(work.steps, [skip.float()] * len(work.steps))
+        torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
         work.scratch.clear()
 
     def sum_v(self, bucket) -> None:

@@ -9,7 +9,7 @@ under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 
 The states come as a bucket's flat buffers plus `segments` (csrc/op_schemas.h): tensor i's state
 pointer is buffer.data_ptr() + 4 * offset_i, its step and v_sum pointers steps.data_ptr() +
-4 * slot_i and v_sums.data_ptr() + 8 * slot_i, so the kernels see one pointer per tensor and
+8 * slot_i and v_sums.data_ptr() + 8 * slot_i (both float64), so the kernels see one pointer per tensor and
 column as before.
 
 A launch never synchronises with the host: per-launch tables (data_ptr values, numel, the
@@ -176,8 +176,8 @@ def _check_flat(op: str, name: str, t: torch.Tensor, dtype, device) -> None:
 
 
 def _check_slots(op: str, steps, v_sums, device) -> None:
-    """steps (float32) and v_sums (float64): one slot per tensor of the bucket."""
-    _check_flat(op, "steps", steps, torch.float32, device)
+    """steps and v_sums (float64): one slot per tensor of the bucket."""
+    _check_flat(op, "steps", steps, torch.float64, device)
     _check_flat(op, "v_sums", v_sums, torch.float64, device)
     if steps.numel() != v_sums.numel():
         _fail(op, f"steps has {steps.numel()} slots but v_sums has {v_sums.numel()}")
@@ -285,16 +285,17 @@ def _check_out(out: torch.Tensor) -> None:
                          f"{tuple(out.shape)}")
 
 
-def _check_scalar(op: str, name: str, t, dev) -> None:
-    """An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor)."""
+_ABSENT: dict = {}  # device -> float32 tensor passed for an absent optional pointer
+
+
+def _absent(device: torch.device) -> torch.Tensor:
+    """What a kernel gets for an absent grad_scale / found_inf / lr_tensor (never read: its
+    flag is off); one float32 tensor per device, so the argument types do not depend on the
+    flags."""
+    t = _ABSENT.get(device)
     if t is None:
-        return
-    if t.dtype is not torch.float32 or t.numel() != 1:
-        raise RuntimeError(f"adai_triton::{op}: {name} must be a 0-dim float32 tensor, got "
-                           f"{t.dtype} of sizes {tuple(t.shape)}")
-    if t.get_device() != dev:
-        raise RuntimeError(f"adai_triton::{op}: {name} is on {t.device}, not on the device "
-                           f"of the other tensors")
+        t = _ABSENT[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return t
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -318,9 +319,9 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _slot_columns(steps, v_sums, slots):
-    """The step and v_sum pointers of each tensor (float32 and float64 slots)."""
+    """The step and v_sum pointers of each tensor (float64 slots)."""
     k0, s0 = steps.data_ptr(), v_sums.data_ptr()
-    return [k0 + 4 * s for s in slots], [s0 + 8 * s for s in slots]
+    return [k0 + 8 * s for s in slots], [s0 + 8 * s for s in slots]
 
 
 # --------------------------------------------------------------------------- launches
@@ -397,7 +398,7 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
     n = len(params)
     offsets, numels, slots = _rows("stats", segments, n)
     _check_slots("stats", steps, v_sums, device)
-    _check_scalar("stats", "grad_scale", grad_scale, dev)
+    fakes.check_control(f"{NAMESPACE}::stats", "grad_scale", grad_scale, device)
     if n == 0:
         out.zero_()
         return
@@ -420,7 +421,7 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
         if n_chunks:
             aligned = _aligned(g_col, numels) and (not has_l2 or _aligned(p_col, numels))
             _launch("stats_partials_kernel", (n_chunks,), meta, partials, P, n,
-                    grad_scale if has_scale else steps, l2f, CODE=_DTYPE_CODES[dtype],
+                    grad_scale if has_scale else _absent(device), l2f, CODE=_DTYPE_CODES[dtype],
                     HAS_SCALE=has_scale, HAS_L2=has_l2, P_ALIGNED=aligned)
         _launch("stats_finalize_kernel", (n,), meta, partials, P, contrib, n, HAS_L2=has_l2)
         _launch("row_sum_kernel", (1,), contrib, n, out, out.stride(0))
@@ -440,7 +441,7 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
     _check_slots("update", steps, v_sums, device)
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
                     ("lr_tensor", lr_tensor)):
-        _check_scalar("update", name, t, dev)
+        fakes.check_control(f"{NAMESPACE}::update", name, t, device)
     if n == 0:
         return
     dtype = _check_params("update", params, grads, dev, device)
@@ -461,7 +462,7 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     flags = dict(HAS_FOUND_INF=found_inf is not None, CLIP=clip,
                  SKIP_NONFINITE=bool(skip_nonfinite))
-    fi_ptr = found_inf if found_inf is not None else steps
+    fi_ptr = found_inf if found_inf is not None else _absent(device)
     with _on(device):
         if n_chunks:
             # adai_math.h::make_consts: computed in double, rounded to float
@@ -473,8 +474,8 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
             p_aligned = s_aligned and _aligned(p_col, numels) and _aligned(g_col, numels)
             _launch(
                 "update_kernel", (n_chunks,), meta, stats, stats.size(0), partials, n,
-                grad_scale if grad_scale is not None else steps, fi_ptr,
-                lr_tensor if lr_tensor is not None else steps,
+                grad_scale if grad_scale is not None else _absent(device), fi_ptr,
+                lr_tensor if lr_tensor is not None else _absent(device),
                 _f32(lr), _f32(beta0), _f32(beta2), _f32(1.0 - beta2), _f32(1.0 - eps),
                 0.0 if decoupled else _f32(weight_decay),
                 _f32(lr * weight_decay) if decoupled else 0.0,

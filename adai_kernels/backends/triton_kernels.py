@@ -163,9 +163,9 @@ def _col(meta, T, t, j, NC: tl.constexpr):
 
 @triton.jit
 def _bc2(meta, T, t, col_step, ln_beta2, NC: tl.constexpr):
-    """1 - beta2^k (float64) for tensor t, with k read from its fp32 step counter."""
-    step_ptr = _col(meta, T, t, col_step, NC).to(tl.pointer_type(tl.float32))
-    k = tl.load(step_ptr).to(tl.float64)
+    """1 - beta2^k (float64) for tensor t, with k read from its float64 step counter."""
+    step_ptr = _col(meta, T, t, col_step, NC).to(tl.pointer_type(tl.float64))
+    k = tl.load(step_ptr)
     return 1.0 - tl.exp(k * ln_beta2)
 
 
@@ -258,7 +258,7 @@ def stats_finalize_kernel(meta, partials, P, contrib, T, HAS_L2: tl.constexpr,
     one_minus_beta2 = tl.load(meta + 1).to(tl.float64, bitcast=True)
     ln_beta2 = tl.load(meta + 2).to(tl.float64, bitcast=True)
     GG = _segment_sum(meta, T, t, partials, S_NC, S_NCOL, FB)
-    step_ptr = _col(meta, T, t, S_STEP, S_NC).to(tl.pointer_type(tl.float32))
+    step_ptr = _col(meta, T, t, S_STEP, S_NC).to(tl.pointer_type(tl.float64))
     k = tl.load(step_ptr) + 1.0
     tl.store(step_ptr, k)
     bc2 = 1.0 - tl.exp(k.to(tl.float64) * ln_beta2)
@@ -457,7 +457,7 @@ def update_finalize_kernel(meta, stats, n_rows, partials, T, fi_ptr,
     t = tl.program_id(0).to(tl.int64)
     _, _, skip = _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF, CLIP, SKIP_NONFINITE)
     if skip:
-        step_ptr = _col(meta, T, t, U_STEP, U_NC).to(tl.pointer_type(tl.float32))
+        step_ptr = _col(meta, T, t, U_STEP, U_NC).to(tl.pointer_type(tl.float64))
         tl.store(step_ptr, tl.load(step_ptr) - 1.0)
     else:
         total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)

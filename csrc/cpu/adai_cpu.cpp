@@ -416,16 +416,13 @@ void check_tensor(const char* op, size_t i, const at::Tensor& p, const at::Tenso
               p.sizes(), ", strides ", p.strides(), ")");
 }
 
-// An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor): its value.
+const at::Device kCpu(at::kCPU);
+
+// An optional control tensor (grad_scale, found_inf, lr_tensor; adai::check_control): its
+// value, or `absent`.
 float optional_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
                       float absent) {
-  if (!t.has_value() || !t->defined()) return absent;
-  TORCH_CHECK(t->device().is_cpu(), op, ": `", name, "` is on ", t->device(),
-              ", expected a CPU tensor");
-  TORCH_CHECK(t->dim() == 0 && t->scalar_type() == at::kFloat, op, ": `", name,
-              "` must be a 0-dim float32 tensor, got ", t->scalar_type(), " of sizes ",
-              t->sizes());
-  return *t->const_data_ptr<float>();
+  return adai::check_control(op, name, t, kCpu) ? *t->const_data_ptr<float>() : absent;
 }
 
 // 1 / grad_scale, computed in double and rounded to float (as GradScaler.unscale_).
@@ -476,7 +473,6 @@ std::vector<int64_t> numels(at::TensorList ts) {
 
 // ---- the ops ------------------------------------------------------------------------------
 
-const at::Device kCpu(at::kCPU);
 
 // params[i], grads[i] and segments[i] of every tensor; n_slots: the length of steps / v_sums.
 void check_tensors(const char* op, at::TensorList params, at::TensorList grads,
@@ -539,14 +535,14 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   }
   const std::vector<double> sums = tensor_sums(partial, first, n, K);
 
-  float* step_p = steps.mutable_data_ptr<float>();
+  double* step_p = steps.mutable_data_ptr<double>();
   const double* vsum_p = v_sums.const_data_ptr<double>();
   double row[adai::kStatsColumns] = {};
   for (size_t i = 0; i < n; ++i) {
     const int64_t slot = seg(rows, i, adai::kSlot);
-    float* k = step_p + slot;
-    *k += 1.0f;
-    const double bc2 = adai::bias_correction2(beta2, static_cast<double>(*k));
+    double* k = step_p + slot;
+    *k += 1.0;
+    const double bc2 = adai::bias_correction2(beta2, *k);
     const double w = (1.0 - beta2) / bc2;
     const double V = vsum_p[slot];
     const double gg = sums[i * K + kSgg];
@@ -605,10 +601,10 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
       for (int j = 0; j < adai::kStatsColumns; ++j) totals[j] += sp[r * rs + j * cs];
     }
   }
-  float* step_p = steps.mutable_data_ptr<float>();
+  double* step_p = steps.mutable_data_ptr<double>();
   const adai::Globals gl = adai::globals(totals, max_grad_norm, skip_nonfinite, inf_found);
   if (gl.skip) {  // take back the increments of `stats`; nothing else is written
-    for (size_t i = 0; i < n; ++i) step_p[seg(rows, i, adai::kSlot)] -= 1.0f;
+    for (size_t i = 0; i < n; ++i) step_p[seg(rows, i, adai::kSlot)] -= 1.0;
     return;
   }
   const float gmul = inv_scale * gl.clip;
@@ -617,7 +613,7 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
 
   std::vector<float> inv_bc2(n);
   for (size_t i = 0; i < n; ++i) {
-    const double k = static_cast<double>(step_p[seg(rows, i, adai::kSlot)]);
+    const double k = step_p[seg(rows, i, adai::kSlot)];
     inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
   }
 

@@ -193,9 +193,9 @@ ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, in
 // kN is the caller's), from its previous v sum, its incremented step k and the float64 sums
 // s of its StatsSums (gg, b, gt, tt; b, gt, tt unused without L2, where B = Bgg and
 // Bgt = Btt = 0). l2 is the float Consts::l2 the elements used.
-ADAI_HD void stats_tensor_row(double beta2, float l2, double v_sum, float k, const double* s,
+ADAI_HD void stats_tensor_row(double beta2, float l2, double v_sum, double k, const double* s,
                               double* row) {
-  const double bc2 = bias_correction2(beta2, static_cast<double>(k));
+  const double bc2 = bias_correction2(beta2, k);
   const double w = (1.0 - beta2) / bc2;
   const double gg = s[0];
   row[kA] = beta2 * v_sum / bc2;

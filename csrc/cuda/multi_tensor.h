@@ -40,7 +40,7 @@ struct TensorMeta {
   float* exp_avg;
   float* exp_avg_sq;
   float* beta1_prod;
-  float* step;
+  double* step;
   double* v_sum;
   int64_t numel;
   int32_t aligned;

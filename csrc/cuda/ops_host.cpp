@@ -133,18 +133,11 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
   return t;
 }
 
-// An optional 0-dim float32 control tensor (grad_scale, found_inf, lr_tensor) on `device`:
-// its device pointer, or null when absent.
+// An optional control tensor (grad_scale, found_inf, lr_tensor; adai::check_control): its
+// device pointer, or null when absent.
 const float* optional_scalar(const char* op, const char* name,
                              const std::optional<at::Tensor>& t, const at::Device& device) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
-              " but the op runs on ", device, "; all tensors must be on one ", device::kName,
-              " device");
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", name,
-              " must be a 0-dim float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
-              " elements");
-  return t->const_data_ptr<float>();
+  return adai::check_control(op, name, t, device) ? t->const_data_ptr<float>() : nullptr;
 }
 
 // Where the states of a tensor start in `buffer` (its row of `segments`, checked).
@@ -173,7 +166,7 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
-  float* step_base = steps.mutable_data_ptr<float>();
+  double* step_base = steps.mutable_data_ptr<double>();
   double* vsum_base = const_cast<double*>(v_sums.const_data_ptr<double>());
   std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);
@@ -232,7 +225,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   in.found_inf = optional_scalar(op, "found_inf", found_inf, device);
   in.lr_tensor = optional_scalar(op, "lr_tensor", lr_tensor, device);
 
-  float* step_base = steps.mutable_data_ptr<float>();
+  double* step_base = steps.mutable_data_ptr<double>();
   double* vsum_base = v_sums.mutable_data_ptr<double>();
   std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);

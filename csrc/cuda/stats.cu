@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kBlock)
     }
     if (lane == 0) {
       const TensorMeta& m = t.metas[i];
-      const float k = *m.step + 1.0f;
+      const double k = *m.step + 1.0;
       *m.step = k;
       double row[kStatsColumns];
       stats_tensor_row(beta2, c.l2, *m.v_sum, k, s, row);

@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
     // the step increments of adai::stats (no other block reads the steps on this path).
     if (blockIdx.x == 0) {
       for (int64_t i = threadIdx.x; i < t.n; i += kBlock) {
-        float* step = t.metas[i].step;
-        *step = *step - 1.0f;
+        double* step = t.metas[i].step;
+        *step = *step - 1.0;
       }
     }
     return;
@@ -83,8 +83,7 @@ __global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
       s_beta1_prod = m.beta1_prod + r.begin;
       s_len = chunk_len(m.numel, r.begin, kChunk);
       s_aligned = m.aligned;
-      s_inv_bc2 = static_cast<float>(
-          1.0 / bias_correction2(beta2, static_cast<double>(*m.step)));
+      s_inv_bc2 = static_cast<float>(1.0 / bias_correction2(beta2, *m.step));
     }
     __syncthreads();
     // The constants from the kernel parameters (constant bank operands, no registers), only
