@@ -375,7 +375,7 @@ def assert_unchanged(bk, snap, what="", outside=True):
 # channels_last, misaligned views (start at an odd element of a larger buffer).
 SHAPES = [
     ((0,), "c", 0), ((1,), "c", 0), ((3,), "c", 0), ((4099,), "c", 0),
-    ((3 * 16384 + 5,) if EMU else (1_048_576 + 3,), "c", 0), ((29, 31), "t", 0),
+    ((2 * 16384 + 5,) if EMU else (1_048_576 + 3,), "c", 0), ((29, 31), "t", 0),
     ((2, 3, 5, 5), "cl", 0), ((4099,), "c", 1), ((1000,), "c", 3), ((0, 5), "c", 0),
     ((64, 65), "t", 1), ((16384,), "c", 0), ((16385,), "c", 0), ((8, 16, 3, 3), "cl", 0),
 ]
@@ -1049,7 +1049,7 @@ def _kernels_in(fn) -> tuple[list[str], list[str]]:
 
 # More tensors than threads in a block (the last block loops over them); smaller when
 # emulated.
-MANY = [((1000,), "c", 0)] * 300 if EMU else [((4096,), "c", 0)] * 1000
+MANY = [((100,), "c", 0)] * 300 if EMU else [((4096,), "c", 0)] * 1000
 
 
 def test_many_tensors_match_oracle():
@@ -1059,7 +1059,7 @@ def test_many_tensors_match_oracle():
         grads = make_grads(bk.params, gen)
         grads_before = [g.clone() for g in grads]
         snap = bk.snapshot()
-        control = dict(max_grad_norm=500.0) if step == 1 else {}
+        control = dict(max_grad_norm=math.sqrt(bk.numel) / 4) if step == 1 else {}  # clips
         stats = op_step(bk, grads, hp, **control)
         check_against_oracle(bk, grads_before, grads, stats,
                              oracle_step(snap, grads, hp, **control), f"{len(MANY)} tensors, step {step}")
