@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adai_kernels import fatbin
 from bench import cubin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,49 +127,6 @@ def test_chunk_table_rejects_bad_input():
 # ---- cubins ------------------------------------------------------------------------------
 
 
-def _elf_section(data: bytes, name: str) -> bytes | None:
-    """The contents of section `name` of a 64-bit little-endian ELF file."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-    def header(i):  # name, type, flags, addr, offset, size, ...
-        return struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-
-    strtab = header(shstrndx)[4]
-    for i in range(shnum):
-        h = header(i)
-        start = strtab + h[0]
-        if data[start:data.index(b"\0", start)].decode() == name:
-            return data[h[4]:h[4] + h[5]]
-    return None
-
-
-def _fatbin_archs(blob: bytes) -> set[tuple[str, int]]:
-    """(kind, sm) of every entry of the fat binaries in an .nv_fatbin section: kind "elf" for
-    a cubin, "ptx" for PTX. Layout (as cuobjdump reads it): containers with magic 0xBA55ED50,
-    a 16-byte header (magic, version, header size, payload size), then entries whose header
-    holds kind (u16 at 0: 1 PTX, 2 ELF), header size (u32 at 4), payload size (u64 at 8) and
-    the sm version (u32 at 28)."""
-    out, off = set(), 0
-    while off + 16 <= len(blob):
-        magic, _version, hsize, fsize = struct.unpack_from("<IHHQ", blob, off)
-        if magic != 0xBA55ED50:
-            off += 8
-            continue
-        entry, end = off + hsize, off + hsize + fsize
-        while entry + 32 <= end:
-            kind, _, ehsize, psize = struct.unpack_from("<HHIQ", blob, entry)
-            arch, = struct.unpack_from("<I", blob, entry + 28)
-            out.add(({1: "ptx", 2: "elf"}.get(kind, str(kind)), arch))
-            if ehsize == 0:
-                break
-            entry += ehsize + psize
-        off = end
-    return out
-
-
 @needs_cuda_build
 def test_cubins_for_sm80_and_sm90():
     so = Path(_C.__file__)
@@ -179,9 +136,8 @@ def test_cubins_for_sm80_and_sm90():
                              check=True).stdout
         archs = {int(a) for a in re.findall(r"sm_(\d+)", out)}
     else:  # no cuobjdump anywhere: read the fat binary headers ourselves
-        section = _elf_section(so.read_bytes(), ".nv_fatbin")
-        assert section is not None, f"{so} has no .nv_fatbin section"
-        archs = {arch for kind, arch in _fatbin_archs(section) if kind == "elf"}
+        archs = fatbin.cubin_archs(so)
+        assert archs, f"{so} has no cubins in an .nv_fatbin section"
     assert {80, 90} <= archs, f"cubins in {so.name}: sm_{sorted(archs)}"
 
 
