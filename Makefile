@@ -12,14 +12,18 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f -not -path 'csrc/em
 
 install: $(VENV)/.built
 
+# A line per stage: the first run takes a few minutes, most of it quiet pip work.
 $(VENV)/.deps: requirements-dev.txt
+	@echo "==> $(VENV): a virtual environment, pip, $(TORCH) (a CUDA build, ~5 GB, about a minute)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	@echo "==> the test and demo requirements (requirements-dev.txt)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	@echo "==> building adai_kernels: the CPU kernels (3 ISA variants) and, with a CUDA toolkit, the CUDA kernels for sm_80 and sm_90 (about 2 minutes on 2 cores)"
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -34,6 +38,7 @@ test: install
 	$(MAKE) --no-print-directory test-emu
 
 test-emu: install
+	@echo "==> the CUDA kernels on the CPU emulator (builds build/emu and build/emu-asan first)"
 	ADAI_GPU_TEST_DEVICE=emu $(PY) -m pytest -q tests/test_cuda_gpu.py tests/test_cuda_emu.py
 
 clean:
