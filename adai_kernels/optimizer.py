@@ -23,12 +23,24 @@ def _check_number(name: str, value, ok: bool, what: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} ({what})")
 
 
+def _check_lr(lr) -> None:
+    """A number, or a tensor of one element (the kernels read it on the device)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor of shape {tuple(lr.shape)} (a tensor lr "
+                             f"must have exactly one element)")
+        value = lr.item()
+    else:
+        value = lr
+    _check_number("lr", lr, isinstance(value, (int, float)) and math.isfinite(value)
+                  and value >= 0, "must be a finite number >= 0")
+
+
 def validate_hyperparameters(group: dict) -> None:
-    """Raise ValueError naming the first bad hyper-parameter of `group`."""
-    lr = group["lr"]
-    lr_value = lr.item() if isinstance(lr, torch.Tensor) else lr
-    _check_number("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0,
-                  "must be a number >= 0")
+    """Raise ValueError naming the first bad hyper-parameter of `group`. An lr left
+    `required` (the defaults, when every group gives its own) is not a value to check."""
+    if group["lr"] is not required:
+        _check_lr(group["lr"])
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta0, beta2))")
@@ -47,7 +59,7 @@ def validate_hyperparameters(group: dict) -> None:
     for name in ("decoupled", "capturable"):
         if not isinstance(group.get(name, False), bool):
             raise ValueError(f"Invalid {name}: {group[name]!r} (must be a bool)")
-    for name in ("lr", "eps", "weight_decay", "dampening"):
+    for name in ("eps", "weight_decay", "dampening"):
         value = group[name]
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
@@ -75,7 +87,8 @@ class Adai(Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (as for SGD with momentum, about 10x SGD-M's).
+        lr: learning rate (as for SGD with momentum, about 10x SGD-M's): a number, or a tensor
+            of one element (see capturable). Required unless every param group gives its own.
         betas: (beta0, beta2): inertia scale and second-moment decay. Default (0.1, 0.99).
         eps: bound on the inertia, beta1 <= 1 - eps. Default 1e-3.
         weight_decay: decay coefficient. Default 0.
@@ -110,8 +123,6 @@ class Adai(Optimizer):
                  decoupled=False, dampening=1.0, *, backend: str = "auto",
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  process_group=None, capturable: bool = False):
-        if lr is required:
-            raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening, capturable=capturable)
         validate_hyperparameters(defaults)
@@ -134,6 +145,8 @@ class Adai(Optimizer):
 
     # -- groups -----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):  # torch's TypeError says what else it must be
+            self._check_has_lr(param_group, f"param group {len(self.param_groups)}")
         self._plan = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -146,6 +159,13 @@ class Adai(Optimizer):
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+
+    def _check_has_lr(self, group: dict, where: str) -> None:
+        """lr may be left out of the constructor when every group gives its own."""
+        if "lr" not in group and self.defaults["lr"] is required:
+            name = type(self).__name__
+            raise ValueError(f"{where} has no lr and {name}() was given no default lr (give "
+                             f"lr= to {name}() or an 'lr' to every param group)")
 
     # -- backends ---------------------------------------------------------------------------
     @property
@@ -427,6 +447,7 @@ class Adai(Optimizer):
                 raise ValueError(f"param group {gi}: loaded state dict has "
                                  f"{len(saved['params'])} parameters, this optimizer has "
                                  f"{len(group['params'])}")
+            self._check_has_lr(saved, f"param group {gi} of the loaded state dict")
             merged = dict(self.defaults)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             merged["betas"] = tuple(merged["betas"])
