@@ -406,15 +406,37 @@ class Adai(Optimizer):
     # -- state dict -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The authors' format: per parameter index, `step` (int), `exp_avg`, `exp_avg_sq`,
-        `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket."""
+        `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket.
+
+        Hooks run as in torch.optim: those registered with register_state_dict_pre_hook
+        before, then those of register_state_dict_post_hook, each given the dict the previous
+        one returned (a hook that returns None keeps it)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._pack_state()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _numbering(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """The state dict's parameter index -> (group index, parameter): the parameters in
+        group order, each numbered once."""
+        index, numbering = {}, {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in index:
+                    index[id(p)] = len(index)
+                    numbering[index[id(p)]] = (gi, p)
+        return numbering
+
+    def _pack_state(self) -> dict:
         steps = {}
         for bucket in self._buckets.values():
             for p, k in zip(bucket.params, bucket.steps_list()):
                 steps[id(p)] = k
-        index = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
+        index = {id(p): i for i, (_, p) in self._numbering().items()}
         state = {}
         for bucket in self._buckets.values():
             for p in bucket.params:
@@ -433,11 +455,29 @@ class Adai(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint of this optimizer or of the authors' `Adai` (missing group keys
-        take this optimizer's defaults). On any error the optimizer is left as it was."""
+        take this optimizer's defaults; a group saved without `param_names` keeps this
+        optimizer's). On any error the optimizer is left as it was.
+
+        Hooks run as in torch.optim: those registered with register_load_state_dict_pre_hook
+        first, each given a shallow copy of `state_dict` (or what the previous one returned)
+        to edit or replace; those of register_load_state_dict_post_hook after the load."""
+        state_dict = state_dict.copy()  # a hook may set keys: the caller's dict keeps its own
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
             raise ValueError("state_dict must have 'state' (dict) and 'param_groups' (list)")
+        groups, by_saved_index = self._loaded_groups(saved_groups)
+        self._commit(groups, self._loaded_buckets(saved_state, by_saved_index))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_groups(self, saved_groups: list) -> tuple[list[dict], dict]:
+        """The param groups a checkpoint's `param_groups` make, and its parameter index ->
+        (group index, parameter)."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                              f"this optimizer has {len(self.param_groups)}")
@@ -452,6 +492,8 @@ class Adai(Optimizer):
             merged.update({k: v for k, v in saved.items() if k != "params"})
             merged["betas"] = tuple(merged["betas"])
             merged["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                merged["param_names"] = group["param_names"]
             try:
                 validate_hyperparameters(merged)
             except ValueError as e:
@@ -459,14 +501,18 @@ class Adai(Optimizer):
             new_groups.append(merged)
             for saved_index, p in zip(saved["params"], group["params"]):
                 by_saved_index[_index(saved_index)] = (gi, p)
+        return new_groups, by_saved_index
 
+    def _loaded_buckets(self, saved_state: dict, by_index: dict) -> dict[tuple, Bucket]:
+        """New buckets holding the state of a state dict's `state` (with `by_index` mapping
+        its keys to (group index, parameter)); checks everything, changes no state."""
         initial: dict[tuple, list] = defaultdict(list)
         for saved_index, entry in saved_state.items():
             saved_index = _index(saved_index)
-            if saved_index not in by_saved_index:
+            if saved_index not in by_index:
                 raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
                                  f"which is in none of its param groups")
-            gi, p = by_saved_index[saved_index]
+            gi, p = by_index[saved_index]
             initial[(gi, p.device, p.dtype)].append((p, self._loaded_entry(entry, p, saved_index)))
 
         for device in {key[1] for key in initial}:
@@ -476,14 +522,17 @@ class Adai(Optimizer):
             bucket = buckets[key] = Bucket(key[1], key[2])
             bucket.add([p for p, _ in items], [e for _, e in items])
             self._backend_for(key[1]).sum_v(bucket)
-        # Everything is checked and built: commit. A bucket of the same parameters keeps its
-        # buffers (a captured CUDA graph holds their addresses).
+        return buckets
+
+    def _commit(self, groups: list[dict], buckets: dict[tuple, Bucket]) -> None:
+        """Make `groups` and `buckets` the optimizer's. A bucket of the same parameters as
+        one already here keeps its buffers (a captured CUDA graph holds their addresses)."""
         for key, bucket in buckets.items():
             old = self._buckets.get(key)
             if old is not None and set(old.position) == set(bucket.position):
                 old.copy_(bucket)
                 buckets[key] = old
-        self.param_groups[:] = new_groups
+        self.param_groups[:] = groups
         self._buckets = buckets
         self._plan = None
         self.state = defaultdict(dict)

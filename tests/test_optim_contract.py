@@ -59,3 +59,105 @@ def test_tensor_lr_of_one_element_steps_as_the_number():
         q.grad = torch.linspace(-1, 1, 5)
         opt.step()
     assert torch.equal(params[0], params[1])
+
+
+def test_state_dict_hooks_run_in_order_and_may_replace():
+    a, b = p(3), p(2)
+    opt = Adai([a, b], lr=0.1, backend="reference")
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre", o)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre, prepended", o)), prepend=True)
+    dropped = opt.register_state_dict_pre_hook(lambda o: calls.append("removed"))
+    dropped.remove()
+
+    def tag(o, sd):  # edits the dict, returns None: the dict is kept
+        sd["tag"] = 1
+
+    def wrap(o, sd):
+        calls.append(("post", sd.get("tag")))
+        return {"wrapped": sd}
+
+    opt.register_state_dict_post_hook(wrap)
+    opt.register_state_dict_post_hook(tag, prepend=True)
+    saved = opt.state_dict()
+    assert calls == [("pre, prepended", opt), ("pre", opt), ("post", 1)]
+    assert list(saved) == ["wrapped"] and list(saved["wrapped"]["state"]) == [0, 1]
+
+    calls.clear()
+
+    def mark(o, sd):  # given a shallow copy: the caller's dict keeps its keys
+        calls.append("pre, prepended")
+        sd["seen"] = True
+
+    opt.register_load_state_dict_pre_hook(lambda o, sd: sd["wrapped"])  # replaces the dict
+    opt.register_load_state_dict_pre_hook(mark, prepend=True)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post",
+                                                                  o.param_groups[0]["lr"])))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post, prepended"), prepend=True)
+    saved["wrapped"]["param_groups"][0]["lr"] = 0.5
+    opt.load_state_dict(saved)
+    assert calls == ["pre, prepended", "post, prepended", ("post", 0.5)]
+    assert "seen" not in saved
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+
+def _train(model, opt, steps, start):
+    for k in range(start, start + steps):
+        x = torch.randn(5, 3, generator=torch.Generator().manual_seed(k))
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+
+
+def test_hooks_key_a_checkpoint_by_parameter_name():
+    """As a checkpoint library uses them: state saved by parameter name, mapped back to this
+    optimizer's indices when loaded, and the run continues exactly."""
+    def by_name(opt, sd):
+        names = [n for g in sd["param_groups"] for n in g["param_names"]]
+        return {**sd, "state": {names[i]: entry for i, entry in sd["state"].items()}}
+
+    def by_index(opt, sd):
+        names = [n for g in opt.param_groups for n in g["param_names"]]
+        return {**sd, "state": {names.index(n): entry for n, entry in sd["state"].items()}}
+
+    straight, first = _model(), _model()
+    opt = Adai(straight.named_parameters(), lr=0.1, backend="reference")
+    _train(straight, opt, 4, 0)
+    opt1 = Adai(first.named_parameters(), lr=0.1, backend="reference")
+    opt1.register_state_dict_post_hook(by_name)
+    _train(first, opt1, 2, 0)
+    saved = opt1.state_dict()
+    assert set(saved["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+    resumed = _model()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = Adai(resumed.named_parameters(), lr=0.1, backend="reference")
+    opt2.register_load_state_dict_pre_hook(by_index)
+    opt2.load_state_dict(saved)
+    _train(resumed, opt2, 2, 2)
+    for x, y in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, Adai], ids=["torch SGD", "Adai"])
+def test_load_keeps_parameter_names(cls):
+    """Names stay when a checkpoint has none; a checkpoint's names replace them."""
+    model = torch.nn.Linear(3, 2)
+    unnamed = cls(model.parameters(), lr=0.1)
+    named = cls(model.named_parameters(), lr=0.1)
+    named.load_state_dict(unnamed.state_dict())
+    assert named.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert named.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    renamed = named.state_dict()
+    renamed["param_groups"][0]["param_names"] = ["w", "b"]
+    named.load_state_dict(renamed)
+    assert named.param_groups[0]["param_names"] == ["w", "b"]
+    unnamed.load_state_dict(renamed)
+    assert unnamed.param_groups[0]["param_names"] == ["w", "b"]
