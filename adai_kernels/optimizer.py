@@ -2,6 +2,7 @@
 The arithmetic lives in the backends; this file only decides what they are given."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -132,16 +133,61 @@ class Adai(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be a finite "
                              f"number > 0, or None)")
         backends.check_name(backend)
+        self._set_options(backend, max_grad_norm, skip_nonfinite, process_group)
+        super().__init__(params, defaults)  # add_param_group checks each group's backend
+
+    def _set_options(self, backend, max_grad_norm, skip_nonfinite, process_group) -> None:
+        """The keyword options (already checked), and no run-time structures yet: buckets
+        come with the first gradients or with loaded state, backends with each device."""
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.process_group = process_group
+        self._requested_backend = backend
         self._last_stats: list[torch.Tensor] = []
         self._mesh_group = None  # the DTensor parameters' group, found at step time
         self._plan = None  # the last step's work lists, reused while they still fit
-        self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
-        super().__init__(params, defaults)  # add_param_group checks each group's backend
+
+    def _options(self) -> dict:
+        """The keyword options as the constructor takes them (capturable is a group's)."""
+        return dict(backend=self._requested_backend, max_grad_norm=self.max_grad_norm,
+                    skip_nonfinite=self.skip_nonfinite, process_group=self.process_group)
+
+    # -- copies -----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle keep: torch's defaults and param_groups, the state as
+        state_dict() packs it (per-parameter copies, not the buckets' buffers), the keyword
+        options and the last step's statistics (grad_norm). Hooks are not kept, as in
+        torch.optim. The `required` lr is left out: a copy would not be that singleton."""
+        return {"defaults": {k: v for k, v in self.defaults.items() if v is not required},
+                "param_groups": self.param_groups, "state": self._pack_state()["state"],
+                "options": self._options(), "last_stats": self._last_stats}
+
+    def __setstate__(self, state: dict) -> None:
+        """Rebuild what __getstate__ kept: each device's backend (one that cannot run here
+        fails now) and the buckets, built from the state as load_state_dict builds them, so
+        a copy steps on the original's trajectory."""
+        super().__setstate__({"defaults": {"lr": required, **state["defaults"]},
+                              "param_groups": state["param_groups"],
+                              "state": defaultdict(dict)})
+        self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; Adai has none
+        self._set_options(**state["options"])
+        self._last_stats = state["last_stats"]
+        for group in self.param_groups:
+            for device in dict.fromkeys(p.device for p in group["params"]):
+                self._backend_for(device)
+        self._commit(self.param_groups, self._loaded_buckets(state["state"], self._numbering()))
+
+    def __deepcopy__(self, memo: dict) -> "Adai":
+        # A process group is this process's handle on its peers and cannot be copied: the
+        # copy reduces over the same one. (Pickling refuses it, as it refuses a ProcessGroup.)
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     # -- groups -----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:

@@ -1,9 +1,13 @@
 """The torch.optim.Optimizer contract: lr given by the groups, the learning rate's checks,
 state-dict hooks, parameter names across a load, copies and pickles, and print(opt)."""
+import copy
+import pickle
+
 import pytest
 import torch
 
 from adai_kernels import Adai, AdaiV2, AdaiW
+from cases import cpu_backends, make_grads, make_groups, set_grads
 
 
 def p(*shape):
@@ -161,3 +165,76 @@ def test_load_keeps_parameter_names(cls):
     assert named.param_groups[0]["param_names"] == ["w", "b"]
     unnamed.load_state_dict(renamed)
     assert unnamed.param_groups[0]["param_names"] == ["w", "b"]
+
+
+def _pickled(opt):
+    return pickle.loads(pickle.dumps(opt))
+
+
+def _grads(groups, k):
+    """The test matrix's gradients; parameter 0 of group 1 has none before step 3 (it gets
+    state after the copy), and step 4's are inf (a skipped step)."""
+    grads = make_grads(groups, k)
+    if k < 3:
+        grads[1][0] = None
+    if k == 4:
+        grads = [[None if g is None else torch.full_like(g, float("inf")) for g in row]
+                 for row in grads]
+    return grads
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in cpu_backends()])
+def test_a_copy_steps_on_the_same_trajectory(backend, copier):
+    groups = make_groups()
+    opt = AdaiW(groups, lr=1.0, backend=backend, max_grad_norm=20.0, skip_nonfinite=True,
+                capturable=True)
+    for k in range(2):
+        set_grads(groups, _grads(groups, k))
+        opt.step()
+    twin = copier(opt)
+    assert type(twin) is AdaiW and twin.backend == opt.backend == backend
+    assert (twin.max_grad_norm, twin.skip_nonfinite, twin.process_group) == (20.0, True, None)
+    assert twin.defaults == opt.defaults and twin.param_groups[0]["capturable"] is True
+    assert torch.equal(twin.grad_norm, opt.grad_norm)
+    for k in range(2, 6):
+        grads = _grads(groups, k)
+        for o in (opt, twin):
+            set_grads(o.param_groups, grads)
+            o.step()
+    for ga, gb in zip(opt.param_groups, twin.param_groups):
+        for pa, pb in zip(ga["params"], gb["params"]):
+            assert pa is not pb and torch.equal(pa, pb)
+    a, b = opt.state_dict(), twin.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, entry in a["state"].items():
+        assert entry["step"] == b["state"][i]["step"]
+        for key in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+            assert torch.equal(entry[key], b["state"][i][key])
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+def test_a_copy_keeps_the_groups_lr_contract_and_no_hooks(copier):
+    opt = Adai([{"params": [p(3)], "lr": 0.1}], backend="reference")
+    opt.register_state_dict_post_hook(lambda o, sd: {"not": "kept"})
+    twin = copier(opt)
+    assert "param_groups" in twin.state_dict()
+    with pytest.raises(ValueError, match="param group 1 has no lr"):
+        twin.add_param_group({"params": [p(2)]})
+    twin.add_param_group({"params": [p(2)], "lr": 0.2})
+    assert "differentiable" not in twin.param_groups[1]
+
+
+class _Group:
+    """Stands for a ProcessGroup, which can be neither copied nor pickled."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("cannot pickle '_Group' object")
+
+
+def test_a_deep_copy_reduces_over_the_same_process_group():
+    group = _Group()
+    opt = Adai([p(3)], lr=0.1, process_group=group)
+    assert copy.deepcopy(opt).process_group is group
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(opt)
