@@ -154,6 +154,13 @@ class Adai(Optimizer):
         return dict(backend=self._requested_backend, max_grad_norm=self.max_grad_norm,
                     skip_nonfinite=self.skip_nonfinite, process_group=self.process_group)
 
+    def __repr__(self) -> str:
+        # torch's text lists each group's settings (capturable among them); the keyword
+        # options are the optimizer's, with the backend that runs it rather than "auto"
+        options = {**self._options(), "backend": self.backend}
+        lines = "".join(f"    {k}: {v}\n" for k, v in options.items())
+        return f"{super().__repr__()[:-1]}\nOptions\n{lines})"
+
     # -- copies -----------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """What copy.deepcopy and pickle keep: torch's defaults and param_groups, the state as
@@ -231,6 +238,38 @@ class Adai(Optimizer):
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        """One Adai step of every parameter that has a gradient (docs/design.md, "Two phases,
+        two calls").
+
+        Phase 1 advances each such parameter's step counter and sums its statistics: the
+        second-moment sums and the squared gradient norm. From them, on the device, come the
+        global mean vbar of the bias-corrected second moment (over every group, device and,
+        with process_group or sharded DTensor parameters, process) and, with max_grad_norm,
+        the clip coefficient. Phase 2 makes one pass over every element: weight decay, the
+        second moment, the adaptive inertia beta1 = clamp(1 - beta0 * vhat / vbar, 0,
+        1 - eps) (see AdaiV2 for d < 1), beta1_prod, the momentum and the parameter.
+        Parameters without a gradient are not touched and do not count in vbar. The step is
+        skipped (only the step counters are taken back) when GradScaler found inf/NaN, or
+        when the gradient norm is not finite and skip_nonfinite or max_grad_norm is set.
+        Nothing returns to the host.
+
+        The first step, and any step whose parameters with gradients, dtypes or layouts
+        changed, checks every gradient (sparse, complex, dtype, device: a RuntimeError naming
+        the parameter, before anything changes) and creates the state of parameters that
+        have none; other steps reuse that plan.
+
+        Each device's parameters are stepped by the backend the `backend` option names; with
+        "auto" (or ADAI_BACKEND) the CUDA kernels on CUDA (else Triton, else the reference
+        backend), the C++ kernels on CPU (else the reference backend), the reference backend
+        elsewhere. The `backend` property tells which one runs.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it
+                runs with gradients enabled, before the step.
+
+        Returns:
+            The closure's loss, or None.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -616,8 +655,20 @@ class Adai(Optimizer):
 
 
 class AdaiW(Adai):
-    """Adai with decoupled weight decay (`decoupled=True`). Keyword-only options (backend,
-    max_grad_norm, skip_nonfinite, process_group, capturable) as for Adai."""
+    r"""AdaiW: Adai with decoupled weight decay, ``Adai(..., decoupled=True)``.
+
+    Each step first shrinks every parameter that has a gradient,
+    theta <- theta * (1 - lr * weight_decay), and then takes the Adai step with the gradient
+    as it is. Adai's default L2 decay instead adds weight_decay * theta to the gradient, so
+    the decay also enters the second moment and, through it, the inertia.
+
+    Args:
+        params, lr, betas, eps: as for Adai.
+        weight_decay: decoupled decay coefficient. Default 0.
+        dampening: d in [0, 1], as for Adai (1: Adai's update, < 1: AdaiV2's). Default 1.
+        **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
+            process_group, capturable).
+    """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  dampening=1.0, **options):
@@ -625,8 +676,26 @@ class AdaiW(Adai):
 
 
 class AdaiV2(Adai):
-    """AdaiV2: Adai with a dampening d in [0, 1] and, as in the authors' code, decoupled
-    weight decay by default. Keyword-only options as for Adai."""
+    r"""AdaiV2, the authors' variant with a dampening d in [0, 1] of the momentum.
+
+    With vhat / vbar an element's bias-corrected second moment relative to the global mean:
+
+        beta1 = clamp(1 - beta0 * (vhat / vbar)^(1 / (3 - 2d)), 0, 1 - eps)
+        m <- beta1 * m + (1 - beta1)^d * g
+        theta <- theta - lr * beta0^(1 - d) * m / (1 - beta1_prod)
+
+    d = 1 is Adai's update. As in the authors' code, weight decay is decoupled by default.
+    With d < 1 the vectorised CPU kernels evaluate the two powers with their own
+    polynomials, so CPU and CUDA results differ in the last bits (docs/design.md).
+
+    Args:
+        params, lr, betas, eps: as for Adai.
+        weight_decay: decay coefficient. Default 0.
+        dampening: d. Default 1.
+        decoupled: decoupled (AdaiW) instead of L2 weight decay. Default True.
+        **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
+            process_group, capturable).
+    """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  dampening=1.0, decoupled=True, **options):

@@ -238,3 +238,13 @@ def test_a_deep_copy_reduces_over_the_same_process_group():
     assert copy.deepcopy(opt).process_group is group
     with pytest.raises(TypeError, match="pickle"):
         pickle.dumps(opt)
+
+
+def test_print_shows_the_options():
+    opt = Adai([p(3)], lr=0.1, backend="reference", max_grad_norm=2.0, skip_nonfinite=True,
+               capturable=True)
+    text = repr(opt)
+    assert text.startswith("Adai (\nParameter Group 0\n") and text.endswith("\n)")
+    for line in ("lr: 0.1", "capturable: True", "backend: reference", "max_grad_norm: 2.0",
+                 "skip_nonfinite: True", "process_group: None"):
+        assert f"\n    {line}\n" in text, line
