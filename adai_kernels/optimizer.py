@@ -2,6 +2,7 @@
 The arithmetic lives in the backends; this file only decides what they are given."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -23,12 +24,24 @@ def _check_number(name: str, value, ok: bool, what: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} ({what})")
 
 
+def _check_lr(lr) -> None:
+    """A number, or a tensor of one element (the kernels read it on the device)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor of shape {tuple(lr.shape)} (a tensor lr "
+                             f"must have exactly one element)")
+        value = lr.item()
+    else:
+        value = lr
+    _check_number("lr", lr, isinstance(value, (int, float)) and math.isfinite(value)
+                  and value >= 0, "must be a finite number >= 0")
+
+
 def validate_hyperparameters(group: dict) -> None:
-    """Raise ValueError naming the first bad hyper-parameter of `group`."""
-    lr = group["lr"]
-    lr_value = lr.item() if isinstance(lr, torch.Tensor) else lr
-    _check_number("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0,
-                  "must be a number >= 0")
+    """Raise ValueError naming the first bad hyper-parameter of `group`. An lr left
+    `required` (the defaults, when every group gives its own) is not a value to check."""
+    if group["lr"] is not required:
+        _check_lr(group["lr"])
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta0, beta2))")
@@ -47,7 +60,7 @@ def validate_hyperparameters(group: dict) -> None:
     for name in ("decoupled", "capturable"):
         if not isinstance(group.get(name, False), bool):
             raise ValueError(f"Invalid {name}: {group[name]!r} (must be a bool)")
-    for name in ("lr", "eps", "weight_decay", "dampening"):
+    for name in ("eps", "weight_decay", "dampening"):
         value = group[name]
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
@@ -75,7 +88,8 @@ class Adai(Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (as for SGD with momentum, about 10x SGD-M's).
+        lr: learning rate (as for SGD with momentum, about 10x SGD-M's): a number, or a tensor
+            of one element (see capturable). Required unless every param group gives its own.
         betas: (beta0, beta2): inertia scale and second-moment decay. Default (0.1, 0.99).
         eps: bound on the inertia, beta1 <= 1 - eps. Default 1e-3.
         weight_decay: decay coefficient. Default 0.
@@ -110,8 +124,6 @@ class Adai(Optimizer):
                  decoupled=False, dampening=1.0, *, backend: str = "auto",
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  process_group=None, capturable: bool = False):
-        if lr is required:
-            raise TypeError(f"{type(self).__name__}() missing required argument: 'lr'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening, capturable=capturable)
         validate_hyperparameters(defaults)
@@ -121,19 +133,73 @@ class Adai(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be a finite "
                              f"number > 0, or None)")
         backends.check_name(backend)
+        self._set_options(backend, max_grad_norm, skip_nonfinite, process_group)
+        super().__init__(params, defaults)  # add_param_group checks each group's backend
+
+    def _set_options(self, backend, max_grad_norm, skip_nonfinite, process_group) -> None:
+        """The keyword options (already checked), and no run-time structures yet: buckets
+        come with the first gradients or with loaded state, backends with each device."""
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.process_group = process_group
+        self._requested_backend = backend
         self._last_stats: list[torch.Tensor] = []
         self._mesh_group = None  # the DTensor parameters' group, found at step time
         self._plan = None  # the last step's work lists, reused while they still fit
-        self._requested_backend = backend
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
-        super().__init__(params, defaults)  # add_param_group checks each group's backend
+
+    def _options(self) -> dict:
+        """The keyword options as the constructor takes them (capturable is a group's)."""
+        return dict(backend=self._requested_backend, max_grad_norm=self.max_grad_norm,
+                    skip_nonfinite=self.skip_nonfinite, process_group=self.process_group)
+
+    def __repr__(self) -> str:
+        # torch's text lists each group's settings (capturable among them); the keyword
+        # options are the optimizer's, with the backend that runs it rather than "auto"
+        options = {**self._options(), "backend": self.backend}
+        lines = "".join(f"    {k}: {v}\n" for k, v in options.items())
+        return f"{super().__repr__()[:-1]}\nOptions\n{lines})"
+
+    # -- copies -----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle keep: torch's defaults and param_groups, the state as
+        state_dict() packs it (per-parameter copies, not the buckets' buffers), the keyword
+        options and the last step's statistics (grad_norm). Hooks are not kept, as in
+        torch.optim. The `required` lr is left out: a copy would not be that singleton."""
+        return {"defaults": {k: v for k, v in self.defaults.items() if v is not required},
+                "param_groups": self.param_groups, "state": self._pack_state()["state"],
+                "options": self._options(), "last_stats": self._last_stats}
+
+    def __setstate__(self, state: dict) -> None:
+        """Rebuild what __getstate__ kept: each device's backend (one that cannot run here
+        fails now) and the buckets, built from the state as load_state_dict builds them, so
+        a copy steps on the original's trajectory."""
+        super().__setstate__({"defaults": {"lr": required, **state["defaults"]},
+                              "param_groups": state["param_groups"],
+                              "state": defaultdict(dict)})
+        self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; Adai has none
+        self._set_options(**state["options"])
+        self._last_stats = state["last_stats"]
+        for group in self.param_groups:
+            for device in dict.fromkeys(p.device for p in group["params"]):
+                self._backend_for(device)
+        self._commit(self.param_groups, self._loaded_buckets(state["state"], self._numbering()))
+
+    def __deepcopy__(self, memo: dict) -> "Adai":
+        # A process group is this process's handle on its peers and cannot be copied: the
+        # copy reduces over the same one. (Pickling refuses it, as it refuses a ProcessGroup.)
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     # -- groups -----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):  # torch's TypeError says what else it must be
+            self._check_has_lr(param_group, f"param group {len(self.param_groups)}")
         self._plan = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -146,6 +212,13 @@ class Adai(Optimizer):
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+
+    def _check_has_lr(self, group: dict, where: str) -> None:
+        """lr may be left out of the constructor when every group gives its own."""
+        if "lr" not in group and self.defaults["lr"] is required:
+            name = type(self).__name__
+            raise ValueError(f"{where} has no lr and {name}() was given no default lr (give "
+                             f"lr= to {name}() or an 'lr' to every param group)")
 
     # -- backends ---------------------------------------------------------------------------
     @property
@@ -165,6 +238,38 @@ class Adai(Optimizer):
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        """One Adai step of every parameter that has a gradient (docs/design.md, "Two phases,
+        two calls").
+
+        Phase 1 advances each such parameter's step counter and sums its statistics: the
+        second-moment sums and the squared gradient norm. From them, on the device, come the
+        global mean vbar of the bias-corrected second moment (over every group, device and,
+        with process_group or sharded DTensor parameters, process) and, with max_grad_norm,
+        the clip coefficient. Phase 2 makes one pass over every element: weight decay, the
+        second moment, the adaptive inertia beta1 = clamp(1 - beta0 * vhat / vbar, 0,
+        1 - eps) (see AdaiV2 for d < 1), beta1_prod, the momentum and the parameter.
+        Parameters without a gradient are not touched and do not count in vbar. The step is
+        skipped (only the step counters are taken back) when GradScaler found inf/NaN, or
+        when the gradient norm is not finite and skip_nonfinite or max_grad_norm is set.
+        Nothing returns to the host.
+
+        The first step, and any step whose parameters with gradients, dtypes or layouts
+        changed, checks every gradient (sparse, complex, dtype, device: a RuntimeError naming
+        the parameter, before anything changes) and creates the state of parameters that
+        have none; other steps reuse that plan.
+
+        Each device's parameters are stepped by the backend the `backend` option names; with
+        "auto" (or ADAI_BACKEND) the CUDA kernels on CUDA (else Triton, else the reference
+        backend), the C++ kernels on CPU (else the reference backend), the reference backend
+        elsewhere. The `backend` property tells which one runs.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it
+                runs with gradients enabled, before the step.
+
+        Returns:
+            The closure's loss, or None.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -386,15 +491,37 @@ class Adai(Optimizer):
     # -- state dict -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The authors' format: per parameter index, `step` (int), `exp_avg`, `exp_avg_sq`,
-        `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket."""
+        `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket.
+
+        Hooks run as in torch.optim: those registered with register_state_dict_pre_hook
+        before, then those of register_state_dict_post_hook, each given the dict the previous
+        one returned (a hook that returns None keeps it)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._pack_state()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _numbering(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """The state dict's parameter index -> (group index, parameter): the parameters in
+        group order, each numbered once."""
+        index, numbering = {}, {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in index:
+                    index[id(p)] = len(index)
+                    numbering[index[id(p)]] = (gi, p)
+        return numbering
+
+    def _pack_state(self) -> dict:
         steps = {}
         for bucket in self._buckets.values():
             for p, k in zip(bucket.params, bucket.steps_list()):
                 steps[id(p)] = k
-        index = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
+        index = {id(p): i for i, (_, p) in self._numbering().items()}
         state = {}
         for bucket in self._buckets.values():
             for p in bucket.params:
@@ -413,11 +540,29 @@ class Adai(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint of this optimizer or of the authors' `Adai` (missing group keys
-        take this optimizer's defaults). On any error the optimizer is left as it was."""
+        take this optimizer's defaults; a group saved without `param_names` keeps this
+        optimizer's). On any error the optimizer is left as it was.
+
+        Hooks run as in torch.optim: those registered with register_load_state_dict_pre_hook
+        first, each given a shallow copy of `state_dict` (or what the previous one returned)
+        to edit or replace; those of register_load_state_dict_post_hook after the load."""
+        state_dict = state_dict.copy()  # a hook may set keys: the caller's dict keeps its own
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
             raise ValueError("state_dict must have 'state' (dict) and 'param_groups' (list)")
+        groups, by_saved_index = self._loaded_groups(saved_groups)
+        self._commit(groups, self._loaded_buckets(saved_state, by_saved_index))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_groups(self, saved_groups: list) -> tuple[list[dict], dict]:
+        """The param groups a checkpoint's `param_groups` make, and its parameter index ->
+        (group index, parameter)."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                              f"this optimizer has {len(self.param_groups)}")
@@ -427,10 +572,13 @@ class Adai(Optimizer):
                 raise ValueError(f"param group {gi}: loaded state dict has "
                                  f"{len(saved['params'])} parameters, this optimizer has "
                                  f"{len(group['params'])}")
+            self._check_has_lr(saved, f"param group {gi} of the loaded state dict")
             merged = dict(self.defaults)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             merged["betas"] = tuple(merged["betas"])
             merged["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                merged["param_names"] = group["param_names"]
             try:
                 validate_hyperparameters(merged)
             except ValueError as e:
@@ -438,14 +586,18 @@ class Adai(Optimizer):
             new_groups.append(merged)
             for saved_index, p in zip(saved["params"], group["params"]):
                 by_saved_index[_index(saved_index)] = (gi, p)
+        return new_groups, by_saved_index
 
+    def _loaded_buckets(self, saved_state: dict, by_index: dict) -> dict[tuple, Bucket]:
+        """New buckets holding the state of a state dict's `state` (with `by_index` mapping
+        its keys to (group index, parameter)); checks everything, changes no state."""
         initial: dict[tuple, list] = defaultdict(list)
         for saved_index, entry in saved_state.items():
             saved_index = _index(saved_index)
-            if saved_index not in by_saved_index:
+            if saved_index not in by_index:
                 raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
                                  f"which is in none of its param groups")
-            gi, p = by_saved_index[saved_index]
+            gi, p = by_index[saved_index]
             initial[(gi, p.device, p.dtype)].append((p, self._loaded_entry(entry, p, saved_index)))
 
         for device in {key[1] for key in initial}:
@@ -455,14 +607,17 @@ class Adai(Optimizer):
             bucket = buckets[key] = Bucket(key[1], key[2])
             bucket.add([p for p, _ in items], [e for _, e in items])
             self._backend_for(key[1]).sum_v(bucket)
-        # Everything is checked and built: commit. A bucket of the same parameters keeps its
-        # buffers (a captured CUDA graph holds their addresses).
+        return buckets
+
+    def _commit(self, groups: list[dict], buckets: dict[tuple, Bucket]) -> None:
+        """Make `groups` and `buckets` the optimizer's. A bucket of the same parameters as
+        one already here keeps its buffers (a captured CUDA graph holds their addresses)."""
         for key, bucket in buckets.items():
             old = self._buckets.get(key)
             if old is not None and set(old.position) == set(bucket.position):
                 old.copy_(bucket)
                 buckets[key] = old
-        self.param_groups[:] = new_groups
+        self.param_groups[:] = groups
         self._buckets = buckets
         self._plan = None
         self.state = defaultdict(dict)
@@ -500,8 +655,20 @@ class Adai(Optimizer):
 
 
 class AdaiW(Adai):
-    """Adai with decoupled weight decay (`decoupled=True`). Keyword-only options (backend,
-    max_grad_norm, skip_nonfinite, process_group, capturable) as for Adai."""
+    r"""AdaiW: Adai with decoupled weight decay, ``Adai(..., decoupled=True)``.
+
+    Each step first shrinks every parameter that has a gradient,
+    theta <- theta * (1 - lr * weight_decay), and then takes the Adai step with the gradient
+    as it is. Adai's default L2 decay instead adds weight_decay * theta to the gradient, so
+    the decay also enters the second moment and, through it, the inertia.
+
+    Args:
+        params, lr, betas, eps: as for Adai.
+        weight_decay: decoupled decay coefficient. Default 0.
+        dampening: d in [0, 1], as for Adai (1: Adai's update, < 1: AdaiV2's). Default 1.
+        **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
+            process_group, capturable).
+    """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  dampening=1.0, **options):
@@ -509,8 +676,26 @@ class AdaiW(Adai):
 
 
 class AdaiV2(Adai):
-    """AdaiV2: Adai with a dampening d in [0, 1] and, as in the authors' code, decoupled
-    weight decay by default. Keyword-only options as for Adai."""
+    r"""AdaiV2, the authors' variant with a dampening d in [0, 1] of the momentum.
+
+    With vhat / vbar an element's bias-corrected second moment relative to the global mean:
+
+        beta1 = clamp(1 - beta0 * (vhat / vbar)^(1 / (3 - 2d)), 0, 1 - eps)
+        m <- beta1 * m + (1 - beta1)^d * g
+        theta <- theta - lr * beta0^(1 - d) * m / (1 - beta1_prod)
+
+    d = 1 is Adai's update. As in the authors' code, weight decay is decoupled by default.
+    With d < 1 the vectorised CPU kernels evaluate the two powers with their own
+    polynomials, so CPU and CUDA results differ in the last bits (docs/design.md).
+
+    Args:
+        params, lr, betas, eps: as for Adai.
+        weight_decay: decay coefficient. Default 0.
+        dampening: d. Default 1.
+        decoupled: decoupled (AdaiW) instead of L2 weight decay. Default True.
+        **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
+            process_group, capturable).
+    """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  dampening=1.0, decoupled=True, **options):

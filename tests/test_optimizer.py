@@ -237,6 +237,7 @@ def test_load_state_dict_errors_leave_optimizer_unchanged():
         "groups": lambda sd: sd["param_groups"].pop(),
         "group size": lambda sd: sd["param_groups"][0]["params"].pop(),
         "bad lr": lambda sd: sd["param_groups"][0].update(lr=-1.0),
+        "tensor lr": lambda sd: sd["param_groups"][0].update(lr=torch.tensor([0.1, 0.2])),
         "bad step": lambda sd: sd["state"][3].update(step=-2),
     }
     for name, edit in cases.items():

@@ -26,11 +26,6 @@ def test_construction_errors(kwargs, name):
         Adai([p(3)], **kwargs)
 
 
-def test_lr_is_required():
-    with pytest.raises(TypeError, match="lr"):
-        Adai([p(3)])
-
-
 def test_add_param_group_validates():
     opt = Adai([p(3)], lr=1e-3)
     with pytest.raises(ValueError, match="dampening"):
