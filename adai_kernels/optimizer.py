@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import defaultdict
 
 import torch
@@ -148,6 +149,8 @@ class Adai(Optimizer):
         self._plan = None  # the last step's work lists, reused while they still fit
         self._backends: dict[torch.device, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
+        self._beta0s: dict[int, float] = {}  # id(group) -> its beta0 at the last step
+        self._warned_beta0 = False
 
     def _options(self) -> dict:
         """The keyword options as the constructor takes them (capturable is a group's)."""
@@ -274,6 +277,7 @@ class Adai(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._watch_beta0()
         capturing = _capturing()
         if capturing:
             self._check_capture()
@@ -301,6 +305,23 @@ class Adai(Optimizer):
                 for param, stand_in in w.write_back:
                     param.copy_(stand_in)
         return loss
+
+    def _watch_beta0(self) -> None:
+        """Warn once when a group's beta0 changes between steps to a value above 0.5: that is
+        what OneCycleLR and CyclicLR do with cycle_momentum=True (their default), taking
+        betas[0] for Adam's momentum and cycling it near 0.9, where Adai's inertia scale
+        (default 0.1) leaves almost no inertia to adapt."""
+        for i, group in enumerate(self.param_groups):
+            beta0 = group["betas"][0]
+            before = self._beta0s.get(id(group), beta0)
+            self._beta0s[id(group)] = beta0
+            if beta0 != before and beta0 > 0.5 and not self._warned_beta0:
+                self._warned_beta0 = True
+                warnings.warn(
+                    f"{type(self).__name__}: betas[0] of param group {i} changed from {before:g} "
+                    f"to {beta0:g} between steps. Adai's beta0 is its inertia scale (default "
+                    f"0.1), not a momentum: if a scheduler such as OneCycleLR or CyclicLR set it, "
+                    f"give that scheduler cycle_momentum=False.", stacklevel=3)
 
     def _control(self, device: torch.device) -> Control:
         """This step's shared inputs on `device`: GradScaler sets `grad_scale` and `found_inf`
@@ -618,6 +639,7 @@ class Adai(Optimizer):
                 old.copy_(bucket)
                 buckets[key] = old
         self.param_groups[:] = groups
+        self._beta0s.clear()  # the loaded groups' betas are their own
         self._buckets = buckets
         self._plan = None
         self.state = defaultdict(dict)

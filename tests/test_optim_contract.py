@@ -3,6 +3,8 @@ state-dict hooks, parameter names across a load, copies and pickles, and print(o
 import copy
 import pickle
 
+import warnings
+
 import pytest
 import torch
 
@@ -248,3 +250,36 @@ def test_print_shows_the_options():
     for line in ("lr: 0.1", "capturable: True", "backend: reference", "max_grad_norm: 2.0",
                  "skip_nonfinite: True", "process_group: None"):
         assert f"\n    {line}\n" in text, line
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10),
+    lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3),
+], ids=["OneCycleLR", "CyclicLR"])
+def test_warns_once_when_a_scheduler_cycles_beta0(make):
+    """With cycle_momentum=True (their default) these schedulers move betas[0] to ~0.9 and
+    back, as if it were Adam's momentum: one warning names the cure. Not with
+    cycle_momentum=False, nor for a small change of beta0 by hand."""
+    def run(opt, sched, steps=6):
+        p = opt.param_groups[0]["params"][0]
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Adai([p], lr=0.1)
+    with pytest.warns(UserWarning, match="cycle_momentum=False") as record:
+        run(opt, make(opt))
+    assert sum("cycle_momentum" in str(w.message) for w in record) == 1
+
+    q = torch.nn.Parameter(torch.zeros(3))
+    quiet = Adai([q], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = torch.optim.lr_scheduler.OneCycleLR(quiet, max_lr=0.1, total_steps=10,
+                                                    cycle_momentum=False)
+        run(quiet, sched)
+        quiet.param_groups[0]["betas"] = (0.2, 0.99)
+        run(quiet, None, 2)
