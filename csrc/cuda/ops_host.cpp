@@ -148,9 +148,9 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
 }  // namespace
 
 void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
-                const at::Tensor& steps, const at::Tensor& v_sums,
-                const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
-                const at::Tensor& out) {
+              const at::Tensor& steps, const at::Tensor& v_sums,
+              const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
+              const at::Tensor& out) {
   const char* op = "adai::stats";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
@@ -199,14 +199,14 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
 }
 
 void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
-                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                 const at::Tensor& beta1_prod, const at::Tensor& v_sums,
-                 const at::Tensor& steps, const at::Tensor& stats,
-                 const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf,
-                 const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
-                 double beta2, double eps, double weight_decay, bool decoupled,
-                 double dampening, double max_grad_norm, bool skip_nonfinite) {
+               const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+               const at::Tensor& beta1_prod, const at::Tensor& v_sums,
+               const at::Tensor& steps, const at::Tensor& stats,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+               double beta2, double eps, double weight_decay, bool decoupled,
+               double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const size_t n = params.size();
   adai::check_len(op, "grads", grads.size(), n);
@@ -269,7 +269,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
 }
 
 void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
-                const at::Tensor& v_sums) {
+              const at::Tensor& v_sums) {
   const char* op = "adai::sum_v";
   TORCH_CHECK(exp_avg_sq.defined() && device::holds(exp_avg_sq), op, ": `exp_avg_sq` must be a ",
               device::kName, " tensor");

@@ -6,6 +6,10 @@
 
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <iterator>
+#include <utility>
+
 #include "../cuda/launch.h"
 
 namespace adai {
@@ -89,26 +93,21 @@ at::Tensor selftest(const std::string& name, int64_t blocks) {
   // Padded so that every kernel's stray access stays inside the tensor.
   at::Tensor out = at::zeros({blocks * kThreads + 2}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.mutable_data_ptr<double>();
-  const dim3 grid(static_cast<unsigned int>(blocks));
-  if (name == "ok") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, ok_kernel)(o);
-  } else if (name == "divergent_barrier") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, divergent_barrier_kernel)(o);
-  } else if (name == "exited_thread") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, exited_thread_kernel)(o);
-  } else if (name == "misaligned") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, misaligned_kernel)(o);
-  } else if (name == "shuffle_divergence") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, shuffle_divergence_kernel)(o);
-  } else if (name == "uninitialised_shared") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, uninitialised_shared_kernel)(o);
-  } else if (name == "illegal_address") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, illegal_address_kernel)(o);
-  } else if (name == "missing_barrier") {
-    ADAI_LAUNCH(grid, kThreads, nullptr, missing_barrier_kernel)(o);
-  } else {
-    TORCH_CHECK(false, "adai_emu::_selftest: unknown kernel '", name, "'");
-  }
+  using Kernel = void (*)(double*);
+  const std::pair<const char*, Kernel> kernels[] = {
+      {"ok", ok_kernel},
+      {"divergent_barrier", divergent_barrier_kernel},
+      {"exited_thread", exited_thread_kernel},
+      {"misaligned", misaligned_kernel},
+      {"shuffle_divergence", shuffle_divergence_kernel},
+      {"uninitialised_shared", uninitialised_shared_kernel},
+      {"illegal_address", illegal_address_kernel},
+      {"missing_barrier", missing_barrier_kernel},
+  };
+  const auto* k = std::find_if(std::begin(kernels), std::end(kernels),
+                               [&](const auto& e) { return name == e.first; });
+  TORCH_CHECK(k != std::end(kernels), "adai_emu::_selftest: unknown kernel '", name, "'");
+  ADAI_LAUNCH(static_cast<unsigned int>(blocks), kThreads, nullptr, k->second)(o);
   return out.narrow(0, 0, blocks * kThreads);
 }
 
