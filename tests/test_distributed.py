@@ -1,12 +1,18 @@
 """Distributed training on CPU with gloo, 2 processes on 127.0.0.1: the global statistics are
 over the whole model, whichever process holds which parameters."""
+import gc
 import os
 import socket
 import tempfile
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
+# Before any process group exists: its functions bind `group=group.WORLD` as a default at
+# import; imported later (the first optimizer does, through torch._dynamo) they would keep
+# the workers' gloo group alive (see _release_group).
+import torch.distributed.nn  # noqa: F401
 import torch.multiprocessing as mp
 
 from adai_kernels import Adai
@@ -123,9 +129,23 @@ def _fsdp(rank, backend, max_norm, ckpt_dir):
             assert torch.equal(e[k].full_tensor(), full[i][k])
 
 
+def _release_group():
+    """Free the destroyed gloo group now, not at exit: only its destructor stops its worker
+    threads, and one still running while the interpreter finalizes is killed as it takes the
+    GIL (to free a finished collective's tensors) inside a noexcept destructor: "terminate
+    called without an active exception", SIGABRT. FSDP2's state (in reference cycles) and
+    the device meshes that DTensor's caches keep still hold it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):
+            obj._pg_registry.clear()
+    gc.collect()
+
+
 def _worker(rank, port, backend, errors, ckpt):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    world = weakref.ref(dist.group.WORLD)
     try:
         torch.set_num_threads(1)
         _sharded(rank, backend, None)
@@ -139,6 +159,8 @@ def _worker(rank, port, backend, errors, ckpt):
         raise
     finally:
         dist.destroy_process_group()
+        _release_group()
+    assert world() is None, "the gloo group outlived destroy_process_group"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
