@@ -584,11 +584,10 @@ def _triton_type(x) -> str:
     return "fp32" if isinstance(x, float) else type(x).__name__
 
 
-def test_launches_follow_launch_specs(monkeypatch):
-    """Every kernel is launched with the argument types and constexprs of launch_specs, the
-    table the kernels are compiled from ahead of time (tests/test_compiled_kernels.py)."""
+def _record_launches(monkeypatch, names) -> list:
+    """Record (kernel name, args, kwargs) of every launch of the kernels `names`; the
+    launches still run."""
     K = triton_backend._state["kernels"]
-    specs = triton_backend._state["specs"]
     seen = []
 
     class Recording:
@@ -601,8 +600,16 @@ def test_launches_follow_launch_specs(monkeypatch):
                 return self.fn[grid](*args, **kwargs)
             return launch
 
-    for name in specs:
+    for name in names:
         monkeypatch.setattr(K, name, Recording(name, getattr(K, name)))
+    return seen
+
+
+def test_launches_follow_launch_specs(monkeypatch):
+    """Every kernel is launched with the argument types and constexprs of launch_specs, the
+    table the kernels are compiled from ahead of time (tests/test_compiled_kernels.py)."""
+    specs = triton_backend._state["specs"]
+    seen = _record_launches(monkeypatch, specs)
     bk = Bucket(torch.bfloat16, seed=3)
     for extras in (dict(), dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
                                lr_tensor=torch.tensor(0.1), max_norm=1.0,
@@ -620,25 +627,10 @@ def test_launches_follow_launch_specs(monkeypatch):
         assert all(v in spec.choices[k] for k, v in chosen.items()), (name, chosen)
 
 
-def _launch_flags(monkeypatch):
-    """Record the constexpr alignment flags of every element-wise launch."""
-    K = triton_backend._state["kernels"]
-    seen = []
-
-    class Recording:
-        def __init__(self, name, fn):
-            self.name, self.fn = name, fn
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((self.name, {k: v for k, v in kwargs.items()
-                                         if k.endswith("_ALIGNED")}))
-                return self.fn[grid](*args, **kwargs)
-            return launch
-
-    for name in ("stats_partials_kernel", "update_kernel", "vsum_partials_kernel"):
-        monkeypatch.setattr(K, name, Recording(name, getattr(K, name)))
-    return seen
+def _launch_flags(seen) -> list:
+    """The constexpr alignment flags of recorded launches."""
+    return [(name, {k: v for k, v in kwargs.items() if k.endswith("_ALIGNED")})
+            for name, _, kwargs in seen]
 
 
 @pytest.mark.parametrize("states", STATE_LAYOUTS)
@@ -646,14 +638,15 @@ def test_alignment_hints_follow_the_pointers(monkeypatch, states):
     """Vector hints only where every state pointer (buffer + 4 * offset) of a non-empty
     tensor is 16-byte aligned: the optimizer's padded layout gets them, misaligned offsets
     do not."""
-    seen = _launch_flags(monkeypatch)
+    seen = _record_launches(monkeypatch,
+                            ("stats_partials_kernel", "update_kernel", "vsum_partials_kernel"))
     bk = Bucket(torch.float32, seed=1, states=states)
     assert all(t.data_ptr() % 16 == 0 for t in bk.params)
     grads = bk.grads()
     run_update(bk, grads, run_stats(bk, grads, 0.99, 0.1), hyper("coupled", 1.0))
     ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
     aligned = states != "misaligned"
-    assert seen == [
+    assert _launch_flags(seen) == [
         ("stats_partials_kernel", dict(P_ALIGNED=True)),
         ("update_kernel", dict(P_ALIGNED=aligned, S_ALIGNED=aligned)),
         ("vsum_partials_kernel", dict(S_ALIGNED=aligned))]
