@@ -502,11 +502,6 @@ void configure(const Config& config) {
   g_config = config;
 }
 
-Config config() {
-  std::lock_guard<std::mutex> lock(g_lock);
-  return g_config;
-}
-
 std::vector<int64_t> counters() { return {g_launches, g_blocks, g_switches}; }
 
 std::vector<std::string> shared_variables() {

@@ -22,7 +22,6 @@ struct Config {
 };
 
 void configure(const Config& config);
-Config config();
 
 // Counters since the module was loaded: launches, blocks, thread switches.
 std::vector<int64_t> counters();
