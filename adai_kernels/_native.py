@@ -1,4 +1,4 @@
-"""Loads the compiled ops (torch.ops.adai.stats / .update / .sum_v) and registers their fake
+"""Loads the compiled ops (torch.ops.adai.stats / .update / .v_sum) and registers their fake
 kernels (adai_kernels/fakes.py).
 
 `adai_kernels._C` holds the op schemas (and the CUDA kernels when built with CUDA); the CPU

@@ -99,7 +99,7 @@ class Bucket:
                 for key in self.STATE_KEYS:
                     views[key].copy_(init[key])
                 self.steps[i] = float(init["step"])
-        # v_sums of loaded state are the owner's to fill (Backend.sum_v); fresh state sums to 0
+        # v_sums of loaded state are the owner's to fill (Backend.v_sum); fresh state sums to 0
 
     def copy_(self, other: "Bucket") -> None:
         """Take the values of `other`, a bucket of the same parameters (in any order), keeping

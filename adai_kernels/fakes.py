@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of the stats / update / sum_v schema (csrc/op_schemas.h), shared by the
+"""Fake (meta) kernels of the stats / update / v_sum schema (csrc/op_schemas.h), shared by the
 compiled ops (`adai::`) and the Triton ops (`adai_triton::`): shape, dtype and device checks
 only (what torch.compile and opcheck need); the ops return nothing."""
 from __future__ import annotations
@@ -65,7 +65,7 @@ def check_control(op: str, name: str, t, device) -> None:
 
 
 def kernels(namespace: str) -> dict:
-    """The fake kernels of `namespace`::stats, ::update and ::sum_v, by op name."""
+    """The fake kernels of `namespace`::stats, ::update and ::v_sum, by op name."""
 
     def stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
         op = f"{namespace}::stats"
@@ -102,11 +102,11 @@ def kernels(namespace: str) -> dict:
             check_control(op, name, t, stats.device)
         return None
 
-    def sum_v(exp_avg_sq, segments, v_sums):
-        op = f"{namespace}::sum_v"
+    def v_sum(exp_avg_sq, segments, v_sums):
+        op = f"{namespace}::v_sum"
         _check_segments(op, segments, None)
         _check_flat(op, "exp_avg_sq", exp_avg_sq, torch.float32, exp_avg_sq.device)
         _check_flat(op, "v_sums", v_sums, torch.float64, exp_avg_sq.device)
         return None
 
-    return {"stats": stats, "update": update, "sum_v": sum_v}
+    return {"stats": stats, "update": update, "v_sum": v_sum}

@@ -627,7 +627,7 @@ class Adai(Optimizer):
         for key, items in initial.items():
             bucket = buckets[key] = Bucket(key[1], key[2])
             bucket.add([p for p, _ in items], [e for _, e in items])
-            self._backend_for(key[1]).sum_v(bucket)
+            self._backend_for(key[1]).v_sum(bucket)
         return buckets
 
     def _commit(self, groups: list[dict], buckets: dict[tuple, Bucket]) -> None:

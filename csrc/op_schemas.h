@@ -21,7 +21,7 @@ constexpr const char* kUpdate =
     "Tensor stats, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, "
     "float beta0, float beta2, float eps, float weight_decay, bool decoupled, "
     "float dampening, float max_grad_norm, bool skip_nonfinite) -> ()";
-constexpr const char* kSumV = "sum_v(Tensor exp_avg_sq, Tensor segments, Tensor(a!) v_sums) -> ()";
+constexpr const char* kSumV = "v_sum(Tensor exp_avg_sq, Tensor segments, Tensor(a!) v_sums) -> ()";
 
 // Test hook and capture-safe copy of the CUDA kernels' host code (csrc/cuda/ops_host.cpp).
 constexpr const char* kChunkTable = "_chunk_table(int[] numels, int chunk=-1) -> Tensor";

@@ -6,7 +6,7 @@
 // aligned (vector path) and misaligned (scalar path) buffers and many lengths:
 // - update: every element is updated exactly once and bitwise as adai::update does it element
 //   by element (with g = grad * grad_mul), nothing outside the chunk is touched, the
-//   per-thread sums add up; a skipped step writes nothing; sum_v's per-thread sums equal
+//   per-thread sums add up; a skipped step writes nothing; v_sum's per-thread sums equal
 //   update's bitwise (whatever path each takes);
 // - stats: each thread's four sums (g^2, (g + l2 theta)^2, g theta, theta^2, g unscaled) are
 //   bitwise adai_math.h's element values added in the canonical order, equal on the vector
@@ -148,14 +148,14 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
                                        len, aligned, inv_bc2, args);
     v_sum += per_thread[tid];
   }
-  // sum_v over the new v, on either path, gives every thread's sum bitwise.
+  // v_sum over the new v, on either path, gives every thread's sum bitwise.
   for (bool v_aligned : {aligned16(v.data), false}) {
     bool same = true;
     for (int tid = 0; tid < nthreads; ++tid) {
-      const float s = vsum_thread(tid, nthreads, v.data, len, v_aligned);
+      const float s = v_sum_thread(tid, nthreads, v.data, len, v_aligned);
       same = same && std::memcmp(&s, &per_thread[tid], sizeof(float)) == 0;
     }
-    CHECK(same, "sum_v<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
+    CHECK(same, "v_sum<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
           tn, (long long)len, offset, nthreads, (int)v_aligned);
   }
   CHECK(same_bytes(p, pe), "update<%s> len=%lld offset=%d threads=%d mul=%g: params differ",

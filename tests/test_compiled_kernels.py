@@ -1,12 +1,12 @@
 """The compiled GPU kernels, checked without a GPU (they run in CI on a CPU machine):
 
 - CUDA (csrc/cuda), read from the cubins of the built adai_kernels._C (bench/cubin.py):
-  no stats, update or sum_v kernel spills, for sm_80 and sm_90 and every dtype, and the
+  no stats, update or v_sum kernel spills, for sm_80 and sm_90 and every dtype, and the
   update kernel moves an aligned group with 128-bit global loads and stores.
 - Triton: every kernel compiled ahead of time for sm_80, sm_90 and gfx942 from the
   backend's own launch table (bench/triton_aot.py): no spills; update's aligned chunks use
   vector accesses as wide as its layout allows; IEEE division and square roots; update and
-  sum_v reduce the chunk sums of v in one register layout (so sum_v restores update's sums
+  v_sum reduce the chunk sums of v in one register layout (so v_sum restores update's sums
   bitwise).
 - bench/results/cuda-resources.md is what `python -m bench.cuda_resources` writes now.
 
@@ -62,10 +62,10 @@ def test_cuda_kernels_do_not_spill(usage):
     names = {arch: {u.name for u in usage if u.arch == arch} for arch in (80, 90)}
     for arch, have in names.items():
         want = {f"stats_kernel<{t}, {l2}>" for t in CUDA_DTYPES for l2 in ("false", "true")}
-        want |= {f"update_kernel<{t}>" for t in CUDA_DTYPES} | {"sum_v_kernel"}
+        want |= {f"update_kernel<{t}>" for t in CUDA_DTYPES} | {"v_sum_kernel"}
         assert want <= have, f"sm_{arch}: missing {sorted(want - have)}"
     spills = [f"sm_{u.arch} {u.name}: stack {u.stack} B, local {u.local} B" for u in usage
-              if u.name.startswith(("stats_", "update_", "sum_v_")) and (u.stack or u.local)]
+              if u.name.startswith(("stats_", "update_", "v_sum_")) and (u.stack or u.local)]
     assert not spills, spills
 
 
@@ -184,11 +184,11 @@ def _reduce_layouts(entry: dict) -> list[str]:
 
 def test_triton_update_math_and_reductions_on_sm90(aot):
     """IEEE division and square roots (no div.full, no sqrt.approx; the clip coefficient in
-    float64), and update's chunk sums of v in the layout of sum_v's for the same alignment."""
+    float64), and update's chunk sums of v in the layout of v_sum's for the same alignment."""
     kernels = _target(aot, "sm_90")
-    vsum = {e["chosen"]["S_ALIGNED"]: _reduce_layouts(e) for e in kernels
-            if e["kernel"] == "vsum_partials_kernel"}
-    assert set(vsum) == {True, False} and all(vsum.values())
+    v_sum = {e["chosen"]["S_ALIGNED"]: _reduce_layouts(e) for e in kernels
+            if e["kernel"] == "v_sum_partials_kernel"}
+    assert set(v_sum) == {True, False} and all(v_sum.values())
     updates = [e for e in kernels if e["kernel"] == "update_kernel"]
     assert {e["variant"] for e in updates} == {"usual", "options", "unaligned"}
     for e in updates:
@@ -196,7 +196,7 @@ def test_triton_update_math_and_reductions_on_sm90(aot):
         assert "div.full" not in ptx and "sqrt.approx" not in ptx, label
         if e["chosen"]["CLIP"]:
             assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx, label
-        assert _reduce_layouts(e) == vsum[e["chosen"]["S_ALIGNED"]], label
+        assert _reduce_layouts(e) == v_sum[e["chosen"]["S_ALIGNED"]], label
 
 
 # ---- the committed table ------------------------------------------------------------------

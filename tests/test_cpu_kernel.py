@@ -130,7 +130,7 @@ class Bucket:
             dtype=torch.int64).reshape(n, 3)
         self.m_buf, self.v_buf, self.b_buf = (torch.full((size,), GAP) for _ in range(3))
         self.step_vec = torch.zeros(n, dtype=F64)
-        self.vsum_vec = torch.zeros(n, dtype=F64)
+        self.v_sum_vec = torch.zeros(n, dtype=F64)
         self.exp_avg, self.exp_avg_sq, self.beta1_prod = (
             [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(self.params, self.offsets)]
             for buf in (self.m_buf, self.v_buf, self.b_buf))
@@ -139,7 +139,7 @@ class Bucket:
             v.zero_()
             b.fill_(1.0)
         self.steps = [self.step_vec[s] for s in self.slots]
-        self.v_sums = [self.vsum_vec[s] for s in self.slots]
+        self.v_sums = [self.v_sum_vec[s] for s in self.slots]
 
     def clone(self) -> "Bucket":
         c = Bucket(list(zip(self.names, [p.clone() for p in self.params])), self.misaligned)
@@ -151,7 +151,7 @@ class Bucket:
 
     def flat(self):
         """The state buffers and the slot vectors."""
-        return [self.m_buf, self.v_buf, self.b_buf, self.step_vec, self.vsum_vec]
+        return [self.m_buf, self.v_buf, self.b_buf, self.step_vec, self.v_sum_vec]
 
     def tensors(self):
         return self.state() + self.grads
@@ -197,11 +197,11 @@ def kernel_step(buckets: list[Bucket], hp: dict, found_inf=None,
     scale = _f32(hp["grad_scale"])
     rows = torch.full((len(buckets), COLS), float("nan"), dtype=F64)
     for j, b in enumerate(buckets):
-        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.vsum_vec, scale,
+        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.v_sum_vec, scale,
                              hp["beta2"], l2, rows[j])
     for b in buckets:
         torch.ops.adai.update(b.params, b.grads, b.segments, b.m_buf, b.v_buf, b.b_buf,
-                              b.vsum_vec, b.step_vec, rows, scale, _f32(found_inf),
+                              b.v_sum_vec, b.step_vec, rows, scale, _f32(found_inf),
                               _f32(lr_tensor), hp["lr"], hp["beta0"], hp["beta2"], hp["eps"],
                               hp["weight_decay"], hp["decoupled"], hp["dampening"],
                               hp["max_grad_norm"], hp["skip_nonfinite"])
@@ -500,13 +500,13 @@ def test_grads_not_modified_and_params_not_read_by_stats_without_l2():
         p.fill_(float("nan"))
     out = torch.zeros(COLS, dtype=F64)
     torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
-                         bucket.vsum_vec, None, 0.99, 0.0, out)
+                         bucket.v_sum_vec, None, 0.99, 0.0, out)
     assert torch.isfinite(out).all() and out[B] > 0
     assert out[B] == out[BGG] and out[BGT] == 0 and out[BTT] == 0
     # nor when l2 rounds to 0 in float (the per-element math's l2, adai_math.h Consts)
     out2 = torch.zeros(COLS, dtype=F64)
     torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
-                         bucket.vsum_vec, None, 0.99, 1e-50, out2)
+                         bucket.v_sum_vec, None, 0.99, 1e-50, out2)
     assert torch.isfinite(out2).all() and out2[BGT] == 0 and out2[BTT] == 0
     for p, s in zip(bucket.params, saved):
         p.copy_(s)
@@ -549,8 +549,8 @@ def test_deterministic_across_thread_counts(dtype, config):
 
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sum_v_matches_update_bitwise(dtype, misaligned):
-    """sum_v (run when state is loaded) recomputes v_sums exactly as update summed them, for
+def test_v_sum_matches_update_bitwise(dtype, misaligned):
+    """v_sum (run when state is loaded) recomputes v_sums exactly as update summed them, for
     any layout, size and placement in the buffer and any thread count, so a restored run
     continues bitwise."""
     gen = torch.Generator().manual_seed(6)
@@ -559,14 +559,14 @@ def test_sum_v_matches_update_bitwise(dtype, misaligned):
     for _ in range(3):
         fresh_grads(bucket, gen)
         kernel_step([bucket], dict(HP, dampening=0.5))
-    expected = bucket.vsum_vec.clone()
+    expected = bucket.v_sum_vec.clone()
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            bucket.vsum_vec.fill_(float("nan"))
-            torch.ops.adai.sum_v(bucket.v_buf, bucket.segments, bucket.vsum_vec)
-            assert torch.equal(bucket.vsum_vec, expected)
+            bucket.v_sum_vec.fill_(float("nan"))
+            torch.ops.adai.v_sum(bucket.v_buf, bucket.segments, bucket.v_sum_vec)
+            assert torch.equal(bucket.v_sum_vec, expected)
     finally:
         torch.set_num_threads(old)
     # and the sums are the sums (fp32 lanes of <= 32 terms, added in double)
@@ -574,12 +574,12 @@ def test_sum_v_matches_update_bitwise(dtype, misaligned):
         torch.testing.assert_close(vs, v.to(F64).sum(), rtol=1e-6, atol=0)
     # the rows name the tensors: a subset (in any order) writes only its own slots
     rows = [5, 0, 9, 3]
-    bucket.vsum_vec.fill_(float("nan"))
-    torch.ops.adai.sum_v(bucket.v_buf, bucket.segments[rows], bucket.vsum_vec)
+    bucket.v_sum_vec.fill_(float("nan"))
+    torch.ops.adai.v_sum(bucket.v_buf, bucket.segments[rows], bucket.v_sum_vec)
     written = torch.zeros(len(bucket.params), dtype=torch.bool)
     written[[bucket.slots[i] for i in rows]] = True
-    assert torch.equal(bucket.vsum_vec[written], expected[written])
-    assert torch.isnan(bucket.vsum_vec[~written]).all()
+    assert torch.equal(bucket.v_sum_vec[written], expected[written])
+    assert torch.isnan(bucket.v_sum_vec[~written]).all()
     assert bucket.gaps_untouched()
 
 
@@ -590,10 +590,10 @@ def test_stats_v_sums_linearity():
     b1 = Bucket([("x", torch.randn(1000, generator=gen))])
     fresh_grads(b1, gen)
     b2 = b1.clone()
-    b2.vsum_vec.fill_(123.0)
+    b2.v_sum_vec.fill_(123.0)
     o1, o2 = torch.zeros(COLS, dtype=F64), torch.zeros(COLS, dtype=F64)
     for b, o in ((b1, o1), (b2, o2)):
-        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.vsum_vec, None, 0.99,
+        torch.ops.adai.stats(b.params, b.grads, b.segments, b.step_vec, b.v_sum_vec, None, 0.99,
                              0.0, o)
     torch.testing.assert_close(o2[A] - o1[A], torch.tensor(0.99 * 123.0 / (1 - 0.99), dtype=F64))
     assert torch.equal(o1[1:], o2[1:])
@@ -712,7 +712,7 @@ def test_stats_row_columns():
     beta2, l2, scale = 0.99, 0.03, 3.0
     out = torch.zeros(COLS, dtype=F64)
     torch.ops.adai.stats(bucket.params, bucket.grads, bucket.segments, bucket.step_vec,
-                         bucket.vsum_vec, torch.tensor(scale), beta2, l2, out)
+                         bucket.v_sum_vec, torch.tensor(scale), beta2, l2, out)
     exp = torch.zeros(COLS, dtype=F64)
     for i, (p, g) in enumerate(zip(bucket.params, bucket.grads)):
         k = [1, 4, 11][i]

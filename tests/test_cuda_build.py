@@ -7,7 +7,7 @@
   element loops (csrc/cuda/elementwise.h, __host__ __device__) on the CPU for every thread of
   a block and compares them bitwise with adai_math.h applied element by element (stats: the
   unscaled g^2, (g + l2 theta)^2, g theta, theta^2 sums; update: with the gradient multiplier,
-  and a skipped step that writes nothing; sum_v against update), and checks a tensor's share
+  and a skipped step that writes nothing; v_sum against update), and checks a tensor's share
   of the statistics row and update's globals (rows summed in row order, adai::globals, skip,
   multiplier, lr_tensor).
 - Always: the statistics columns of csrc/adai_math.h are the ones the Python side uses.
@@ -28,7 +28,7 @@ from adai_kernels import fatbin
 from bench import cubin
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("stats", "update", "sum_v")
+OPS = ("stats", "update", "v_sum")
 
 
 def _cuda_build_state() -> tuple[object | None, str | None]:

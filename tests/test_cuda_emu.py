@@ -95,7 +95,7 @@ def test_random_schedule_exposes_a_missing_barrier():
 
 def test_the_kernels_shared_variables_are_found():
     names = ops._shared_variables()
-    for kernel in ("12stats_kernel", "13update_kernel", "12sum_v_kernel"):
+    for kernel in ("12stats_kernel", "13update_kernel", "12v_sum_kernel"):
         assert any(kernel in n and "5s_red" in n for n in names), kernel
 
 
@@ -120,13 +120,13 @@ def _run_steps(dtype, schedule):
         control = dict(max_grad_norm=gpu.NORM / 10) if step == 1 else {}
         rows.append(gpu.op_step(bk, grads, hp, gpu.EXTRA if step == 2 else None, **control))
     sums = torch.full((bk.n_slots,), float("nan"), dtype=torch.float64)
-    ops.sum_v(bk.exp_avg_sq, bk.segments, sums)
+    ops.v_sum(bk.exp_avg_sq, bk.segments, sums)
     return [*bk.tensors(), *rows, sums], ops._counters()[2] - switches
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_bitwise_identical_across_block_orders_and_schedules(dtype):
-    """stats, update (plain, clipped, with another bucket's row) and sum_v: every output
+    """stats, update (plain, clipped, with another bucket's row) and v_sum: every output
     bitwise the same under five block orders and thread schedules, which really differ."""
     results = [_run_steps(dtype, s) for s in SCHEDULES]
     first, _ = results[0]
@@ -170,9 +170,9 @@ def test_captured_launch_tables_travel_as_arguments():
 
 
 # A cross-section of the op matrix: every kernel, dtype and path (vector and scalar, skip,
-# clipping, sum_v, empty tensors, many tensors, validation).
+# clipping, v_sum, empty tensors, many tensors, validation).
 ASAN_SELECTION = ("test_ops_match_oracle or test_skipped_step_changes_nothing or "
-                  "test_sum_v_reproduces or test_empty_lists or test_all_tensors_empty or "
+                  "test_v_sum_reproduces or test_empty_lists or test_all_tensors_empty or "
                   "test_segment_and_buffer_validation or test_many_tensors_match_oracle or "
                   "test_selftest or test_copy_as_arguments")
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels on a GPU: adai::stats / adai::update / adai::sum_v against a float64
+"""The CUDA kernels on a GPU: adai::stats / adai::update / adai::v_sum against a float64
 oracle written here (the statistics row, gradient unscaling, clipping with and without L2
 decay, skipped steps, tensor learning rates), bitwise determinism, many tensors and the
 launch count, and the optimizer with backend="cuda" against backend="reference" (plain,
@@ -149,10 +149,10 @@ class Bucket:
         self.beta1_prod, self.b = buffer(1.0)
         self.steps_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
                                     device=DEVICE)
-        self.vsum_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
+        self.v_sum_vec = torch.full((self.n_slots,), float("nan"), dtype=torch.float64,
                                    device=DEVICE)
         self.steps_vec[self._slot_index()] = 0.0
-        self.vsum_vec[self._slot_index()] = 0.0
+        self.v_sum_vec[self._slot_index()] = 0.0
 
     def _slot_index(self) -> torch.Tensor:
         return torch.tensor(self.slots, dtype=torch.int64, device=DEVICE)
@@ -175,12 +175,12 @@ class Bucket:
         """Step counters in tensor order."""
         return self.steps_vec[self._slot_index()].double().tolist()
 
-    def vsum_list(self) -> list[float]:
+    def v_sum_list(self) -> list[float]:
         """v_sums in tensor order."""
-        return self.vsum_vec[self._slot_index()].tolist()
+        return self.v_sum_vec[self._slot_index()].tolist()
 
-    def vsum(self, i: int) -> float:
-        return self.vsum_vec[self.slots[i]].item()
+    def v_sum(self, i: int) -> float:
+        return self.v_sum_vec[self.slots[i]].item()
 
     def outside(self) -> list[torch.Tensor]:
         """The bits of what a call over these tensors must not touch: the state buffers
@@ -193,17 +193,17 @@ class Bucket:
             pos = max(pos, e)
         unused = torch.tensor(sorted(set(range(self.n_slots)) - set(self.slots)),
                               dtype=torch.int64, device=DEVICE)
-        parts += [self.steps_vec[unused], self.vsum_vec[unused]]
+        parts += [self.steps_vec[unused], self.v_sum_vec[unused]]
         return [_bits(t).clone() for t in parts]
 
     def snapshot(self) -> dict:
         f64 = lambda ts: [t.detach().double().clone() for t in ts]  # noqa: E731
         return dict(params=f64(self.params), m=f64(self.m), v=f64(self.v), b=f64(self.b),
-                    steps=self.step_list(), v_sums=self.vsum_list(), outside=self.outside())
+                    steps=self.step_list(), v_sums=self.v_sum_list(), outside=self.outside())
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.params, self.exp_avg, self.exp_avg_sq, self.beta1_prod, self.steps_vec,
-                self.vsum_vec]
+                self.v_sum_vec]
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -223,7 +223,7 @@ def _l2(hp) -> float:
 
 
 def stats_op(bk, grads, hp, out, grad_scale=None):
-    ops.stats(bk.params, grads, bk.segments, bk.steps_vec, bk.vsum_vec, grad_scale,
+    ops.stats(bk.params, grads, bk.segments, bk.steps_vec, bk.v_sum_vec, grad_scale,
               hp["betas"][1], _l2(hp), out)
 
 
@@ -231,7 +231,7 @@ def update_op(bk, grads, hp, stats, grad_scale=None, found_inf=None, lr_tensor=N
               max_grad_norm=0.0, skip_nonfinite=False):
     lr = 0.0 if lr_tensor is not None else hp["lr"]
     ops.update(bk.params, grads, bk.segments, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
-               bk.vsum_vec, bk.steps_vec, stats, grad_scale, found_inf, lr_tensor, lr,
+               bk.v_sum_vec, bk.steps_vec, stats, grad_scale, found_inf, lr_tensor, lr,
                hp["betas"][0], hp["betas"][1], hp["eps"], hp["weight_decay"], hp["decoupled"],
                hp["dampening"], max_grad_norm, skip_nonfinite)
 
@@ -350,8 +350,8 @@ def check_against_oracle(bk, grads_before, grads, stats, expected, what=""):
                                        **STATE_TOL, msg=lambda m: f"{where}: {name}: {m}")
         # v_sums: the kernel's reduction of its own new v (tight), and the oracle's (loose)
         own = float(bk.v[i].double().sum())
-        assert math.isclose(bk.vsum(i), own, rel_tol=1e-5, abs_tol=1e-30), where
-        assert math.isclose(bk.vsum(i), expected["v_sums"][i], rel_tol=2e-4,
+        assert math.isclose(bk.v_sum(i), own, rel_tol=1e-5, abs_tol=1e-30), where
+        assert math.isclose(bk.v_sum(i), expected["v_sums"][i], rel_tol=2e-4,
                             abs_tol=1e-30), where
         assert torch.equal(grads[i], grads_before[i]), f"{where}: the gradient was written"
 
@@ -635,7 +635,7 @@ def test_nonfinite_param_without_l2_does_not_reach_the_state():
     for i in range(len(bk.params)):
         for t in (bk.v[i], bk.m[i], bk.b[i]):
             assert torch.isfinite(t).all(), i
-    assert all(math.isfinite(x) for x in bk.vsum_list())
+    assert all(math.isfinite(x) for x in bk.v_sum_list())
     assert not torch.isfinite(bk.params[3].view(-1)[7])
     assert torch.isfinite(bk.params[3].view(-1)[8:]).all()
 
@@ -652,7 +652,7 @@ def test_zero_gradients_leave_params_unchanged():
         assert torch.count_nonzero(m) == 0 and torch.count_nonzero(v) == 0
         assert torch.all(b == torch.tensor(1.0 - 1e-3, dtype=torch.float32))
     assert bk.step_list() == [1.0] * len(bk.params)
-    assert bk.vsum_list() == [0.0] * len(bk.params)
+    assert bk.v_sum_list() == [0.0] * len(bk.params)
 
 
 def _run(dtype, seed, hyper, steps=3, stream=None, **control):
@@ -707,8 +707,8 @@ def _relocated(v_views, shift):
 
 @pytest.mark.parametrize("state_offset", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
-    """sum_v gives bitwise update's v_sums: on the bucket's own buffer (scrambled segments and
+def test_v_sum_reproduces_update_bitwise(dtype, state_offset):
+    """v_sum gives bitwise update's v_sums: on the bucket's own buffer (scrambled segments and
     slots), on copies of v at 16-byte aligned and at misaligned offsets, and on a subset of
     the rows (only their slots are written)."""
     bk, gen = make_bucket(dtype, seed=5, state_offset=state_offset)
@@ -716,7 +716,7 @@ def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
     for _ in range(2):
         op_step(bk, make_grads(bk.params, gen), hp, grad_scale=scalar(7.0),
                 max_grad_norm=200.0)
-    expected = bk.vsum_vec[bk._slot_index()]
+    expected = bk.v_sum_vec[bk._slot_index()]
     n = len(bk.v)
     layouts = {"own": (bk.exp_avg_sq, bk.segments, bk.slots),
                "aligned copy": _relocated(bk.v, 0), "misaligned copy": _relocated(bk.v, 3)}
@@ -724,14 +724,14 @@ def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
         before = _bits(buf).clone()
         out = torch.full((max(slots, default=-1) + 2,), float("nan"), dtype=torch.float64,
                          device=DEVICE)
-        ops.sum_v(buf, segments, out)
+        ops.v_sum(buf, segments, out)
         idx = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
         assert same_bits(out[idx], expected), (what, (out[idx] - expected).abs().max())
         assert math.isnan(out[-1].item()), f"{what}: an unused slot was written"
         assert torch.equal(_bits(buf), before), f"{what}: exp_avg_sq was written"
     rows = list(range(0, n, 2))
     out = torch.full((bk.n_slots,), float("nan"), dtype=torch.float64, device=DEVICE)
-    ops.sum_v(bk.exp_avg_sq, bk.segments[rows], out)
+    ops.v_sum(bk.exp_avg_sq, bk.segments[rows], out)
     for i in range(n):
         got = out[bk.slots[i]]
         if i in rows:
@@ -741,7 +741,7 @@ def test_sum_v_reproduces_update_bitwise(dtype, state_offset):
 
 
 def test_empty_lists():
-    """No tensors: stats writes a zero row, update and sum_v do nothing; state buffers and
+    """No tensors: stats writes a zero row, update and v_sum do nothing; state buffers and
     slots that exist are not touched."""
     segments = torch.zeros(0, 3, dtype=torch.int64)
     for length, n_slots in ((0, 0), (40, 3)):
@@ -758,7 +758,7 @@ def test_empty_lists():
                    0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
         ops.update([], [], segments, *bufs, v_sums, steps, stats, scalar(2.0), scalar(1.0),
                    scalar(1e-2), 0.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 1.0, True)
-        ops.sum_v(bufs[1], segments, v_sums)
+        ops.v_sum(bufs[1], segments, v_sums)
         for t, t0 in zip((*bufs, steps, v_sums), before):
             assert torch.equal(t, t0)
 
@@ -770,7 +770,7 @@ def test_all_tensors_empty():
     stats = op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2))
     assert stats[0].tolist() == [0.0] * COLUMNS
     assert bk.step_list() == [1.0, 1.0]
-    assert bk.vsum_list() == [0.0, 0.0]
+    assert bk.v_sum_list() == [0.0, 0.0]
     # skipped: the increments are taken back
     op_step(bk, grads, dict(HYPER["coupled"], lr=1e-2), found_inf=scalar(1.0))
     assert bk.step_list() == [1.0, 1.0]
@@ -845,7 +845,7 @@ def _call(op, **changes):
                    a["stats"], a["grad_scale"], a["found_inf"], a["lr_tensor"], 1e-2, 0.1, 0.99,
                    1e-3, 0.0, False, 1.0, 0.0, False)
     else:
-        ops.sum_v(a["bufs"][1], a["segments"], a["v_sums"])
+        ops.v_sum(a["bufs"][1], a["segments"], a["v_sums"])
 
 
 def _segs(*rows):
@@ -855,15 +855,15 @@ def _segs(*rows):
 _TABLE = r"`segments` must be a contiguous int64 CPU tensor of shape \(n, 3\)"
 SEGMENT_CASES = {
     # name: (ops, changes or a function of the valid arguments giving them, message)
-    "int32": ("stats update sum_v", dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 1]).int()),
+    "int32": ("stats update v_sum", dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 1]).int()),
               _TABLE),
-    "float64": ("stats update sum_v",
+    "float64": ("stats update v_sum",
                 dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 1]).double()), _TABLE),
-    "two_columns": ("stats update sum_v", dict(segments=torch.zeros(3, 2, dtype=torch.int64)),
+    "two_columns": ("stats update v_sum", dict(segments=torch.zeros(3, 2, dtype=torch.int64)),
                     _TABLE),
-    "1d": ("stats update sum_v", dict(segments=torch.zeros(9, dtype=torch.int64)), _TABLE),
-    "3d": ("stats update sum_v", dict(segments=torch.zeros(1, 3, 3, dtype=torch.int64)), _TABLE),
-    "non_contiguous": ("stats update sum_v",
+    "1d": ("stats update v_sum", dict(segments=torch.zeros(9, dtype=torch.int64)), _TABLE),
+    "3d": ("stats update v_sum", dict(segments=torch.zeros(1, 3, 3, dtype=torch.int64)), _TABLE),
+    "non_contiguous": ("stats update v_sum",
                        dict(segments=_segs([0, 16, 2], [4, 3, 0], [2, 0, 1]).t()), _TABLE),
     "rows": ("stats update", dict(segments=_segs([0, 4, 2], [16, 3, 0])),
              r"`segments` has 2 rows but `params` has 3 tensors"),
@@ -873,37 +873,37 @@ SEGMENT_CASES = {
               r"segments\[1\] has numel 4 but params\[1\] has 3 elements"),
     "numel_empty": ("stats update", dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 1, 1])),
                     r"segments\[2\] has numel 1 but params\[2\] has 0 elements"),
-    "past_the_end": ("update sum_v", dict(segments=_segs([0, 4, 2], [17, 3, 0], [2, 0, 1])),
+    "past_the_end": ("update v_sum", dict(segments=_segs([0, 4, 2], [17, 3, 0], [2, 0, 1])),
                      r"segments\[1\] = \(offset 17, numel 3\) is outside the state buffers of "
                      r"19 elements"),
-    "empty_past_the_end": ("update sum_v",
+    "empty_past_the_end": ("update v_sum",
                            dict(segments=_segs([0, 4, 2], [16, 3, 0], [20, 0, 1])),
                            r"segments\[2\] = \(offset 20, numel 0\) is outside"),
-    "negative_offset": ("update sum_v", dict(segments=_segs([-1, 4, 2], [16, 3, 0], [2, 0, 1])),
+    "negative_offset": ("update v_sum", dict(segments=_segs([-1, 4, 2], [16, 3, 0], [2, 0, 1])),
                         r"segments\[0\] = \(offset -1, numel 4\) has a negative entry"),
-    "huge_offset": ("update sum_v", dict(segments=_segs([0, 4, 2], [2**62, 3, 0], [2, 0, 1])),
+    "huge_offset": ("update v_sum", dict(segments=_segs([0, 4, 2], [2**62, 3, 0], [2, 0, 1])),
                     r"segments\[1\] = \(offset 4611686018427387904, numel 3\) is outside"),
-    "negative_numel": ("sum_v", dict(segments=_segs([0, 4, 2], [16, -3, 0])),
+    "negative_numel": ("v_sum", dict(segments=_segs([0, 4, 2], [16, -3, 0])),
                        r"segments\[1\] = \(offset 16, numel -3\) has a negative entry"),
-    "slot_too_big": ("stats update sum_v", dict(segments=_segs([0, 4, 3], [16, 3, 0], [2, 0, 1])),
+    "slot_too_big": ("stats update v_sum", dict(segments=_segs([0, 4, 3], [16, 3, 0], [2, 0, 1])),
                      r"segments\[0\] has slot 3 but steps and v_sums have 3 slots"),
-    "negative_slot": ("stats update sum_v",
+    "negative_slot": ("stats update v_sum",
                       dict(segments=_segs([0, 4, 2], [16, 3, -1], [2, 0, 1])),
                       r"segments\[1\] has slot -1 but steps and v_sums have 3 slots"),
-    "duplicate_slot": ("stats update sum_v",
+    "duplicate_slot": ("stats update v_sum",
                        dict(segments=_segs([0, 4, 2], [16, 3, 0], [2, 0, 2])),
                        r"segments\[2\] uses slot 2, which an earlier tensor of this call uses"),
-    "overlap": ("update sum_v", dict(segments=_segs([0, 4, 2], [3, 3, 0], [2, 0, 1])),
+    "overlap": ("update v_sum", dict(segments=_segs([0, 4, 2], [3, 3, 0], [2, 0, 1])),
                 r"segments\[0\] and segments\[1\] overlap in the state buffers"),
-    "overlap_reversed": ("update sum_v", dict(segments=_segs([3, 4, 2], [1, 3, 0], [2, 0, 1])),
+    "overlap_reversed": ("update v_sum", dict(segments=_segs([3, 4, 2], [1, 3, 0], [2, 0, 1])),
                          r"segments\[1\] and segments\[0\] overlap in the state buffers"),
-    "same_start": ("update sum_v", dict(segments=_segs([15, 4, 2], [15, 3, 0], [2, 0, 1])),
+    "same_start": ("update v_sum", dict(segments=_segs([15, 4, 2], [15, 3, 0], [2, 0, 1])),
                   r"segments\[\d\] and segments\[\d\] overlap in the state buffers"),
 }
 STATE_CASES = {
     "exp_avg_dtype": ("update", lambda a: dict(bufs=[a["bufs"][0].double(), *a["bufs"][1:]]),
                       r"`exp_avg` must be a contiguous 1-D Float tensor"),
-    "exp_avg_sq_2d": ("update sum_v",
+    "exp_avg_sq_2d": ("update v_sum",
                       lambda a: dict(bufs=[a["bufs"][0], a["bufs"][1].view(1, 19), a["bufs"][2]]),
                       r"`exp_avg_sq` must be a contiguous 1-D Float tensor"),
     "beta1_prod_strided": ("update", lambda a: dict(bufs=[
@@ -915,7 +915,7 @@ STATE_CASES = {
                     r"`steps` must be a contiguous 1-D Double tensor"),
     "steps_0d": ("stats update", lambda a: dict(steps=a["steps"][0]),
                  r"`steps` must be a contiguous 1-D Double tensor"),
-    "v_sums_dtype": ("stats update sum_v", lambda a: dict(v_sums=a["v_sums"].float()),
+    "v_sums_dtype": ("stats update v_sum", lambda a: dict(v_sums=a["v_sums"].float()),
                      r"`v_sums` must be a contiguous 1-D Double tensor"),
     "slot_counts": ("stats update", lambda a: dict(steps=torch.zeros(4, dtype=torch.float64,
                                                                       device=DEVICE)),
@@ -931,7 +931,7 @@ def test_segment_and_buffer_validation(case):
     names, changes, message = {**SEGMENT_CASES, **STATE_CASES}[case]
     if callable(changes):
         changes = changes(_valid_call())
-    for op in ("stats", "update", "sum_v"):
+    for op in ("stats", "update", "v_sum"):
         _call(op)  # the valid call is accepted
     for op in names.split():
         a = dict(_valid_call(), **changes)
@@ -1025,9 +1025,9 @@ def test_validation_messages():
     with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one"):
         up(grad_scale=one.half())
     with pytest.raises(RuntimeError, match="`exp_avg_sq` must be a CUDA tensor"):
-        ops.sum_v(bufs[1].cpu(), segs, vs)
+        ops.v_sum(bufs[1].cpu(), segs, vs)
     with pytest.raises(RuntimeError, match="`v_sums` is on cpu but the op runs on cuda"):
-        ops.sum_v(bufs[1], segs, vs.cpu())
+        ops.v_sum(bufs[1], segs, vs.cpu())
 
 
 # ---- many tensors: parity and the number of kernel launches ---------------------------------
@@ -1102,7 +1102,7 @@ def test_ops_do_not_synchronise_with_the_host():
             stats_op(bk, grads, hp, stats[0], grad_scale=scale)
             update_op(bk, grads, hp, stats, grad_scale=scale, found_inf=found_inf,
                       lr_tensor=lr, max_grad_norm=10.0 if k else 0.0, skip_nonfinite=k == 2)
-            ops.sum_v(bk.exp_avg_sq, bk.segments, bk.vsum_vec)
+            ops.v_sum(bk.exp_avg_sq, bk.segments, bk.v_sum_vec)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -1266,7 +1266,7 @@ def test_optimizer_grad_scaler(dtype):
 
 
 def test_optimizer_checkpoint_resume_is_bitwise():
-    """A run restored from a state dict (v_sums recomputed by adai::sum_v) continues exactly
+    """A run restored from a state dict (v_sums recomputed by adai::v_sum) continues exactly
     as the uninterrupted run."""
     from adai_kernels import Adai
 
@@ -1379,6 +1379,6 @@ def test_tensor_of_2_pow_31_plus_3_elements():
         torch.testing.assert_close(bk.m[t][a:e].double(), m, **STATE_TOL)
         torch.testing.assert_close(bk.b[t][a:e].double(), beta1, **STATE_TOL)
     v_total = sum(float(bk.v[0][i:i + piece].double().sum()) for i in range(0, n, piece))
-    assert math.isclose(bk.vsum(0), v_total, rel_tol=1e-5)
-    assert math.isclose(bk.vsum(1), float(bk.v[1].double().sum()), rel_tol=1e-6)
+    assert math.isclose(bk.v_sum(0), v_total, rel_tol=1e-5)
+    assert math.isclose(bk.v_sum(1), float(bk.v[1].double().sum()), rel_tol=1e-6)
     assert bk.step_list() == [1.0, 1.0]

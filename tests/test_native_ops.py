@@ -78,17 +78,17 @@ def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=N
         v.copy_(torch.rand_like(v) * 0.1)
         b.fill_(0.9)
     step_vec = torch.ones(len(params), dtype=F64)
-    vsum_vec = torch.zeros(len(params), dtype=F64)
+    v_sum_vec = torch.zeros(len(params), dtype=F64)
     for (_, _, slot), v in zip(segments.tolist(), views(exp_avg_sq)):
-        vsum_vec[slot] = v.double().sum()
+        v_sum_vec[slot] = v.double().sum()
     stats = torch.zeros(2, COLS, dtype=F64)
     l2 = 0.0 if decoupled else weight_decay
-    stats_args = (params, grads, segments, step_vec, vsum_vec, _f32(grad_scale), 0.99, l2,
+    stats_args = (params, grads, segments, step_vec, v_sum_vec, _f32(grad_scale), 0.99, l2,
                   stats[0])
     torch.ops.adai.stats(*stats_args)  # a real row for update ...
     step_vec.sub_(1.0)                 # ... and the counters as before that call
     stats[1] = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0, 3.0, 100.0])  # another bucket's row
-    update_args = (params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, vsum_vec,
+    update_args = (params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum_vec,
                    step_vec, stats, _f32(grad_scale), _f32(found_inf), _f32(lr_tensor), 0.1,
                    0.1, 0.99, 1e-3, weight_decay, decoupled, dampening, max_grad_norm,
                    skip_nonfinite)
@@ -96,8 +96,8 @@ def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=N
 
 
 # argument positions
-S_SEG, S_STEPS, S_VSUMS, S_SCALE, S_OUT = 2, 3, 4, 5, 8
-U_SEG, U_M, U_V, U_B, U_VSUMS, U_STEPS, U_STATS, U_SCALE, U_INF, U_LR = range(2, 12)
+S_SEG, S_STEPS, S_V_SUMS, S_SCALE, S_OUT = 2, 3, 4, 5, 8
+U_SEG, U_M, U_V, U_B, U_V_SUMS, U_STEPS, U_STATS, U_SCALE, U_INF, U_LR = range(2, 12)
 
 SAMPLES = [
     dict(dtype=torch.float32),
@@ -123,10 +123,10 @@ def test_opcheck_update(kw):
 
 
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
-def test_opcheck_sum_v(misaligned):
+def test_opcheck_v_sum(misaligned):
     _, args = sample(torch.float32, misaligned=misaligned)
-    torch.library.opcheck(torch.ops.adai.sum_v.default,
-                          (args[U_V], args[U_SEG], args[U_VSUMS]))
+    torch.library.opcheck(torch.ops.adai.v_sum.default,
+                          (args[U_V], args[U_SEG], args[U_V_SUMS]))
 
 
 def _fake(mode, args):
@@ -142,7 +142,7 @@ def test_fake_kernels_check_inputs():
         fa, fu = _fake(mode, args), _fake(mode, uargs)
         torch.ops.adai.stats(*fa)  # fine
         torch.ops.adai.update(*fu)
-        torch.ops.adai.sum_v(fu[U_V], fu[U_SEG], fu[U_VSUMS])
+        torch.ops.adai.v_sum(fu[U_V], fu[U_SEG], fu[U_V_SUMS])
         bad = list(fa)
         bad[1] = bad[1][:-1]  # one gradient short
         with pytest.raises(Exception, match="grads"):
@@ -162,7 +162,7 @@ def test_fake_kernels_check_inputs():
             with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
                 torch.ops.adai.stats(*bad)
         bad = list(fa)
-        bad[S_VSUMS] = mode.from_tensor(torch.zeros(5, dtype=F64))
+        bad[S_V_SUMS] = mode.from_tensor(torch.zeros(5, dtype=F64))
         with pytest.raises(Exception, match="`steps` has 6 slots but `v_sums` has 5"):
             torch.ops.adai.stats(*bad)
         bad = list(fu)
@@ -183,8 +183,8 @@ def test_fake_kernels_check_inputs():
             with pytest.raises(Exception, match=f"`{name}` must be a float32 tensor of one"):
                 torch.ops.adai.update(*bad)
         with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
-            torch.ops.adai.sum_v(fu[U_V], mode.from_tensor(torch.zeros(6, 2, dtype=torch.int64)),
-                                 fu[U_VSUMS])
+            torch.ops.adai.v_sum(fu[U_V], mode.from_tensor(torch.zeros(6, 2, dtype=torch.int64)),
+                                 fu[U_V_SUMS])
 
 
 # ---- eager input validation (messages name the argument) -----------------------------------
@@ -275,11 +275,11 @@ def test_stats_validation():
     _expect("`steps` must be a contiguous 1-D Double tensor", st,
             *_with(args, {S_STEPS: steps.float()}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
-            *_with(args, {S_VSUMS: v_sums.float()}))
+            *_with(args, {S_V_SUMS: v_sums.float()}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", st,
-            *_with(args, {S_VSUMS: torch.zeros(12, dtype=F64)[::2]}))
+            *_with(args, {S_V_SUMS: torch.zeros(12, dtype=F64)[::2]}))
     _expect("`steps` has 6 slots but `v_sums` has 7", st,
-            *_with(args, {S_VSUMS: torch.zeros(7, dtype=F64)}))
+            *_with(args, {S_V_SUMS: torch.zeros(7, dtype=F64)}))
     _expect("`steps` has 5 slots but `v_sums` has 6", st,
             *_with(args, {S_STEPS: steps[:5]}))
     for bad_out in (torch.zeros((), dtype=F64), torch.zeros(COLS), torch.zeros(COLS - 1,
@@ -296,10 +296,10 @@ def test_stats_validation():
     _expect_cpu("`steps` is on meta but the op runs on cpu", st,
                 _with(args, {S_STEPS: steps.to("meta")}))
     _expect_cpu("`v_sums` is on meta but the op runs on cpu", st,
-                _with(args, {S_VSUMS: v_sums.to("meta")}))
+                _with(args, {S_V_SUMS: v_sums.to("meta")}))
     # more slots than tensors (a subset of a bucket's tensors) is fine
     torch.ops.adai.stats(*_with(args, {S_STEPS: torch.zeros(9, dtype=F64),
-                                         S_VSUMS: torch.zeros(9, dtype=F64)}))
+                                         S_V_SUMS: torch.zeros(9, dtype=F64)}))
 
 
 def test_update_validation():
@@ -329,9 +329,9 @@ def test_update_validation():
     _expect(f"`beta1_prod` has {state_len - 1} elements but `exp_avg` has {state_len}", up,
             *_with(args, {U_B: args[U_B][:-1]}))
     _expect("`steps` has 6 slots but `v_sums` has 5", up,
-            *_with(args, {U_VSUMS: args[U_VSUMS][:5]}))
+            *_with(args, {U_V_SUMS: args[U_V_SUMS][:5]}))
     _expect("`v_sums` must be a contiguous 1-D Double tensor", up,
-            *_with(args, {U_VSUMS: args[U_VSUMS].float()}))
+            *_with(args, {U_V_SUMS: args[U_V_SUMS].float()}))
     _expect("`steps` must be a contiguous 1-D Double tensor", up,
             *_with(args, {U_STEPS: args[U_STEPS].float()}))
     _expect_cpu("`steps` is on meta but the op runs on cpu", up,
@@ -368,7 +368,7 @@ def test_segments_of_a_subset():
     sub = _with(args, {0: [params[i] for i in order], 1: [grads[i] for i in order],
                        U_SEG: segments[order]})
     before = {j: args[j].clone() for j in range(U_M, U_STEPS + 1)}
-    torch.ops.adai.stats(sub[0], sub[1], sub[U_SEG], args[U_STEPS], args[U_VSUMS], None, 0.99,
+    torch.ops.adai.stats(sub[0], sub[1], sub[U_SEG], args[U_STEPS], args[U_V_SUMS], None, 0.99,
                          0.0, args[U_STATS][0])
     torch.ops.adai.update(*sub)
     inside = torch.zeros(args[U_M].numel(), dtype=torch.bool)
@@ -379,12 +379,12 @@ def test_segments_of_a_subset():
     for j in (U_M, U_V, U_B):
         assert torch.equal(args[j][~inside], before[j][~inside])
         assert (args[j][inside] != before[j][inside]).all()
-    for j in (U_VSUMS, U_STEPS):
+    for j in (U_V_SUMS, U_STEPS):
         assert torch.equal(args[j][~slots], before[j][~slots])
     assert torch.equal(args[U_STEPS][slots], before[U_STEPS][slots] + 1)
     for i in order:  # v_sums: the sums of the new exp_avg_sq
         o, n, slot = segments[i].tolist()
-        assert args[U_VSUMS][slot].item() == pytest.approx(
+        assert args[U_V_SUMS][slot].item() == pytest.approx(
             args[U_V][o:o + n].double().sum().item(), rel=1e-6, abs=0)
 
 
@@ -400,10 +400,10 @@ def test_update_skip_writes_only_steps():
         assert torch.equal(args[j], b - 1.0 if j == U_STEPS else b), j
 
 
-def test_sum_v_validation():
+def test_v_sum_validation():
     _, args = sample(torch.float32)
-    v, segments, v_sums = args[U_V], args[U_SEG], args[U_VSUMS]
-    sv = torch.ops.adai.sum_v
+    v, segments, v_sums = args[U_V], args[U_SEG], args[U_V_SUMS]
+    sv = torch.ops.adai.v_sum
     shape = r"`segments` must be a contiguous int64 CPU tensor of shape \(n, 3\)"
     for seg in (segments.int(), segments[:, :2].contiguous(), segments.reshape(-1),
                 segments.t().contiguous().t()):
@@ -457,10 +457,10 @@ def test_empty_lists():
                           torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64),
                           torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
                           1e-3, 0.0, False, 1.0, 0.0, False)
-    torch.ops.adai.sum_v(torch.zeros(0), seg0, torch.zeros(0, dtype=F64))
+    torch.ops.adai.v_sum(torch.zeros(0), seg0, torch.zeros(0, dtype=F64))
     # no tensors, but a bucket's buffers and slots: nothing is written
     buf, steps, vs = torch.ones(32), torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
-    torch.ops.adai.sum_v(buf, seg0, vs)
+    torch.ops.adai.v_sum(buf, seg0, vs)
     torch.ops.adai.update([], [], seg0, buf, buf.clone(), buf.clone(), vs, steps,
                           torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
                           1e-3, 0.0, False, 1.0, 0.0, False)
@@ -483,14 +483,14 @@ def test_one_element_and_empty_tensors_at_buffer_ends():
     assert vs[0].item() == 0.0 and vs[1].item() == pytest.approx(0.01 * 0.25, rel=1e-6)
     assert v.item() == pytest.approx(0.01 * 0.25, rel=1e-6) and p.item() < 1.0
     vs.fill_(-1.0)
-    torch.ops.adai.sum_v(v, seg, vs)
+    torch.ops.adai.v_sum(v, seg, vs)
     assert vs.tolist() == [0.0, v.item()]
 
 
 # ---- dispatch table and the compiled modules --------------------------------------------
 
 def test_dispatch_registrations():
-    for op in ("adai::stats", "adai::update", "adai::sum_v"):
+    for op in ("adai::stats", "adai::update", "adai::v_sum"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
     # CUDA kernels are registered exactly when _C was compiled with them
     assert _native.has_cuda_kernels() == _native.built_with_cuda()

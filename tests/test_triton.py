@@ -1,4 +1,4 @@
-"""backend="triton": the custom ops `adai_triton::stats / update / sum_v` against a float64
+"""backend="triton": the custom ops `adai_triton::stats / update / v_sum` against a float64
 implementation of the two phases written here from the spec, run on CPU tensors under
 Triton's interpreter (no GPU needed).
 
@@ -118,9 +118,9 @@ class Bucket:
             setattr(self, k, [self.buf[k].as_strided(p.shape, p.stride(), o)
                               for p, o in zip(self.params, offsets)])
         self.step_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
-        self.vsum_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
+        self.v_sum_buf = torch.full((n_slots,), UNOWNED, dtype=torch.float64)
         self.steps = [self.step_buf[s] for s in slots]
-        self.v_sums = [self.vsum_buf[s] for s in slots]
+        self.v_sums = [self.v_sum_buf[s] for s in slots]
         for i, (s, lay) in enumerate(shapes):
             if fresh:  # a new bucket: zeros, ones, step 0
                 m, v, b = torch.zeros(s), torch.zeros(s), torch.ones(s)
@@ -151,13 +151,13 @@ class Bucket:
 
     def v(self):
         """The tensors' v_sums, in tensor order."""
-        return self.vsum_buf[self.slot_index]
+        return self.v_sum_buf[self.slot_index]
 
     def outside(self):
         """What no tensor owns: the buffers' gaps and the spare slots."""
         return {k: self.buf[k][self.unowned].clone() for k in self.STATES} | {
             "spare_steps": self.step_buf[self.spare].clone(),
-            "spare_v_sums": self.vsum_buf[self.spare].clone()}
+            "spare_v_sums": self.v_sum_buf[self.spare].clone()}
 
     def snapshot(self):
         """Per-tensor copies (steps and v_sums in tensor order) and the whole buffers."""
@@ -165,7 +165,7 @@ class Bucket:
                 for k in ("params",) + self.STATES} | {
             "steps": self.k().clone(), "v_sums": self.v().clone(),
             "buffers": [self.buf[k].clone() for k in self.STATES],
-            "slots": [self.step_buf.clone(), self.vsum_buf.clone()]}
+            "slots": [self.step_buf.clone(), self.v_sum_buf.clone()]}
 
 
 # ------------------------------------------------------------------ float64, from the spec
@@ -256,7 +256,7 @@ def run_stats(bk, grads, beta2, l2, others=1, grad_scale=None):
     (other buckets' rows). Returns the matrix."""
     stats = torch.zeros(1 + others, 7, dtype=torch.float64)
     stats[1:] = OTHER / others if others else 0.0
-    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, grad_scale, beta2, l2,
+    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf, grad_scale, beta2, l2,
               stats[0])
     return stats
 
@@ -264,7 +264,7 @@ def run_stats(bk, grads, beta2, l2, others=1, grad_scale=None):
 def run_update(bk, grads, stats, hp, grad_scale=None, found_inf=None, lr_tensor=None,
                max_norm=0.0, skip_nonfinite=False):
     ops.update(bk.params, grads, bk.segments, bk.buf["exp_avg"], bk.buf["exp_avg_sq"],
-               bk.buf["beta1_prod"], bk.vsum_buf, bk.step_buf, stats, grad_scale, found_inf,
+               bk.buf["beta1_prod"], bk.v_sum_buf, bk.step_buf, stats, grad_scale, found_inf,
                lr_tensor,
                0.0 if lr_tensor is not None else hp["lr"], hp["beta0"], hp["beta2"],
                hp["eps"], hp["wd"], hp["decoupled"], hp["d"], max_norm, skip_nonfinite)
@@ -360,7 +360,7 @@ def test_stats_row_columns():
     grads = bk.grads()
     buf = torch.full((7, 3), -1.0, dtype=torch.float64)
     buf[:, 1:] = (OTHER / 2).unsqueeze(1)
-    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, None, hp["beta2"],
+    ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf, None, hp["beta2"],
               hp["wd"], buf[:, 0])
     k, row, mass = spec_row(snap, grads, hp["beta2"], hp["wd"])
     assert torch.all((buf[:, 0] - row).abs() <= 2e-6 * mass), (buf[:, 0], row)
@@ -523,23 +523,23 @@ def test_deterministic(dtype, d):
 
 
 @pytest.mark.parametrize("states", STATE_LAYOUTS)
-def test_sum_v_matches_update_bitwise(states):
-    """sum_v accumulates exactly as update does (a restored checkpoint continues bitwise),
+def test_v_sum_matches_update_bitwise(states):
+    """v_sum accumulates exactly as update does (a restored checkpoint continues bitwise),
     writes only the slots of its rows, and sums any subset of the tensors."""
     bk = Bucket(torch.float32, seed=2, states=states)
     grads = bk.grads()
     hp = hyper("none", 1.0)
     stats = run_stats(bk, grads, hp["beta2"], 0.0)
     run_update(bk, grads, stats, hp)
-    fresh = torch.full_like(bk.vsum_buf, -1.0)
-    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, fresh)
+    fresh = torch.full_like(bk.v_sum_buf, -1.0)
+    ops.v_sum(bk.buf["exp_avg_sq"], bk.segments, fresh)
     assert torch.equal(fresh[bk.slot_index], bk.v())
     assert torch.equal(fresh[bk.spare], torch.full_like(fresh[bk.spare], -1.0))
     rows = [4, 1, 6]
-    part = torch.full_like(bk.vsum_buf, -1.0)
-    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments[rows], part)
+    part = torch.full_like(bk.v_sum_buf, -1.0)
+    ops.v_sum(bk.buf["exp_avg_sq"], bk.segments[rows], part)
     named = bk.slot_index[rows]
-    assert torch.equal(part[named], bk.vsum_buf[named])
+    assert torch.equal(part[named], bk.v_sum_buf[named])
     others = torch.ones_like(part, dtype=torch.bool)
     others[named] = False
     assert torch.equal(part[others], torch.full_like(part[others], -1.0))
@@ -617,7 +617,7 @@ def test_launches_follow_launch_specs(monkeypatch):
         grads = bk.grads()
         stats = run_stats(bk, grads, 0.99, 0.1, grad_scale=extras.get("grad_scale"))
         run_update(bk, grads, stats, hyper("coupled", 0.5), **extras)
-    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    ops.v_sum(bk.buf["exp_avg_sq"], bk.segments, bk.v_sum_buf)
     assert {name for name, _, _ in seen} == set(specs)
     for name, args, kwargs in seen:
         spec = specs[name]
@@ -639,17 +639,17 @@ def test_alignment_hints_follow_the_pointers(monkeypatch, states):
     tensor is 16-byte aligned: the optimizer's padded layout gets them, misaligned offsets
     do not."""
     seen = _record_launches(monkeypatch,
-                            ("stats_partials_kernel", "update_kernel", "vsum_partials_kernel"))
+                            ("stats_partials_kernel", "update_kernel", "v_sum_partials_kernel"))
     bk = Bucket(torch.float32, seed=1, states=states)
     assert all(t.data_ptr() % 16 == 0 for t in bk.params)
     grads = bk.grads()
     run_update(bk, grads, run_stats(bk, grads, 0.99, 0.1), hyper("coupled", 1.0))
-    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    ops.v_sum(bk.buf["exp_avg_sq"], bk.segments, bk.v_sum_buf)
     aligned = states != "misaligned"
     assert _launch_flags(seen) == [
         ("stats_partials_kernel", dict(P_ALIGNED=True)),
         ("update_kernel", dict(P_ALIGNED=aligned, S_ALIGNED=aligned)),
-        ("vsum_partials_kernel", dict(S_ALIGNED=aligned))]
+        ("v_sum_partials_kernel", dict(S_ALIGNED=aligned))]
 
 
 def test_alignment_of_state_pointers():
@@ -729,7 +729,7 @@ def test_empty_lists(slots):
     assert torch.equal(out, torch.zeros(7, dtype=torch.float64))
     ops.update([], [], segs, *states, v_sums, steps, torch.zeros(1, 7, dtype=torch.float64),
                None, None, None, 1.0, 0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
-    ops.sum_v(states[1], segs, v_sums)
+    ops.v_sum(states[1], segs, v_sums)
     assert torch.equal(steps, torch.full((slots,), 2.0, dtype=torch.float64))
     assert torch.equal(v_sums, torch.full((slots,), 3.0, dtype=torch.float64))
     assert all(torch.equal(s, torch.full((16 * slots,), 4.0)) for s in states)
@@ -743,7 +743,7 @@ def test_empty_tensor_at_the_end_of_the_buffers():
     bk.segments[1, 0] = n
     bk.segments[2, 0] = 3  # inside the first span: empty spans overlap nothing
     check_step(bk, bk.grads(), hyper("coupled", 1.0), others=0)
-    ops.sum_v(bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf)
+    ops.v_sum(bk.buf["exp_avg_sq"], bk.segments, bk.v_sum_buf)
     assert bk.v()[1].item() == 0.0 and bk.v()[2].item() == 0.0
 
 
@@ -751,21 +751,21 @@ def test_bad_shapes_are_rejected():
     bk = Bucket(torch.float32, seed=4, shapes=[((7,), "c")])
     grads = bk.grads()
     with pytest.raises(RuntimeError, match="out must be a 1-D float64"):
-        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, None, 0.99, 0.0,
+        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf, None, 0.99, 0.0,
                   torch.zeros((), dtype=torch.float64))
     with pytest.raises(RuntimeError, match="stats must be a 2-D float64"):
         run_update(bk, grads, torch.zeros(7, dtype=torch.float64), hyper("none", 1.0))
     with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one element"):
-        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf,
+        ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf,
                   torch.tensor(2.0, dtype=torch.float64), 0.99, 0.0,
                   torch.zeros(7, dtype=torch.float64))
 
 
 def _call(bk, op, **changes):
-    """Call `op` ("stats", "update" or "sum_v") on the bucket with some arguments replaced
+    """Call `op` ("stats", "update" or "v_sum") on the bucket with some arguments replaced
     (`segments` may be given as a list of rows)."""
     a = dict(params=bk.params, grads=[torch.ones_like(p) for p in bk.params],
-             segments=bk.segments, steps=bk.step_buf, v_sums=bk.vsum_buf, **bk.buf)
+             segments=bk.segments, steps=bk.step_buf, v_sums=bk.v_sum_buf, **bk.buf)
     a.update(changes)
     if isinstance(a["segments"], list):
         a["segments"] = torch.tensor(a["segments"], dtype=torch.int64)
@@ -778,7 +778,7 @@ def _call(bk, op, **changes):
                                                                         dtype=torch.float64),
                    None, None, None, 0.1, 0.1, 0.99, 1e-3, 0.1, False, 1.0, 0.0, False)
     else:
-        ops.sum_v(a["exp_avg_sq"], a["segments"], a["v_sums"])
+        ops.v_sum(a["exp_avg_sq"], a["segments"], a["v_sums"])
 
 
 # Three tensors of 7, 5 and 3 elements at offsets 0, 16, 32 of buffers of 48, slots 0, 1, 2.
@@ -797,34 +797,34 @@ def _rows(**at):
 F64 = torch.float64
 BAD_SEGMENTS = {
     # name: (ops it applies to, segments or a tensor builder, message)
-    "int32": ("stats update sum_v", lambda: torch.tensor(_ROWS, dtype=torch.int32),
+    "int32": ("stats update v_sum", lambda: torch.tensor(_ROWS, dtype=torch.int32),
               r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
-    "two-columns": ("stats update sum_v", lambda: torch.tensor(_ROWS)[:, :2],
+    "two-columns": ("stats update v_sum", lambda: torch.tensor(_ROWS)[:, :2],
                     r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
-    "1-D": ("stats update sum_v", lambda: torch.tensor(_ROWS).reshape(-1),
+    "1-D": ("stats update v_sum", lambda: torch.tensor(_ROWS).reshape(-1),
             r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
-    "meta": ("stats update sum_v", lambda: torch.tensor(_ROWS).to("meta"),
+    "meta": ("stats update v_sum", lambda: torch.tensor(_ROWS).to("meta"),
              r"`segments` must be an int64 CPU tensor .* on meta"),
     "rows": ("stats update", lambda: torch.tensor(_ROWS[:2]),
              "segments has 2 rows but params has 3 tensors"),
     "numel": ("stats update", _rows(r1c1=4), r"segments\[1\] has numel 4 but params\[1\] "
                                                r"has 5 elements"),
-    "negative-offset": ("stats update sum_v", _rows(r0c0=-1),
+    "negative-offset": ("stats update v_sum", _rows(r0c0=-1),
                         r"segments\[0\] = \(offset -1, numel 7\) is"),
-    "past-the-end": ("update sum_v", _rows(r2c0=46),
+    "past-the-end": ("update v_sum", _rows(r2c0=46),
                      r"segments\[2\] = \(offset 46, numel 3\) is outside the state "
                      r"buffers of 48 elements"),
-    "far-past-the-end": ("update sum_v", _rows(r2c0=2**62),
+    "far-past-the-end": ("update v_sum", _rows(r2c0=2**62),
                          r"segments\[2\] = \(offset 4611686018427387904, numel 3\) is "
                          r"outside"),
-    "slot-range": ("stats update sum_v", _rows(r1c2=3),
+    "slot-range": ("stats update v_sum", _rows(r1c2=3),
                    r"segments\[1\] has slot 3 but (steps and )?v_sums have 3 slots"),
-    "negative-slot": ("stats update sum_v", _rows(r0c2=-1), r"segments\[0\] has slot -1"),
-    "slot-twice": ("stats update sum_v", _rows(r2c2=0),
+    "negative-slot": ("stats update v_sum", _rows(r0c2=-1), r"segments\[0\] has slot -1"),
+    "slot-twice": ("stats update v_sum", _rows(r2c2=0),
                    r"segments\[2\] uses slot 0, which an earlier tensor of this call uses"),
-    "overlap": ("update sum_v", _rows(r1c0=5),
+    "overlap": ("update v_sum", _rows(r1c0=5),
                 r"segments\[0\] and segments\[1\] overlap in the state buffers"),
-    "overlap-unordered": ("update sum_v", _rows(r0c0=33, r2c0=20),
+    "overlap-unordered": ("update v_sum", _rows(r0c0=33, r2c0=20),
                           r"segments\[1\] and segments\[2\] overlap"),
 }
 
@@ -846,7 +846,7 @@ def test_valid_unusual_segments_are_accepted():
     """Spans in any order, touching spans, slots in any order: all valid."""
     bk = Bucket(torch.float32, seed=4, shapes=_SHAPES3)
     for rows in ([[41, 7, 2], [36, 5, 0], [0, 3, 1]], [[0, 7, 1], [7, 5, 2], [12, 3, 0]]):
-        for op in ("stats", "update", "sum_v"):
+        for op in ("stats", "update", "v_sum"):
             _call(bk, op, segments=rows)
 
 
@@ -855,7 +855,7 @@ BAD_BUFFERS = {
     "exp_avg-float64": ("update", lambda bk: dict(exp_avg=bk.buf["exp_avg"].double()),
                         "exp_avg must be a contiguous 1-D torch.float32 tensor, got "
                         "torch.float64"),
-    "exp_avg_sq-2-D": ("update sum_v",
+    "exp_avg_sq-2-D": ("update v_sum",
                        lambda bk: dict(exp_avg_sq=bk.buf["exp_avg_sq"].view(6, 8)),
                        r"exp_avg_sq must be a contiguous 1-D torch.float32 tensor, got "
                        r"torch.float32 with shape \(6, 8\)"),
@@ -868,13 +868,13 @@ BAD_BUFFERS = {
                       "steps must be a contiguous 1-D torch.float64 tensor"),
     "steps-0-dim": ("stats update", lambda bk: dict(steps=bk.steps[0]),
                     "steps must be a contiguous 1-D torch.float64 tensor"),
-    "v_sums-float32": ("stats update sum_v", lambda bk: dict(v_sums=bk.vsum_buf.float()),
+    "v_sums-float32": ("stats update v_sum", lambda bk: dict(v_sums=bk.v_sum_buf.float()),
                        "v_sums must be a contiguous 1-D torch.float64 tensor"),
     "slot-counts": ("stats update", lambda bk: dict(v_sums=torch.zeros(4, dtype=F64)),
                     "steps has 3 slots but v_sums has 4"),
     "state-device": ("update", lambda bk: dict(exp_avg_sq=torch.zeros(48, device="meta")),
                      "`exp_avg_sq` is on meta but the op runs on cpu"),
-    "v_sums-device": ("stats update sum_v",
+    "v_sums-device": ("stats update v_sum",
                       lambda bk: dict(v_sums=torch.zeros(3, dtype=F64, device="meta")),
                       "`v_sums` is on meta but the op runs on cpu"),
     "params-dtype": ("stats update", lambda bk: dict(
@@ -918,17 +918,17 @@ def test_opcheck():
     states = (bk.buf["exp_avg"], bk.buf["exp_avg_sq"], bk.buf["beta1_prod"])
     for scale in (None, gs):
         torch.library.opcheck(ops.stats.default,
-                              (bk.params, grads, bk.segments, bk.step_buf, bk.vsum_buf, scale,
+                              (bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf, scale,
                                0.99, 0.1, stats[0]))
     torch.library.opcheck(ops.update.default,
-                          (bk.params, grads, bk.segments, *states, bk.vsum_buf, bk.step_buf,
+                          (bk.params, grads, bk.segments, *states, bk.v_sum_buf, bk.step_buf,
                            stats, None, None, None, 0.1, 0.1, 0.99, 1e-3, 0.1, True, 0.5, 0.0,
                            False))
     torch.library.opcheck(ops.update.default,
-                          (bk.params, grads, bk.segments, *states, bk.vsum_buf, bk.step_buf,
+                          (bk.params, grads, bk.segments, *states, bk.v_sum_buf, bk.step_buf,
                            stats, gs, torch.tensor(0.0), torch.tensor(0.05), 0.0, 0.1, 0.99,
                            1e-3, 0.1, False, 1.0, 1.0, True))
-    torch.library.opcheck(ops.sum_v.default, (bk.buf["exp_avg_sq"], bk.segments, bk.vsum_buf))
+    torch.library.opcheck(ops.v_sum.default, (bk.buf["exp_avg_sq"], bk.segments, bk.v_sum_buf))
 
 
 def _schemas(text):
@@ -953,7 +953,7 @@ def test_schemas_are_the_native_ones():
     decls = re.findall(r"constexpr const char\* k(?:Stats|Update|SumV) =(.*?);", src, re.S)
     native = _schemas("".join(re.findall(r'"([^"]*)"', d)) for d in decls)
     ours = _schemas(str(getattr(ops, name).default._schema) for name in native)
-    assert set(native) == {"stats", "update", "sum_v"}
+    assert set(native) == {"stats", "update", "v_sum"}
     assert ours == native
 
 

@@ -28,7 +28,7 @@ class Backend:
         every element; a skipped step only takes back the step increments."""
         raise NotImplementedError
 
-    def sum_v(self, bucket) -> None:
+    def v_sum(self, bucket) -> None:
         """Every parameter's v_sum = the sum of its exp_avg_sq, summed exactly as `update`
         sums the new v (used when state is loaded, so that a restored run matches an
         uninterrupted one bitwise)."""
@@ -37,7 +37,7 @@ class Backend:
 
 class OpsBackend(Backend):
     """A backend whose phases are the custom ops `<namespace>::stats` / `::update` /
-    `::sum_v` (docs/design.md, "Native op schemas"). The C++ CPU and CUDA kernels and the
+    `::v_sum` (docs/design.md, "Native op schemas"). The C++ CPU and CUDA kernels and the
     Triton kernels all share that schema, so they share this wrapper."""
 
     def __init__(self, name: str, namespace: str, device_types: tuple[str, ...], load):
@@ -72,5 +72,5 @@ class OpsBackend(Backend):
                          g["decoupled"], g["dampening"], ctl.max_grad_norm or 0.0,
                          ctl.skip_nonfinite)
 
-    def sum_v(self, bucket) -> None:
-        self._ops.sum_v(bucket.buffers["exp_avg_sq"], bucket.segments(), bucket.v_sums)
+    def v_sum(self, bucket) -> None:
+        self._ops.v_sum(bucket.buffers["exp_avg_sq"], bucket.segments(), bucket.v_sums)

@@ -128,7 +128,7 @@ class ReferenceBackend(Backend):
         torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
         work.scratch.clear()
 
-    def sum_v(self, bucket) -> None:
+    def v_sum(self, bucket) -> None:
         for p in bucket.params:
             views = bucket.state_of(p)
             views["v_sum"].copy_(views["exp_avg_sq"].sum(dtype=_acc_dtype(bucket.device)))

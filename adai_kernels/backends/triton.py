@@ -1,5 +1,5 @@
 """backend="triton": the fused Adai step as Triton kernels, behind the custom ops
-`adai_triton::stats`, `adai_triton::update` and `adai_triton::sum_v`, which have exactly the
+`adai_triton::stats`, `adai_triton::update` and `adai_triton::v_sum`, which have exactly the
 schemas and semantics of `adai::*` (docs/design.md, "Native op schemas").
 
 Nothing here imports triton until the backend is asked for (`TRITON.unavailable(device)` or
@@ -18,7 +18,7 @@ chunk map, float64 constants) are built on the host from shapes, pointers and th
 CUDA graph is captured, copied as kernel arguments by the CUDA extension's `adai::_upload`
 instead); scalars that live on the device (steps, v_sums, stats, grad_scale, found_inf,
 lr_tensor) are read by the kernels, and a skipped step is decided by the kernels themselves
-(no Python branch on a tensor's value). Per op: stats = 3 launches, update = 2, sum_v = 2,
+(no Python branch on a tensor's value). Per op: stats = 3 launches, update = 2, v_sum = 2,
 whatever the number of tensors.
 """
 import contextlib
@@ -374,10 +374,10 @@ def launch_specs(K) -> dict:
         "update_finalize_kernel": LaunchSpec(
             _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 T:i32 fi_ptr:*fp32"),
             finalize, 4, dict(HAS_FOUND_INF=flag, CLIP=flag, SKIP_NONFINITE=flag)),
-        "vsum_partials_kernel": LaunchSpec(
+        "v_sum_partials_kernel": LaunchSpec(
             _signature("meta:*i64 partials:*fp64 T:i32"), elementwise, K.NUM_WARPS,
             dict(S_ALIGNED=aligned)),
-        "vsum_finalize_kernel": LaunchSpec(
+        "v_sum_finalize_kernel": LaunchSpec(
             _signature("meta:*i64 partials:*fp64 T:i32"), finalize, 4, {}),
     }
 
@@ -469,7 +469,7 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
             d = float(dampening)
             # alignment hints: vector accesses where every pointer allows them. Params count
             # only with aligned states, so that the chunk sums reduce in the same register
-            # layout as sum_v's (which sees the states only).
+            # layout as v_sum's (which sees the states only).
             s_aligned = _states_aligned(bases, offsets, numels)
             p_aligned = s_aligned and _aligned(p_col, numels) and _aligned(g_col, numels)
             _launch(
@@ -488,13 +488,13 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                 fi_ptr, **flags)
 
 
-def _sum_v_impl(exp_avg_sq, segments, v_sums):
+def _v_sum_impl(exp_avg_sq, segments, v_sums):
     K = _state["kernels"]
     device = exp_avg_sq.device
-    offsets, numels, slots = _rows("sum_v", segments, None)
-    _check_flat("sum_v", "exp_avg_sq", exp_avg_sq, torch.float32, device)
-    _check_flat("sum_v", "v_sums", v_sums, torch.float64, device)
-    _check_rows("sum_v", offsets, numels, slots, v_sums.numel(), exp_avg_sq.numel(),
+    offsets, numels, slots = _rows("v_sum", segments, None)
+    _check_flat("v_sum", "exp_avg_sq", exp_avg_sq, torch.float32, device)
+    _check_flat("v_sum", "v_sums", v_sums, torch.float64, device)
+    _check_rows("v_sum", offsets, numels, slots, v_sums.numel(), exp_avg_sq.numel(),
                 slot_names="v_sums")
     n = len(offsets)
     if n == 0:
@@ -508,9 +508,9 @@ def _sum_v_impl(exp_avg_sq, segments, v_sums):
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     with _on(device):
         if n_chunks:
-            _launch("vsum_partials_kernel", (n_chunks,), meta, partials, n,
+            _launch("v_sum_partials_kernel", (n_chunks,), meta, partials, n,
                     S_ALIGNED=_states_aligned((base,), offsets, numels))
-        _launch("vsum_finalize_kernel", (n,), meta, partials, n)
+        _launch("v_sum_finalize_kernel", (n,), meta, partials, n)
 
 
 # --------------------------------------------------------------------------- registration
@@ -542,11 +542,11 @@ def _register() -> None:
 
     update.register_fake(fake["update"])
 
-    @torch.library.custom_op(f"{NAMESPACE}::sum_v", mutates_args=("v_sums",))
-    def sum_v(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
-        _sum_v_impl(exp_avg_sq, segments, v_sums)
+    @torch.library.custom_op(f"{NAMESPACE}::v_sum", mutates_args=("v_sums",))
+    def v_sum(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
+        _v_sum_impl(exp_avg_sq, segments, v_sums)
 
-    sum_v.register_fake(fake["sum_v"])
+    v_sum.register_fake(fake["v_sum"])
 
 
 def _interpreting(kernels) -> bool:

@@ -22,9 +22,9 @@ tensor and per launch in a fixed order by one program each. No float atomics.
 Chunks that lie wholly inside their tensor run unmasked (`numel` is read from the table, so a
 mask would defeat vector accesses); a tensor's last chunk runs masked. Pointers are declared
 16-byte aligned when the launcher found them so, and offsets contiguous in runs of VEC: with
-the buckets' aligned states every access of `update` and `sum_v` gets the same register
+the buckets' aligned states every access of `update` and `v_sum` gets the same register
 layout (VEC elements per thread), hence the same reduction order for the chunk sums of v, and
-a checkpoint restored through `sum_v` continues bitwise (checked in the compiled TTGIR for
+a checkpoint restored through `v_sum` continues bitwise (checked in the compiled TTGIR for
 sm_90 by tests/test_compiled_kernels.py).
 
 `stats` writes per chunk fp32 sums of g^2 (and, with L2, of (g + l2 theta)^2, g theta and
@@ -59,7 +59,7 @@ import triton.language as tl
 
 BLOCK = 1024  # elements per program (one chunk) in the element-wise kernels
 VEC = 4  # elements per thread and vector access (see _offsets)
-NUM_WARPS = 4  # of every element-wise kernel (the same for update and sum_v)
+NUM_WARPS = 4  # of every element-wise kernel (the same for update and v_sum)
 FBLOCK = 1024  # partials per iteration in the finalizers
 
 # dtype codes of params / grads (CODE, one per launch, a constexpr): fp32, fp16, bf16
@@ -113,7 +113,7 @@ def _store_param(ptr, offs, x, mask, CODE: tl.constexpr, MASKED: tl.constexpr):
 def _offsets(local, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """Element offsets of chunk `local`, declared contiguous in runs of VEC only: every load
     and store of every kernel then gets the same register layout (VEC elements per thread),
-    so a chunk's sum is reduced in the same order by `update` and by `sum_v`."""
+    so a chunk's sum is reduced in the same order by `update` and by `v_sum`."""
     return tl.max_contiguous(local * BLOCK + tl.arange(0, BLOCK), VEC)
 
 
@@ -192,7 +192,7 @@ def _inv_scale(gs_ptr):
 # ----------------------------------------------------------------------------- stats
 # the stats table: S_NC float64 constants, then these columns
 S_NC = tl.constexpr(5)  # beta2, 1 - beta2, ln(beta2), 2 * l2, l2 * l2 (l2 rounded to fp32)
-S_G, S_P, S_STEP, S_VSUM, S_NUMEL = (tl.constexpr(i) for i in range(5))
+S_G, S_P, S_STEP, S_V_SUM, S_NUMEL = (tl.constexpr(i) for i in range(5))
 S_NCOL = tl.constexpr(5)
 # adai_math.h StatsColumn
 C_A, C_B, C_BGG, C_BGT, C_BTT, C_GN, C_N = (tl.constexpr(i) for i in range(7))
@@ -263,7 +263,7 @@ def stats_finalize_kernel(meta, partials, P, contrib, T, HAS_L2: tl.constexpr,
     tl.store(step_ptr, k)
     bc2 = 1.0 - tl.exp(k.to(tl.float64) * ln_beta2)
     w = one_minus_beta2 / bc2
-    V = tl.load(_col(meta, T, t, S_VSUM, S_NC).to(tl.pointer_type(tl.float64)))
+    V = tl.load(_col(meta, T, t, S_V_SUM, S_NC).to(tl.pointer_type(tl.float64)))
     Bgg = w * GG
     if HAS_L2:
         two_l2 = tl.load(meta + 3).to(tl.float64, bitcast=True)
@@ -297,9 +297,9 @@ def row_sum_kernel(contrib, T, out, out_stride, FB: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- update
-# the update (and sum_v) table: U_NC float64 constants, then these columns
+# the update (and v_sum) table: U_NC float64 constants, then these columns
 U_NC = tl.constexpr(4)  # ln(beta2), max_grad_norm, weight decay when decoupled, 1e-6
-U_P, U_G, U_M, U_V, U_B, U_STEP, U_VSUM, U_NUMEL = (tl.constexpr(i) for i in range(8))
+U_P, U_G, U_M, U_V, U_B, U_STEP, U_V_SUM, U_NUMEL = (tl.constexpr(i) for i in range(8))
 U_NCOL = tl.constexpr(8)
 
 
@@ -345,7 +345,7 @@ def _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF: tl.constexpr, CLIP: tl.
 
 @triton.jit
 def _v_sum(v, mask, MASKED: tl.constexpr):
-    """A chunk's sum of v (fp32). The same code in `update` and `sum_v`, so that with the
+    """A chunk's sum of v (fp32). The same code in `update` and `v_sum`, so that with the
     same layout (see _offsets) they reduce in the same order."""
     if MASKED:
         v = tl.where(mask, v, 0.0)
@@ -461,14 +461,14 @@ def update_finalize_kernel(meta, stats, n_rows, partials, T, fi_ptr,
         tl.store(step_ptr, tl.load(step_ptr) - 1.0)
     else:
         total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
-        tl.store(_col(meta, T, t, U_VSUM, U_NC).to(tl.pointer_type(tl.float64)), total)
+        tl.store(_col(meta, T, t, U_V_SUM, U_NC).to(tl.pointer_type(tl.float64)), total)
 
 
 @triton.jit
-def vsum_partials_kernel(meta, partials, T, S_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+def v_sum_partials_kernel(meta, partials, T, S_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                          VEC: tl.constexpr):
-    """sum_v: partials[c] = chunk c's sum of exp_avg_sq, exactly as update_kernel sums it
-    (update's table layout, only the U_V, U_VSUM and U_NUMEL columns used)."""
+    """v_sum: partials[c] = chunk c's sum of exp_avg_sq, exactly as update_kernel sums it
+    (update's table layout, only the U_V, U_V_SUM and U_NUMEL columns used)."""
     pid = tl.program_id(0)
     t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
     numel = _col(meta, T, t, U_NUMEL, U_NC)
@@ -483,8 +483,8 @@ def vsum_partials_kernel(meta, partials, T, S_ALIGNED: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def vsum_finalize_kernel(meta, partials, T, FB: tl.constexpr):
+def v_sum_finalize_kernel(meta, partials, T, FB: tl.constexpr):
     """One program per tensor t: v_sums[t] = sum of its chunks' partials (float64, in order)."""
     t = tl.program_id(0).to(tl.int64)
     total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
-    tl.store(_col(meta, T, t, U_VSUM, U_NC).to(tl.pointer_type(tl.float64)), total)
+    tl.store(_col(meta, T, t, U_V_SUM, U_NC).to(tl.pointer_type(tl.float64)), total)

@@ -1,4 +1,4 @@
-// Fused CPU kernels for adai::stats, adai::update and adai::sum_v (semantics:
+// Fused CPU kernels for adai::stats, adai::update and adai::v_sum (semantics:
 // docs/design.md, "Native op schemas").
 //
 // This one source is compiled once per ISA into separate extension modules
@@ -150,12 +150,12 @@ inline double hsum(const fVec& v) {
 
 // ---- per-chunk kernels ------------------------------------------------------------------------
 
-// The one summation order of every per-chunk sum (stats' columns, update's and sum_v's v
+// The one summation order of every per-chunk sum (stats' columns, update's and v_sum's v
 // sums): vector blocks of kBlock elements go into two float accumulators per sum (first and
 // second half of the block), which are added into a double every kFlush elements, so no fp32
 // lane adds more than kFlush / kBlock (= 32) terms; then the scalar tail, element by element,
 // in double. `vec(i, x0, x1)` produces block i's two vectors of terms of each of the K sums
-// (x0[k], x1[k]), `tail(i, t)` element i's K terms. update and sum_v both sum the stored new
+// (x0[k], x1[k]), `tail(i, t)` element i's K terms. update and v_sum both sum the stored new
 // v through here, so their sums agree bitwise.
 constexpr int64_t kFlush = 1024;
 static_assert(kFlush % kBlock == 0 && kChunk % kFlush == 0, "bad flush size");
@@ -299,7 +299,7 @@ double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b
 }
 
 // The sum of v over n elements, exactly as update_chunk sums the v it stores.
-double sum_v_chunk(const float* v, int64_t n) {
+double v_sum_chunk(const float* v, int64_t n) {
   double s;
   blocked_sums<1>(
       n, &s,
@@ -536,7 +536,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   const std::vector<double> sums = tensor_sums(partial, first, n, K);
 
   double* step_p = steps.mutable_data_ptr<double>();
-  const double* vsum_p = v_sums.const_data_ptr<double>();
+  const double* v_sum_p = v_sums.const_data_ptr<double>();
   double row[adai::kStatsColumns] = {};
   for (size_t i = 0; i < n; ++i) {
     const int64_t slot = seg(rows, i, adai::kSlot);
@@ -544,7 +544,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
     *k += 1.0;
     const double bc2 = adai::bias_correction2(beta2, *k);
     const double w = (1.0 - beta2) / bc2;
-    const double V = vsum_p[slot];
+    const double V = v_sum_p[slot];
     const double gg = sums[i * K + kSgg];
     const double wgg = w * gg;
     row[adai::kA] += beta2 * V / bc2;
@@ -640,13 +640,13 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
     });
   }
   const std::vector<double> V = tensor_sums(partial, first, n, 1);
-  double* vsum_p = v_sums.mutable_data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) vsum_p[seg(rows, i, adai::kSlot)] = V[i];
+  double* v_sum_p = v_sums.mutable_data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) v_sum_p[seg(rows, i, adai::kSlot)] = V[i];
 }
 
-void sum_v_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+void v_sum_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                const at::Tensor& v_sums) {
-  const char* op = "adai::sum_v";
+  const char* op = "adai::v_sum";
   // the rows name the tensors: n is whatever segments has (its shape is checked first)
   const size_t n = segments.dim() == 2 ? static_cast<size_t>(segments.size(0)) : 0;
   const int64_t* rows = adai::segment_rows(op, segments, n);
@@ -666,12 +666,12 @@ void sum_v_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
   if (!chunks.empty()) {
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t so = seg(rows, static_cast<size_t>(ch.tensor), adai::kOffset) + ch.begin;
-      partial[k] = sum_v_chunk(v_base + so, ch.len);
+      partial[k] = v_sum_chunk(v_base + so, ch.len);
     });
   }
   const std::vector<double> V = tensor_sums(partial, first, n, 1);
-  double* vsum_p = v_sums.mutable_data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) vsum_p[seg(rows, i, adai::kSlot)] = V[i];
+  double* v_sum_p = v_sums.mutable_data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) v_sum_p[seg(rows, i, adai::kSlot)] = V[i];
 }
 
 }  // namespace
@@ -679,5 +679,5 @@ void sum_v_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
 TORCH_LIBRARY_IMPL(adai, CPU, m) {
   m.impl("stats", &stats_cpu);
   m.impl("update", &update_cpu);
-  m.impl("sum_v", &sum_v_cpu);
+  m.impl("v_sum", &v_sum_cpu);
 }

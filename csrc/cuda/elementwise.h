@@ -98,7 +98,7 @@ ADAI_HD void store1(U* dst, U value) {
 // elements in increasing element order (in float). Only how a group is read and written
 // depends on alignment: whole groups of an aligned tensor move as 16-byte vectors (params and
 // grads: 2 x 4 floats or 1 x 8 halves; fp32 states: 2 x 4 floats), every other group element
-// by element. So the sums do not depend on alignment, and sum_v reproduces update's v sums
+// by element. So the sums do not depend on alignment, and v_sum reproduces update's v sums
 // bitwise whatever the dtype and alignment of either call.
 constexpr int kGroup = 8;
 
@@ -326,8 +326,8 @@ ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, f
   return vacc;
 }
 
-// sum_v: this thread's share of the sum of v over one chunk, in update_thread's order.
-ADAI_HD float vsum_thread(int tid, int nthreads, const float* v, int64_t len, bool aligned) {
+// v_sum: this thread's share of the sum of v over one chunk, in update_thread's order.
+ADAI_HD float v_sum_thread(int tid, int nthreads, const float* v, int64_t len, bool aligned) {
   constexpr int kIlp = 2;  // groups in flight per thread
   float acc = 0.0f;
   const int64_t ngroups = (len + kGroup - 1) / kGroup;

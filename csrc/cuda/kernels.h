@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels (stats.cu; update.cu: update and sum_v; upload.cu), called by
+// Launchers of the CUDA kernels (stats.cu; update.cu: update and v_sum; upload.cu), called by
 // ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
 #pragma once
 
@@ -27,9 +27,9 @@ void launch_stats(const LaunchTable& t, c10::ScalarType dtype, bool use_l2, cons
 void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInputs& in,
                    double beta2, cudaStream_t stream);
 
-// sum_v: v_sum_i = sum of exp_avg_sq_i (TensorMeta::exp_avg_sq), summed exactly as
+// v_sum: v_sum_i = sum of exp_avg_sq_i (TensorMeta::exp_avg_sq), summed exactly as
 // launch_update sums the new v.
-void launch_sum_v(const LaunchTable& t, cudaStream_t stream);
+void launch_v_sum(const LaunchTable& t, cudaStream_t stream);
 
 // Bytes of one kernel argument that carries data (upload.cu): below the 32,764-byte limit
 // of CUDA 12.1+ with room for the other arguments.

@@ -99,7 +99,7 @@ struct TableLayout {
 };
 
 // partial_cols / tensor_cols: doubles per chunk / per tensor in the scratch part (stats: 4
-// with L2 decay, else 1, and 6; update and sum_v: the defaults).
+// with L2 decay, else 1, and 6; update and v_sum: the defaults).
 inline TableLayout table_layout(int64_t n, int64_t total_chunks, int partial_cols = 1,
                                 int tensor_cols = 1) {
   TableLayout t;

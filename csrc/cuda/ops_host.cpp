@@ -1,4 +1,4 @@
-// Host launch code of adai::stats, adai::update and adai::sum_v on the CUDA kernels (schemas:
+// Host launch code of adai::stats, adai::update and adai::v_sum on the CUDA kernels (schemas:
 // csrc/op_schemas.h, semantics: docs/design.md): input validation (state buffers and the
 // segments table: csrc/op_checks.h), the per-launch table (multi_tensor.h) and the launches
 // (stats.cu, update.cu). Shared by the CUDA build and the CPU emulator of the kernels: what
@@ -167,7 +167,7 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
   double* step_base = steps.mutable_data_ptr<double>();
-  double* vsum_base = const_cast<double*>(v_sums.const_data_ptr<double>());
+  double* v_sum_base = const_cast<double*>(v_sums.const_data_ptr<double>());
   std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);
   double numel = 0.0;
@@ -182,7 +182,7 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     m.param = use_l2 ? const_cast<void*>(params[i].const_data_ptr()) : nullptr;
     m.step = step_base + row[kSlot];
-    m.v_sum = vsum_base + row[kSlot];
+    m.v_sum = v_sum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
     numel += static_cast<double>(m.numel);
@@ -226,7 +226,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   in.lr_tensor = optional_scalar(op, "lr_tensor", lr_tensor, device);
 
   double* step_base = steps.mutable_data_ptr<double>();
-  double* vsum_base = v_sums.mutable_data_ptr<double>();
+  double* v_sum_base = v_sums.mutable_data_ptr<double>();
   std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
   std::vector<TensorMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
@@ -242,7 +242,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
     m.exp_avg_sq = at_offset(exp_avg_sq, row);
     m.beta1_prod = at_offset(beta1_prod, row);
     m.step = step_base + row[kSlot];
-    m.v_sum = vsum_base + row[kSlot];
+    m.v_sum = v_sum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
                         aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod)
@@ -268,9 +268,9 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   launch_update(t, dtype, in, beta2, stream.handle);
 }
 
-void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+void v_sum_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
               const at::Tensor& v_sums) {
-  const char* op = "adai::sum_v";
+  const char* op = "adai::v_sum";
   TORCH_CHECK(exp_avg_sq.defined() && device::holds(exp_avg_sq), op, ": `exp_avg_sq` must be a ",
               device::kName, " tensor");
   const at::Device device = exp_avg_sq.device();
@@ -281,7 +281,7 @@ void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                        ? static_cast<size_t>(segments.size(0))
                        : 0;
   const int64_t* rows = adai::segment_rows(op, segments, n);
-  double* vsum_base = v_sums.mutable_data_ptr<double>();
+  double* v_sum_base = v_sums.mutable_data_ptr<double>();
   std::vector<char> seen(static_cast<size_t>(v_sums.numel()), 0);
   std::vector<TensorMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
@@ -290,7 +290,7 @@ void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
     TensorMeta& m = metas[i];
     std::memset(&m, 0, sizeof(m));
     m.exp_avg_sq = const_cast<float*>(exp_avg_sq.const_data_ptr<float>()) + row[kOffset];
-    m.v_sum = vsum_base + row[kSlot];
+    m.v_sum = v_sum_base + row[kSlot];
     m.numel = row[kNumel];
     m.aligned = aligned16(m.exp_avg_sq) ? 1 : 0;
   }
@@ -300,7 +300,7 @@ void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
   const device::Stream stream = device::current_stream(device);
   at::Tensor buffer;
   const LaunchTable t = upload_table(op, metas, device, stream, buffer);
-  launch_sum_v(t, stream.handle);
+  launch_v_sum(t, stream.handle);
 }
 
 // adai::_chunk_table(numels, chunk=-1): for every chunk of a launch over tensors with these

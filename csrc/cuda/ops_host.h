@@ -24,7 +24,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
                double beta2, double eps, double weight_decay, bool decoupled, double dampening,
                double max_grad_norm, bool skip_nonfinite);
 
-void sum_v_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
+void v_sum_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
               const at::Tensor& v_sums);
 
 at::Tensor chunk_table(at::IntArrayRef numels, int64_t chunk);

@@ -1,9 +1,9 @@
-// adai::update and adai::sum_v on CUDA: one launch per call, one block per chunk
+// adai::update and adai::v_sum on CUDA: one launch per call, one block per chunk
 // (multi_tensor.h). update: every block sums the statistics rows and derives the globals
 // (elementwise.h, update_args); a skipped step writes nothing but the step counters (block 0
 // takes back stats' increments). Otherwise one pass per element (adai::update from
 // adai_math.h, fp32 math); each block writes the double sum of its chunk's new v to its own
-// slot, and the last block to finish reduces the slots per tensor into v_sums. sum_v sums
+// slot, and the last block to finish reduces the slots per tensor into v_sums. v_sum sums
 // given exp_avg_sq tensors in exactly the same order (elementwise.h), so its v_sums equal
 // update's bitwise.
 #include <c10/cuda/CUDAException.h>
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
   write_v_sums(t);
 }
 
-__global__ void __launch_bounds__(kBlock) sum_v_kernel(LaunchTable t) {
+__global__ void __launch_bounds__(kBlock) v_sum_kernel(LaunchTable t) {
   __shared__ double s_red[kBlock / 32];
   __shared__ const float* s_exp_avg_sq;
   __shared__ int64_t s_len;
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kBlock) sum_v_kernel(LaunchTable t) {
       s_aligned = m.aligned;
     }
     __syncthreads();
-    const float acc = vsum_thread(static_cast<int>(threadIdx.x), kBlock, s_exp_avg_sq, s_len,
+    const float acc = v_sum_thread(static_cast<int>(threadIdx.x), kBlock, s_exp_avg_sq, s_len,
                                   s_aligned != 0);
     const double sum = block_sum(static_cast<double>(acc), s_red);
     if (threadIdx.x == 0) t.partials[chunk] = sum;
@@ -156,8 +156,8 @@ void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInpu
   }
 }
 
-void launch_sum_v(const LaunchTable& t, cudaStream_t stream) {
-  ADAI_LAUNCH(grid_size(t), kBlock, stream, sum_v_kernel)(t);
+void launch_v_sum(const LaunchTable& t, cudaStream_t stream) {
+  ADAI_LAUNCH(grid_size(t), kBlock, stream, v_sum_kernel)(t);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -96,6 +96,6 @@ TORCH_LIBRARY(adai_emu, m) {
 TORCH_LIBRARY_IMPL(adai_emu, CPU, m) {
   m.impl("stats", &adai::cuda::stats_op);
   m.impl("update", &adai::cuda::update_op);
-  m.impl("sum_v", &adai::cuda::sum_v_op);
+  m.impl("v_sum", &adai::cuda::v_sum_op);
   m.impl("_upload", &adai::cuda::upload_op);
 }
