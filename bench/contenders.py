@@ -78,13 +78,44 @@ class Contender:
 
 
 def _ours(name: str) -> Contender:
-    def make(params):
+    def make(params, **options):
         from adai_kernels import Adai
-        opt = Adai(params, lr=LR, backend=name)
+        opt = Adai(params, lr=LR, backend=name, **options)
         assert opt.backend == name, (opt.backend, name)
         return opt
     return Contender(f"adai_kernels[{name}]", "adai", True, make, "ours", 3,
                      8.0 if name == "reference" else 0.0)
+
+
+class ClipThenStep:
+    """torch.nn.utils.clip_grad_norm_ followed by the optimizer's step: what a contender
+    without clipping of its own costs when the gradients must be clipped. The clip reads
+    every gradient for the norm, then reads and writes it again to scale it."""
+
+    def __init__(self, opt, params, max_norm: float):
+        self.opt, self.params, self.max_norm = opt, list(params), max_norm
+
+    @property
+    def state(self):
+        return self.opt.state
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.opt.step()
+
+
+def build(c: Contender, params, case_meta: dict):
+    """Contender `c` on `params` for a case: our optimizer gets the case's options (steady
+    state: a large eps; mixed precision: master weights, stochastic rounding) and clips with
+    its own max_grad_norm; the others clip with clip_grad_norm_ before each step."""
+    clip = case_meta.get("clip")
+    if c.kind == "ours":
+        options = dict(case_meta.get("adai_options", {}))
+        if clip is not None:
+            options["max_grad_norm"] = clip
+        return c.make(params, **options)
+    opt = c.make(params)
+    return opt if clip is None else ClipThenStep(opt, params, clip)
 
 
 def _ptopt(params):
@@ -141,18 +172,35 @@ def contenders(device: torch.device) -> tuple[list[Contender], dict[str, str]]:
 
 
 # -- byte counts (ADAI_SPEC.md, "Minimal bytes per element") -------------------------------
-def bytes_per_element(algo: str, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+def bytes_per_element(algo: str, param_dtype: torch.dtype, state_dtype: torch.dtype, *,
+                      elided: bool = False, master: bool = False, clip: bool = False) -> int:
     """Minimal bytes one step must move per element.
-    Adai: theta r+w, g read twice (global reduction, then update), m, v, b r+w.
-    Adam: theta r+w, g read once, m, v r+w."""
+    Adai: theta r+w, g read twice (global reduction, then update), m, v, b r+w; `elided`:
+    without b (every b done, the exact shortcut); `master`: an fp32 master r+w and the
+    parameter written, instead of the parameter r+w.
+    Adam: theta r+w, g read once, m, v r+w.
+    `clip` adds what torch.nn.utils.clip_grad_norm_ moves (g read for the norm, then read
+    and written to scale it) to an optimizer that cannot fold the norm into its step."""
     p = torch.empty((), dtype=param_dtype).element_size()
     s = torch.empty((), dtype=state_dtype).element_size()
+    theta = 2 * 4 + p if master else 2 * p
     if algo == "adai":
-        return 2 * p + 2 * p + 3 * 2 * s
+        return theta + 2 * p + (2 if elided else 3) * 2 * s
     if algo == "adam":
-        return 2 * p + p + 2 * 2 * s
+        return theta + p + 2 * 2 * s + (3 * p if clip else 0)
     raise ValueError(algo)
 
 
-def contender_bytes(c: Contender, param_dtype: torch.dtype) -> int:
-    return bytes_per_element(c.algo, param_dtype, torch.float32 if c.fp32_states else param_dtype)
+def contender_bytes(c: Contender, param_dtype: torch.dtype, case_meta: dict | None = None) -> int:
+    """The minimal bytes of contender `c` in a case: only our optimizer elides b and keeps
+    master weights; a baseline Adai clips with clip_grad_norm_ like Adam (+12 B in fp32)."""
+    meta = case_meta or {}
+    ours = c.kind == "ours"
+    options = meta.get("adai_options", {}) if ours else {}
+    state_dtype = torch.float32 if c.fp32_states else param_dtype
+    master = bool(options.get("master_weights")) and param_dtype != torch.float32
+    n = bytes_per_element(c.algo, param_dtype, state_dtype, elided=ours and bool(meta.get("steady")),
+                          master=master, clip=c.algo == "adam" and "clip" in meta)
+    if c.algo == "adai" and not ours and "clip" in meta:
+        n += 3 * torch.empty((), dtype=param_dtype).element_size()
+    return n

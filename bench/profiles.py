@@ -118,6 +118,40 @@ def gpt2(device_type: str, quick: bool) -> list[Case]:
             for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
 
 
+# Steady state: with eps = 0.5, beta1 <= 0.5, so every b <= 2^-25 after 25 steps (a few
+# seconds of warm-up for ResNet-50 on 2 CPU cores) and the step elides b (docs/design.md).
+STEADY = {"adai_options": {"eps": 0.5}, "warmup": 26, "steady": True}
+
+
+def steady(device_type: str, quick: bool) -> list[Case]:
+    shapes = resnet50_shapes()
+    note = ("resnet50 shapes at steady state: our Adai with eps 0.5 and 26 warm-up steps, "
+            "every beta1_prod done")
+    dtypes = (("fp32", torch.float32),) if quick else (("fp32", torch.float32),
+                                                        ("bf16", torch.bfloat16))
+    return [Case(f"resnet50-steady/{dt}", "steady", shapes, dtype, note, meta=dict(STEADY))
+            for dt, dtype in dtypes]
+
+
+def clip(device_type: str, quick: bool) -> list[Case]:
+    """Every contender clips the gradient norm to 1: ours inside the step (max_grad_norm),
+    the others with clip_grad_norm_ first."""
+    note = ("resnet50 shapes at steady state, gradient norm clipped to 1 (ours: max_grad_norm; "
+            "the others: clip_grad_norm_ + step)")
+    return [Case("resnet50-steady-clip/fp32", "clip", resnet50_shapes(), torch.float32, note,
+                 meta={**STEADY, "clip": 1.0})]
+
+
+def mixed(device_type: str, quick: bool) -> list[Case]:
+    """bf16 parameters with our two mixed-precision options (the others run plain bf16)."""
+    shapes = resnet50_shapes()
+    runs = (("bf16-master", {"master_weights": True}, "fp32 master weights"),
+            ("bf16-sr", {"stochastic_rounding": True}, "stochastic rounding"))
+    return [Case(f"resnet50/{name}", "mixed", shapes, torch.bfloat16,
+                 f"resnet50 shapes, bf16 parameters, ours with {what}",
+                 meta={"adai_options": options}) for name, options, what in runs]
+
+
 def tiny(device_type: str, quick: bool) -> list[Case]:
     n = 1000
     shapes = [(4096,)] * n
@@ -144,9 +178,19 @@ def micro(device_type: str, quick: bool) -> list[Case]:
                  sweep_size=4000)]
 
 
-PROFILES = {"huge": huge, "resnet50": resnet50, "gpt2": gpt2, "tiny": tiny, "sweep": sweep,
-            "micro": micro}
-DEFAULT_PROFILES = ("resnet50", "huge", "gpt2", "tiny", "sweep")
+def micro_steady(device_type: str, quick: bool) -> list[Case]:
+    """The smoke test's steady-state and clipped cases (not part of the default list)."""
+    shapes = [(1000,), (10, 10), (7,)]
+    return [Case("micro-steady/fp32", "micro-steady", shapes, torch.float32, "3 tensors",
+                 meta=dict(STEADY)),
+            Case("micro-steady-clip/fp32", "micro-steady", shapes, torch.float32, "3 tensors",
+                 meta={**STEADY, "clip": 1.0})]
+
+
+PROFILES = {"huge": huge, "resnet50": resnet50, "steady": steady, "clip": clip,
+            "mixed": mixed, "gpt2": gpt2, "tiny": tiny, "sweep": sweep, "micro": micro,
+            "micro-steady": micro_steady}
+DEFAULT_PROFILES = ("resnet50", "steady", "clip", "mixed", "huge", "gpt2", "tiny", "sweep")
 
 
 def build(names, device_type: str, quick: bool) -> list[Case]:

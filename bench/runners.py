@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contenders import Contender, contender_bytes
+from .contenders import Contender, build, contender_bytes
 from .profiles import Case
 from .timing import count_launches, peak_extra_bytes, state_bytes, sync, time_step
 
@@ -87,6 +87,15 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _check_steady(opt) -> None:
+    """After the warm-up of a steady-state case every tensor's b must be done (reported as
+    0 in the state, docs/design.md): else the case would time the early step."""
+    for st in opt.state.values():
+        b = st.get("beta1_prod")
+        if b is not None and b.numel() and float(b.abs().max()) > 2.0 ** -25:
+            raise RuntimeError("the warm-up did not bring every beta1_prod below 2^-25")
+
+
 def run_case(case: Case, contenders: list[Contender], cfg: Config, budget_s: float,
              copy_gbps: float, progress=None) -> list[Row]:
     device = cfg.device
@@ -94,7 +103,7 @@ def run_case(case: Case, contenders: list[Contender], cfg: Config, budget_s: flo
     params, grads = _alloc(case, device, cfg.seed)
     numel = case.numel
     psize = params[0].element_size()
-    rows = {c.name: Row(case.name, c.name, c.kind, c.algo, contender_bytes(c, case.dtype))
+    rows = {c.name: Row(case.name, c.name, c.kind, c.algo, contender_bytes(c, case.dtype, case.meta))
             for c in contenders}
 
     def note(text):
@@ -117,11 +126,15 @@ def run_case(case: Case, contenders: list[Contender], cfg: Config, budget_s: flo
             continue
         note(f"warm-up {c.name}")
         try:
-            opt = c.make(params)
+            opt = build(c, params, case.meta)
             ts = [time_step(opt, device)]
             n_warm = 1 if ts[0] > 4 * cfg.slow_step_s else cfg.warmup
+            if c.kind == "ours":  # a steady-state case: every b done before the timing
+                n_warm = max(n_warm, case.meta.get("warmup", 0))
             for _ in range(n_warm - 1):
                 ts.append(time_step(opt, device))
+            if case.meta.get("steady") and c.kind == "ours":
+                _check_steady(opt)
         except Exception as e:  # a contender that cannot run this case is reported, not fatal
             row.error = "OOM" if _is_oom(e) else f"{type(e).__name__}: {e}"[:200]
             opt = None
