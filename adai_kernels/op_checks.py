@@ -20,7 +20,8 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def dtype_names(dtypes=PARAM_DTYPES, last: str = "or") -> str:
-    """"float32, bfloat16 or float16" (with last="and": "... and float16")."""
+    """The dtypes as a message names them: float32, bfloat16 or float16 (or, with
+    last="and", float32, bfloat16 and float16)."""
     names = [str(d).removeprefix("torch.") for d in dtypes]
     return f"{', '.join(names[:-1])} {last} {names[-1]}" if len(names) > 1 else names[0]
 

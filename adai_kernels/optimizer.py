@@ -18,6 +18,7 @@ from .checkpoint import STATE_KEYS
 from .validation import check_has_lr, check_max_grad_norm, validate_hyperparameters
 from .work import Control, Work
 
+
 class Adai(Optimizer):
     r"""Adai: Adaptive Inertia (Xie et al., ICML 2022, arXiv 2006.15815).
 

@@ -175,3 +175,13 @@ def test_one_dtype_per_call_in_the_fake_and_triton():
         if ns == "adai_triton":
             with pytest.raises(RuntimeError, match=pattern):
                 _call(ns, "stats", a)
+
+
+def test_the_triton_kernels_have_a_code_for_every_parameter_dtype():
+    """op_checks.PARAM_DTYPES is the one list; the Triton launcher maps each to its kernels'
+    dtype code (importing the backend module imports no triton)."""
+    from adai_kernels import op_checks
+    from adai_kernels.backends import triton as triton_backend
+
+    assert set(triton_backend._DTYPE_CODES) == set(op_checks.PARAM_DTYPES)
+    assert sorted(triton_backend._DTYPE_CODES.values()) == list(range(len(op_checks.PARAM_DTYPES)))
