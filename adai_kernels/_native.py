@@ -1,5 +1,5 @@
 """Loads the compiled ops (torch.ops.adai.stats / .update / .v_sum) and registers their fake
-kernels (adai_kernels/fakes.py).
+kernels (adai_kernels/ops.py).
 
 `adai_kernels._C` holds the op schemas (and the CUDA kernels when built with CUDA); the CPU
 kernels are compiled once per ISA into `_cpu_avx512`, `_cpu_avx2` and `_cpu_default`, and
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import fakes
+from . import ops
 
 _ISA_ORDER = ("avx512", "avx2", "default")
 
@@ -136,11 +136,5 @@ def has_cuda_kernels() -> bool:
         return False
 
 
-_fake_errors: list[str] = []  # fake kernels that could not be registered
-if _C is not None:
-    for _name, _fn in fakes.kernels("adai").items():
-        try:
-            torch.library.register_fake(f"adai::{_name}")(_fn)
-        except Exception as e:  # eager calls still work; torch.compile / opcheck would not
-            _fake_errors.append(f"registering the fake kernel of adai::{_name} failed: "
-                                f"{type(e).__name__}: {e}")
+# fake kernels that could not be registered (eager calls still work; torch.compile would not)
+_fake_errors: list[str] = ops.register_fakes("adai") if _C is not None else []

@@ -6,26 +6,15 @@ from array import array
 
 import torch
 
+from .op_checks import is_dense
 from .sharding import local
 
 ALIGN = 16  # elements; each segment starts 64-byte aligned, so vector loads stay aligned
+BUFFER_KEYS = ("exp_avg", "exp_avg_sq", "beta1_prod")  # the float32 buffers of a bucket
 
 
 def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one span of numel() slots, so a kernel can
-    walk them in memory order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def state_strides(param: torch.Tensor) -> tuple[int, ...]:
@@ -40,8 +29,6 @@ class Bucket:
     """State of the parameters of one (group, device, dtype), in join order. For a DTensor
     parameter the state is that of its local shard."""
 
-    STATE_KEYS = ("exp_avg", "exp_avg_sq", "beta1_prod")
-
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.dtype = dtype
@@ -50,7 +37,7 @@ class Bucket:
         self.offsets: list[int] = []
         self.size = 0
         f32 = dict(dtype=torch.float32, device=device)
-        self.buffers = {k: torch.empty(0, **f32) for k in self.STATE_KEYS}
+        self.buffers = {k: torch.empty(0, **f32) for k in BUFFER_KEYS}
         self.steps = torch.empty(0, dtype=torch.float64, device=device)  # exact to 2^53
         self.v_sums = torch.empty(0, dtype=torch.float64, device=device)
         self.views: list[dict[str, torch.Tensor]] = []
@@ -96,7 +83,7 @@ class Bucket:
                 views["exp_avg_sq"].zero_()
                 views["beta1_prod"].fill_(1.0)
             else:
-                for key in self.STATE_KEYS:
+                for key in BUFFER_KEYS:
                     views[key].copy_(init[key])
                 self.steps[i] = float(init["step"])
         # v_sums of loaded state are the owner's to fill (Backend.v_sum); fresh state sums to 0
@@ -112,7 +99,7 @@ class Bucket:
             return
         for p in other.params:
             mine, theirs = self.state_of(p), other.state_of(p)
-            for key in (*self.STATE_KEYS, "step", "v_sum"):
+            for key in (*BUFFER_KEYS, "step", "v_sum"):
                 mine[key].copy_(theirs[key])
 
     def _make_views(self, i: int) -> dict[str, torch.Tensor]:

@@ -80,13 +80,13 @@ def asan_env(log_path: str | None = None) -> dict[str, str]:
 
 def load(asan: bool = False) -> Path:
     """Builds (if needed) and loads the emulator into this process, with its fake kernels."""
-    from adai_kernels import fakes
+    from adai_kernels import ops
     from adai_kernels.backends import emulated
 
     if emulated.load() is None:  # loaded already
         return ROOT / "build" / ("emu-asan" if asan else "emu")
     path = build(asan)
-    for name, fn in fakes.kernels("adai_emu").items():  # for torch.compile and opcheck
+    for name, fn in ops.fake_kernels("adai_emu").items():  # for torch.compile and opcheck
         torch.library.register_fake(f"adai_emu::{name}")(fn)
     return path
 

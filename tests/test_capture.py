@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import adai_kernels.optimizer as optimizer_module
+import adai_kernels.plan as plan_module
 from adai_kernels import Adai, AdaiV2, AdaiW
 from cases import clone_groups, cpu_backends, make_grads, make_groups, set_grads
 
@@ -76,7 +76,7 @@ def test_capture_refused_when_a_group_does_not_allow_it(monkeypatch):
     groups, opt = _fresh(capturable=False)
     opt.step()
     before = _snapshot(opt)
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    monkeypatch.setattr(plan_module, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="param group 0 has capturable=False"):
         opt.step()
     after = _snapshot(opt)
@@ -91,7 +91,7 @@ def test_capture_refused_for_parameters_off_the_gpu(monkeypatch):
     groups, opt = _fresh()
     opt.step()
     before = [p.detach().clone() for p in _params(opt)]
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    monkeypatch.setattr(plan_module, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="parameter on cpu"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, _params(opt)))
@@ -101,11 +101,11 @@ def test_capture_refused_before_state_exists():
     groups, opt = _fresh()
     with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 \(shape \(0,\)\) has "
                                            r"no optimizer state yet.*eager step"):
-        opt._prepare(capturing=True)
+        plan_module.prepare(opt, capturing=True)
     assert not opt.state and not opt._buckets
     opt.step()  # eager: creates the state
     set_grads(groups, make_grads(groups, 1))
-    works = opt._prepare(capturing=True)
+    works = plan_module.prepare(opt, capturing=True)
     assert sum(len(w.params) for w in works) == sum(
         p.grad is not None for p in _params(opt))
     # a parameter that has never had a gradient joins later: refused again
@@ -113,7 +113,7 @@ def test_capture_refused_before_state_exists():
     opt.add_param_group(dict(params=[extra]))
     extra.grad = torch.randn(4)
     with pytest.raises(RuntimeError, match="parameter 0 of param group 3 .* no optimizer state"):
-        opt._prepare(capturing=True)
+        plan_module.prepare(opt, capturing=True)
     assert extra not in opt.state
 
 

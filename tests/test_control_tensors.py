@@ -1,5 +1,5 @@
 """The control tensors of the ops (grad_scale, found_inf, lr_tensor) follow one rule on every
-namespace and in the fake kernels (csrc/op_checks.h and adai_kernels/fakes.py,
+namespace and in the fake kernels (csrc/op_checks.h and adai_kernels/op_checks.py,
 check_control): float32 with one element, 0-dim or of shape (1,). A shape-(1,) tensor steps
 bitwise like the 0-dim one; anything else is refused with the same message."""
 from __future__ import annotations

@@ -155,11 +155,15 @@ def test_fake_kernels_check_inputs():
         bad[S_SCALE] = mode.from_tensor(torch.ones(2))
         with pytest.raises(Exception, match="`grad_scale` must be a float32 tensor of one"):
             torch.ops.adai.stats(*bad)
-        for seg in (torch.zeros(5, 3, dtype=torch.int64), torch.zeros(6, 3, dtype=torch.int32),
-                    torch.zeros(18, dtype=torch.int64)):
+        for seg, message in ((torch.zeros(5, 3, dtype=torch.int64),
+                              "`segments` has 5 rows but `params` has 6 tensors"),
+                             (torch.zeros(6, 3, dtype=torch.int32),
+                              "`segments` must be an int64 CPU tensor"),
+                             (torch.zeros(18, dtype=torch.int64),
+                              "`segments` must be an int64 CPU tensor")):
             bad = list(fa)
             bad[S_SEG] = mode.from_tensor(seg)
-            with pytest.raises(Exception, match="`segments` must be an int64 CPU tensor"):
+            with pytest.raises(Exception, match=message):
                 torch.ops.adai.stats(*bad)
         bad = list(fa)
         bad[S_V_SUMS] = mode.from_tensor(torch.zeros(5, dtype=F64))
@@ -175,7 +179,7 @@ def test_fake_kernels_check_inputs():
             torch.ops.adai.update(*bad)
         bad = list(fu)
         bad[U_B] = mode.from_tensor(torch.zeros(uargs[U_M].numel(), dtype=F64))
-        with pytest.raises(Exception, match="`beta1_prod` must be a 1-D torch.float32"):
+        with pytest.raises(Exception, match="`beta1_prod` must be a contiguous 1-D torch.float32"):
             torch.ops.adai.update(*bad)
         for j, name in ((U_SCALE, "grad_scale"), (U_INF, "found_inf"), (U_LR, "lr_tensor")):
             bad = list(fu)

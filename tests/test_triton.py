@@ -750,10 +750,10 @@ def test_empty_tensor_at_the_end_of_the_buffers():
 def test_bad_shapes_are_rejected():
     bk = Bucket(torch.float32, seed=4, shapes=[((7,), "c")])
     grads = bk.grads()
-    with pytest.raises(RuntimeError, match="out must be a 1-D float64"):
+    with pytest.raises(RuntimeError, match="`out` must be a 1-D float64"):
         ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf, None, 0.99, 0.0,
                   torch.zeros((), dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="stats must be a 2-D float64"):
+    with pytest.raises(RuntimeError, match="`stats` must be a 2-D float64"):
         run_update(bk, grads, torch.zeros(7, dtype=torch.float64), hyper("none", 1.0))
     with pytest.raises(RuntimeError, match="grad_scale` must be a float32 tensor of one element"):
         ops.stats(bk.params, grads, bk.segments, bk.step_buf, bk.v_sum_buf,
@@ -798,19 +798,19 @@ F64 = torch.float64
 BAD_SEGMENTS = {
     # name: (ops it applies to, segments or a tensor builder, message)
     "int32": ("stats update v_sum", lambda: torch.tensor(_ROWS, dtype=torch.int32),
-              r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+              r"`segments` must be an int64 CPU tensor of shape \(n, 3\)"),
     "two-columns": ("stats update v_sum", lambda: torch.tensor(_ROWS)[:, :2],
-                    r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+                    r"`segments` must be an int64 CPU tensor of shape \(n, 3\)"),
     "1-D": ("stats update v_sum", lambda: torch.tensor(_ROWS).reshape(-1),
-            r"segments must be an int64 CPU tensor of shape \(n, 3\)"),
+            r"`segments` must be an int64 CPU tensor of shape \(n, 3\)"),
     "meta": ("stats update v_sum", lambda: torch.tensor(_ROWS).to("meta"),
              r"`segments` must be an int64 CPU tensor .* on meta"),
     "rows": ("stats update", lambda: torch.tensor(_ROWS[:2]),
-             "segments has 2 rows but params has 3 tensors"),
+             "`segments` has 2 rows but `params` has 3 tensors"),
     "numel": ("stats update", _rows(r1c1=4), r"segments\[1\] has numel 4 but params\[1\] "
                                                r"has 5 elements"),
     "negative-offset": ("stats update v_sum", _rows(r0c0=-1),
-                        r"segments\[0\] = \(offset -1, numel 7\) is"),
+                        r"segments\[0\] = \(offset -1, numel 7\) has a negative entry"),
     "past-the-end": ("update v_sum", _rows(r2c0=46),
                      r"segments\[2\] = \(offset 46, numel 3\) is outside the state "
                      r"buffers of 48 elements"),
@@ -853,25 +853,25 @@ def test_valid_unusual_segments_are_accepted():
 BAD_BUFFERS = {
     # name: (ops, replaced arguments (a function of the bucket), message)
     "exp_avg-float64": ("update", lambda bk: dict(exp_avg=bk.buf["exp_avg"].double()),
-                        "exp_avg must be a contiguous 1-D torch.float32 tensor, got "
+                        "`exp_avg` must be a contiguous 1-D torch.float32 tensor, got "
                         "torch.float64"),
     "exp_avg_sq-2-D": ("update v_sum",
                        lambda bk: dict(exp_avg_sq=bk.buf["exp_avg_sq"].view(6, 8)),
-                       r"exp_avg_sq must be a contiguous 1-D torch.float32 tensor, got "
+                       r"`exp_avg_sq` must be a contiguous 1-D torch.float32 tensor, got "
                        r"torch.float32 with shape \(6, 8\)"),
     "beta1_prod-strided": ("update", lambda bk: dict(
-        beta1_prod=torch.zeros(96)[::2]), "beta1_prod must be a contiguous 1-D"),
+        beta1_prod=torch.zeros(96)[::2]), "`beta1_prod` must be a contiguous 1-D"),
     "lengths": ("update", lambda bk: dict(beta1_prod=torch.zeros(64)),
-                "beta1_prod has 64 elements but exp_avg has 48; the state buffers must have "
-                "one length"),
+                "`beta1_prod` has 64 elements but `exp_avg` has 48; the state buffers must "
+                "have one length"),
     "steps-float32": ("stats update", lambda bk: dict(steps=bk.step_buf.float()),
-                      "steps must be a contiguous 1-D torch.float64 tensor"),
+                      "`steps` must be a contiguous 1-D torch.float64 tensor"),
     "steps-0-dim": ("stats update", lambda bk: dict(steps=bk.steps[0]),
-                    "steps must be a contiguous 1-D torch.float64 tensor"),
+                    "`steps` must be a contiguous 1-D torch.float64 tensor"),
     "v_sums-float32": ("stats update v_sum", lambda bk: dict(v_sums=bk.v_sum_buf.float()),
-                       "v_sums must be a contiguous 1-D torch.float64 tensor"),
+                       "`v_sums` must be a contiguous 1-D torch.float64 tensor"),
     "slot-counts": ("stats update", lambda bk: dict(v_sums=torch.zeros(4, dtype=F64)),
-                    "steps has 3 slots but v_sums has 4"),
+                    "`steps` has 3 slots but `v_sums` has 4"),
     "state-device": ("update", lambda bk: dict(exp_avg_sq=torch.zeros(48, device="meta")),
                      "`exp_avg_sq` is on meta but the op runs on cpu"),
     "v_sums-device": ("stats update v_sum",
@@ -879,7 +879,7 @@ BAD_BUFFERS = {
                       "`v_sums` is on meta but the op runs on cpu"),
     "params-dtype": ("stats update", lambda bk: dict(
         params=[bk.params[0], bk.params[1].double(), bk.params[2]]),
-        "params and grads must all have dtype torch.float32"),
+        r"params\[1\] has dtype torch.float64 but params\[0\] has torch.float32"),
     "grads-shape": ("stats update", lambda bk: dict(
         grads=[torch.zeros(7), torch.zeros(5, 1), torch.zeros(3)]),
         r"grads\[1\] \(sizes \(5, 1\), strides \(1, 1\)\) must have the sizes and strides "
@@ -892,7 +892,7 @@ BAD_BUFFERS = {
         grads=[torch.zeros(7), torch.zeros(1).expand(5), torch.zeros(3)]),
         r"params\[1\] must be non-overlapping and dense"),
     "list-lengths": ("stats update", lambda bk: dict(grads=[torch.zeros(7)]),
-                     "grads has 1 tensors but params has 3"),
+                     "`grads` has 1 tensors but `params` has 3"),
 }
 
 

@@ -1,9 +1,14 @@
 """The calls every backend implements (docs/design.md, "Two phases, two calls")."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..work import Control, Work
+
+if TYPE_CHECKING:  # adai_kernels.ops needs this module's STATS_COLUMNS
+    from ..ops import Ops
 
 STATS_COLUMNS = 7  # csrc/adai_math.h, StatsColumn
 GRAD_NORM_SQ = 5   # the column with the squared gradient norm
@@ -37,12 +42,13 @@ class Backend:
 
 class OpsBackend(Backend):
     """A backend whose phases are the custom ops `<namespace>::stats` / `::update` /
-    `::v_sum` (docs/design.md, "Native op schemas"). The C++ CPU and CUDA kernels and the
-    Triton kernels all share that schema, so they share this wrapper."""
+    `::v_sum` (docs/design.md, "Native op schemas"), called through adai_kernels/ops.py. The
+    C++ CPU and CUDA kernels and the Triton kernels all share that schema, so they share
+    this wrapper."""
 
-    def __init__(self, name: str, namespace: str, device_types: tuple[str, ...], load):
+    def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load):
         self.name = name
-        self._namespace = namespace
+        self._calls = ops
         self._device_types = device_types
         self._load = load  # () -> str | None: imports the ops, returns why they are missing
 
@@ -53,24 +59,28 @@ class OpsBackend(Backend):
         return self._load()
 
     @property
-    def _ops(self):
-        return getattr(torch.ops, self._namespace)
+    def _ops(self) -> Ops:
+        return self._calls
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         b = work.bucket
-        self._ops.stats(work.params, work.grads, work.segments, b.steps, b.v_sums,
-                        ctl.grad_scale, work.beta2, work.l2, out)
+        self._ops.stats(params=work.params, grads=work.grads, segments=work.segments,
+                        steps=b.steps, v_sums=b.v_sums, grad_scale=ctl.grad_scale,
+                        beta2=work.beta2, l2=work.l2, out=out)
 
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g, b = work.group, work.bucket
         lr_tensor = work.lr_tensor
-        self._ops.update(work.params, work.grads, work.segments, b.buffers["exp_avg"],
-                         b.buffers["exp_avg_sq"], b.buffers["beta1_prod"], b.v_sums, b.steps,
-                         stats, ctl.grad_scale,
-                         ctl.found_inf, lr_tensor, 0.0 if lr_tensor is not None else g["lr"],
-                         g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
-                         g["decoupled"], g["dampening"], ctl.max_grad_norm or 0.0,
-                         ctl.skip_nonfinite)
+        self._ops.update(
+            params=work.params, grads=work.grads, segments=work.segments,
+            exp_avg=b.buffers["exp_avg"], exp_avg_sq=b.buffers["exp_avg_sq"],
+            beta1_prod=b.buffers["beta1_prod"], v_sums=b.v_sums, steps=b.steps, stats=stats,
+            grad_scale=ctl.grad_scale, found_inf=ctl.found_inf, lr_tensor=lr_tensor,
+            lr=0.0 if lr_tensor is not None else g["lr"], beta0=g["betas"][0],
+            beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
+            decoupled=g["decoupled"], dampening=g["dampening"],
+            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite)
 
     def v_sum(self, bucket) -> None:
-        self._ops.v_sum(bucket.buffers["exp_avg_sq"], bucket.segments(), bucket.v_sums)
+        self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=bucket.segments(),
+                        v_sums=bucket.v_sums)

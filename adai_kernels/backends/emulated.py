@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import Ops
 from .base import OpsBackend
 
 
@@ -22,4 +23,4 @@ def load() -> str | None:
             "or `python tests/emu_build.py`, then torch.ops.load_library(path))")
 
 
-EMULATED = OpsBackend("cuda_emu", "adai_emu", ("cpu",), load)
+EMULATED = OpsBackend("cuda_emu", Ops("adai_emu"), ("cpu",), load)

@@ -2,6 +2,7 @@
 (csrc/cpu/) and the CUDA kernels (csrc/cuda/). Both are `OpsBackend`s over the same schema."""
 from __future__ import annotations
 
+from ..ops import Ops
 from .base import OpsBackend
 
 
@@ -32,5 +33,5 @@ def load_cuda() -> str | None:
     return None
 
 
-CPU = OpsBackend("cpu", "adai", ("cpu",), load)
-CUDA = OpsBackend("cuda", "adai", ("cuda",), load_cuda)
+CPU = OpsBackend("cpu", Ops("adai"), ("cpu",), load)
+CUDA = OpsBackend("cuda", Ops("adai"), ("cuda",), load_cuda)

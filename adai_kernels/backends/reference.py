@@ -60,78 +60,102 @@ class ReferenceBackend(Backend):
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         s = work.scratch
         params, grads, bc2 = s["params"], s["grads"], s["bc2"]
-        g = work.group
-        lr = work.lr_tensor if work.lr_tensor is not None else g["lr"]
-        (beta0, beta2), eps, d = g["betas"], g["eps"], float(g["dampening"])
-        l2 = work.l2
-
-        t = stats.sum(0)
-        A, B, Bgg, Bgt, Btt, Gn, N = t.unbind()
-        finite = torch.isfinite(Gn)
-        skip = torch.zeros((), dtype=torch.bool, device=work.device)
-        if ctl.found_inf is not None:
-            skip = skip | (ctl.found_inf.to(work.device) != 0)
-        clip = torch.ones_like(Gn)
-        if ctl.max_grad_norm is not None:
-            clip = torch.clamp(ctl.max_grad_norm / (Gn.sqrt() + 1e-6), max=1.0)
-            clip = torch.where(finite, clip, torch.ones_like(clip))
-        if ctl.skip_nonfinite or ctl.max_grad_norm is not None:
-            skip = skip | ~finite
-        S = torch.where(clip == 1.0, A + B, A + clip * clip * Bgg + clip * Bgt + Btt)
-        vbar = S / N
-        inv_vbar = torch.where(vbar > 0, 1.0 / vbar, torch.zeros_like(vbar))  # vbar = 0 rule
-
+        skip, clip, inv_vbar = _globals(stats, ctl, work.device)
         if ctl.max_grad_norm is not None:
             grads = torch._foreach_mul(grads, clip.float())
-        if l2 != 0.0:
-            grads = torch._foreach_add(grads, params, alpha=l2)
-        v = torch._foreach_mul(work.exp_avg_sq, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
-        ratio = torch._foreach_div(v, list(bc2.float().unbind()))  # vhat
-        torch._foreach_mul_(ratio, inv_vbar.float())  # vhat / vbar
-        if d != 1.0:
-            torch._foreach_pow_(ratio, 1.0 / (3.0 - 2.0 * d))
-        beta1 = torch._foreach_mul(ratio, -beta0)
-        torch._foreach_add_(beta1, 1.0)
-        torch._foreach_clamp_min_(beta1, 0.0)
-        torch._foreach_clamp_max_(beta1, 1.0 - eps)
-        beta3 = torch._foreach_mul(beta1, -1.0)
-        torch._foreach_add_(beta3, 1.0)
-        if d != 1.0:
-            torch._foreach_pow_(beta3, d)
-
-        b = torch._foreach_mul(work.beta1_prod, beta1)
-        m = torch._foreach_mul(work.exp_avg, beta1)
-        torch._foreach_addcmul_(m, beta3, grads)
-        denom = torch._foreach_mul(b, -1.0)
-        torch._foreach_add_(denom, 1.0)
-        mhat = torch._foreach_div(m, denom)
-        if d != 1.0:
-            torch._foreach_mul_(mhat, beta0 ** (1.0 - d))
-        new_params = list(params)
-        if g["decoupled"] and g["weight_decay"] != 0.0:
-            # theta - (lr * wd) * theta, not theta * (1 - lr * wd): the latter rounds the
-            # small decay to float32 precision relative to 1
-            decay = torch._foreach_mul(params, g["weight_decay"])
-            new_params = torch._foreach_sub(new_params, torch._foreach_mul(decay, lr))
-        new_params = torch._foreach_sub(new_params, torch._foreach_mul(mhat, lr))
-        v_sums = [x.sum(dtype=_acc_dtype(work.device)) for x in v]
-
-        def commit(dst, src):
-            torch._foreach_copy_(dst, [torch.where(skip, d_, s_) for d_, s_ in zip(dst, src)])
-
-        commit(work.params, new_params)
-        commit(work.exp_avg_sq, v)
-        commit(work.exp_avg, m)
-        commit(work.beta1_prod, b)
-        commit(work.v_sums, v_sums)
-        torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
+        if work.l2 != 0.0:
+            grads = torch._foreach_add(grads, params, alpha=work.l2)
+        v, beta1, beta3 = _second_moment_and_inertia(work, grads, bc2, inv_vbar)
+        m, b, new_params = _momentum_and_params(work, params, grads, beta1, beta3)
+        _commit(work, skip, new_params, v, m, b)
         work.scratch.clear()
 
     def v_sum(self, bucket) -> None:
         for p in bucket.params:
             views = bucket.state_of(p)
             views["v_sum"].copy_(views["exp_avg_sq"].sum(dtype=_acc_dtype(bucket.device)))
+
+
+def _globals(stats: torch.Tensor, ctl: Control, device: torch.device):
+    """From the rows of `stats`: whether the step is skipped, the clip coefficient and
+    1 / vbar (0 when vbar is 0), as 0-dim tensors (docs/design.md, the statistics row)."""
+    A, B, Bgg, Bgt, Btt, Gn, N = stats.sum(0).unbind()
+    finite = torch.isfinite(Gn)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    if ctl.found_inf is not None:
+        skip = skip | (ctl.found_inf.to(device) != 0)
+    clip = torch.ones_like(Gn)
+    if ctl.max_grad_norm is not None:
+        clip = torch.clamp(ctl.max_grad_norm / (Gn.sqrt() + 1e-6), max=1.0)
+        clip = torch.where(finite, clip, torch.ones_like(clip))
+    if ctl.skip_nonfinite or ctl.max_grad_norm is not None:
+        skip = skip | ~finite
+    S = torch.where(clip == 1.0, A + B, A + clip * clip * Bgg + clip * Bgt + Btt)
+    vbar = S / N
+    inv_vbar = torch.where(vbar > 0, 1.0 / vbar, torch.zeros_like(vbar))  # vbar = 0 rule
+    return skip, clip, inv_vbar
+
+
+def _second_moment_and_inertia(work: Work, grads, bc2, inv_vbar):
+    """The new second moment v, the inertia beta1 = clamp(1 - beta0 (vhat / vbar)^(1 / (3 -
+    2d)), 0, 1 - eps) and the gradient's weight (1 - beta1)^d."""
+    g = work.group
+    (beta0, beta2), eps, d = g["betas"], g["eps"], float(g["dampening"])
+    v = torch._foreach_mul(work.exp_avg_sq, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+    ratio = torch._foreach_div(v, list(bc2.float().unbind()))  # vhat
+    torch._foreach_mul_(ratio, inv_vbar.float())  # vhat / vbar
+    if d != 1.0:
+        torch._foreach_pow_(ratio, 1.0 / (3.0 - 2.0 * d))
+    beta1 = torch._foreach_mul(ratio, -beta0)
+    torch._foreach_add_(beta1, 1.0)
+    torch._foreach_clamp_min_(beta1, 0.0)
+    torch._foreach_clamp_max_(beta1, 1.0 - eps)
+    beta3 = torch._foreach_mul(beta1, -1.0)
+    torch._foreach_add_(beta3, 1.0)
+    if d != 1.0:
+        torch._foreach_pow_(beta3, d)
+    return v, beta1, beta3
+
+
+def _momentum_and_params(work: Work, params, grads, beta1, beta3):
+    """The new momentum m, beta1_prod b and parameters (decoupled decay, then the step of
+    the bias-corrected momentum)."""
+    g = work.group
+    lr = work.lr_tensor if work.lr_tensor is not None else g["lr"]
+    beta0, d = g["betas"][0], float(g["dampening"])
+    b = torch._foreach_mul(work.beta1_prod, beta1)
+    m = torch._foreach_mul(work.exp_avg, beta1)
+    torch._foreach_addcmul_(m, beta3, grads)
+    denom = torch._foreach_mul(b, -1.0)
+    torch._foreach_add_(denom, 1.0)
+    mhat = torch._foreach_div(m, denom)
+    if d != 1.0:
+        torch._foreach_mul_(mhat, beta0 ** (1.0 - d))
+    new_params = list(params)
+    if g["decoupled"] and g["weight_decay"] != 0.0:
+        # theta - (lr * wd) * theta, not theta * (1 - lr * wd): the latter rounds the
+        # small decay to float32 precision relative to 1
+        decay = torch._foreach_mul(params, g["weight_decay"])
+        new_params = torch._foreach_sub(new_params, torch._foreach_mul(decay, lr))
+    new_params = torch._foreach_sub(new_params, torch._foreach_mul(mhat, lr))
+    return m, b, new_params
+
+
+def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b) -> None:
+    """Write the new values, or (skip, decided on the device) keep the old ones and take
+    the step increments back."""
+    v_sums = [x.sum(dtype=_acc_dtype(work.device)) for x in v]
+
+    def commit(dst, src):
+        torch._foreach_copy_(dst, [torch.where(skip, d_, s_) for d_, s_ in zip(dst, src)])
+
+    commit(work.params, new_params)
+    commit(work.exp_avg_sq, v)
+    commit(work.exp_avg, m)
+    commit(work.beta1_prod, b)
+    commit(work.v_sums, v_sums)
+    torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
 
 
 REFERENCE = ReferenceBackend()

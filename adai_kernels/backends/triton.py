@@ -7,10 +7,12 @@ a first op call): `import adai_kernels` stays cheap and works without triton. Th
 run compiled on CUDA (and ROCm) devices, and on CPU tensors only when triton was imported
 under `TRITON_INTERPRET=1` (the test suite's way of running them without a GPU).
 
-The states come as a bucket's flat buffers plus `segments` (csrc/op_schemas.h): tensor i's state
-pointer is buffer.data_ptr() + 4 * offset_i, its step and v_sum pointers steps.data_ptr() +
-8 * slot_i and v_sums.data_ptr() + 8 * slot_i (both float64), so the kernels see one pointer per tensor and
-column as before.
+The states come as a bucket's flat buffers plus `segments` (csrc/op_schemas.h): tensor i's
+state pointer is buffer.data_ptr() + 4 * offset_i, its step and v_sum pointers
+steps.data_ptr() + 8 * slot_i and v_sums.data_ptr() + 8 * slot_i (both float64), so the
+kernels see one pointer per tensor and column as before. The inputs are checked by
+adai_kernels/op_checks.py, the checks the fake kernels run too (and the rows of `segments`,
+which only a real call can read), before anything is written.
 
 A launch never synchronises with the host: per-launch tables (data_ptr values, numel, the
 chunk map, float64 constants) are built on the host from shapes, pointers and the CPU
@@ -29,12 +31,13 @@ import struct
 import threading
 from dataclasses import dataclass
 from functools import reduce
-from itertools import accumulate, islice
+from itertools import accumulate
 from typing import Optional
 
 import torch
 
-from .. import fakes
+from .. import op_checks as checks
+from .. import ops
 from .base import STATS_COLUMNS, OpsBackend
 
 NAMESPACE = "adai_triton"
@@ -43,6 +46,7 @@ _lock = threading.Lock()
 _state: dict = {"done": False, "reason": None, "interpret": False, "kernels": None,
                 "specs": None}
 
+# the kernels' CODE of each dtype of op_checks.PARAM_DTYPES (triton_kernels._load_param)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -137,152 +141,11 @@ def _states_aligned(bases, offsets, numels) -> bool:
     return all(not (b + r) & 15 for b in bases)
 
 
-def _fail(op: str, what: str):
-    raise RuntimeError(f"adai_triton::{op}: {what}")
-
-
-def _check_lists(op, params, grads):
-    torch._check(len(grads) == len(params),
-                 lambda: f"adai_triton::{op}: grads has {len(grads)} tensors but params has "
-                         f"{len(params)}; the tensor lists must have the same length")
-
-
-def _check_segments_type(op: str, segments, n) -> None:
-    """segments: an int64 CPU tensor of shape (n, 3) (n None: any number of rows)."""
-    if not (segments.dtype is torch.int64 and segments.dim() == 2 and segments.size(1) == 3
-            and segments.device.type == "cpu"):
-        _fail(op, f"segments must be an int64 CPU tensor of shape (n, 3) (offset, numel, "
-                  f"slot per tensor), got {segments.dtype} on {segments.device} with shape "
-                  f"{tuple(segments.shape)}")
-    if n is not None and segments.size(0) != n:
-        _fail(op, f"segments has {segments.size(0)} rows but params has {n} tensors")
-
-
-def _rows(op: str, segments, n):
+def _rows(segments):
     """The columns of `segments` (offsets, numels, slots) as lists of ints: one host read."""
-    _check_segments_type(op, segments, n)
     if segments.size(0) == 0:
         return [], [], []
     return segments.t().tolist()
-
-
-def _check_flat(op: str, name: str, t: torch.Tensor, dtype, device) -> None:
-    """A flat buffer: 1-D, contiguous, of `dtype`, on `device`."""
-    if not (t.dtype is dtype and t.dim() == 1 and t.is_contiguous()):
-        _fail(op, f"{name} must be a contiguous 1-D {dtype} tensor, got {t.dtype} with shape "
-                  f"{tuple(t.shape)}")
-    if t.device != device:
-        _fail(op, f"{name} is on {t.device} but the op runs on {device}")
-
-
-def _check_slots(op: str, steps, v_sums, device) -> None:
-    """steps and v_sums (float64): one slot per tensor of the bucket."""
-    _check_flat(op, "steps", steps, torch.float64, device)
-    _check_flat(op, "v_sums", v_sums, torch.float64, device)
-    if steps.numel() != v_sums.numel():
-        _fail(op, f"steps has {steps.numel()} slots but v_sums has {v_sums.numel()}")
-
-
-def _check_states(op: str, states, device) -> int:
-    """The float32 state buffers ((name, tensor) pairs), all of one length; returns it."""
-    length = states[0][1].numel()
-    for name, t in states:
-        _check_flat(op, name, t, torch.float32, device)
-        if t.numel() != length:
-            _fail(op, f"{name} has {t.numel()} elements but {states[0][0]} has {length}; the "
-                      f"state buffers must have one length")
-    return length
-
-
-def _overlap(offsets, numels):
-    """A pair of rows whose non-empty spans overlap, or None."""
-    order = sorted((o, i) for i, (o, k) in enumerate(zip(offsets, numels)) if k)
-    for (o0, i0), (o1, i1) in zip(order, order[1:]):
-        if o0 + numels[i0] > o1:
-            return i0, i1
-    return None
-
-
-def _check_rows(op, offsets, numels, slots, n_slots, state_len=None, expect=None,
-                slot_names="steps and v_sums"):
-    """The rows of `segments` (csrc/op_checks.h): numels[i] == expect[i]; offsets and numels
-    >= 0 and, given the state buffers' length, every span inside them and no two non-empty
-    spans overlapping; slots inside [0, n_slots) and distinct. A fast pass over whole lists;
-    the first bad row is found only on failure."""
-    n = len(offsets)
-    if n == 0:
-        return
-    ok = ((expect is None or numels == expect) and min(offsets) >= 0 and min(numels) >= 0
-          and min(slots) >= 0 and max(slots) < n_slots and len(set(slots)) == n)
-    if ok and state_len is not None:
-        ends = list(map(operator.add, offsets, numels))
-        ok = max(ends) <= state_len and (
-            all(map(operator.le, ends[:-1], islice(offsets, 1, None)))  # in order, disjoint
-            or _overlap(offsets, numels) is None)
-    if ok:
-        return
-    seen = set()
-    for i, (o, k, s) in enumerate(zip(offsets, numels, slots)):
-        if expect is not None and k != expect[i]:
-            _fail(op, f"segments[{i}] has numel {k} but params[{i}] has {expect[i]} elements")
-        if o < 0 or k < 0 or (state_len is not None and k > state_len - o):
-            where = ("outside the state buffers of {state_len} elements"
-                     if state_len is not None else "negative")
-            _fail(op, f"segments[{i}] = (offset {o}, numel {k}) is "
-                      f"{where.format(state_len=state_len)}")
-        if not 0 <= s < n_slots:
-            _fail(op, f"segments[{i}] has slot {s} but {slot_names} have {n_slots} slots")
-        if s in seen:
-            _fail(op, f"segments[{i}] uses slot {s}, which an earlier tensor of this call uses")
-        seen.add(s)
-    pair = _overlap(offsets, numels)
-    if pair is not None:
-        _fail(op, f"segments[{pair[0]}] and segments[{pair[1]}] overlap in the state buffers")
-    _fail(op, "invalid segments")  # pragma: no cover
-
-
-def _check_params(op: str, params, grads, dev: int, device) -> torch.dtype:
-    """params[i] and grads[i]: one float dtype for all, on the op's device, the same shape and
-    strides, non-overlapping and dense. A fast pass over plain attributes; details on
-    failure. Returns the dtype."""
-    dtype = params[0].dtype
-    if dtype not in _DTYPE_CODES:
-        _fail(op, f"params must be float32, bfloat16 or float16, not {dtype}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if (p.dtype is dtype and g.dtype is dtype and p.get_device() == dev
-                and g.get_device() == dev and g.shape == p.shape
-                and ((p.is_contiguous() and g.is_contiguous())
-                     or (_dense(p) and _same_layout(g, p)))):
-            continue
-        # the slow path: say what is wrong
-        if p.dtype is not dtype or g.dtype is not dtype:
-            _fail(op, f"tensor {i}: params and grads must all have dtype {dtype}, got "
-                      f"{p.dtype} and {g.dtype}")
-        for name, x in (("params", p), ("grads", g)):
-            if x.get_device() != dev:
-                _fail(op, f"{name}[{i}] is on {x.device} but the op runs on {device}")
-        if not _dense(p):
-            _fail(op, f"params[{i}] must be non-overlapping and dense")
-        _fail(op, f"grads[{i}] (sizes {tuple(g.shape)}, strides {g.stride()}) must have the "
-                  f"sizes and strides of params[{i}] (sizes {tuple(p.shape)}, strides "
-                  f"{p.stride()})")
-    return dtype
-
-
-def _check_stats(stats: torch.Tensor) -> None:
-    torch._check(stats.dtype == torch.float64 and stats.dim() == 2
-                 and stats.size(1) == STATS_COLUMNS,
-                 lambda: f"adai_triton::update: stats must be a 2-D float64 tensor of "
-                         f"{STATS_COLUMNS} columns, got {stats.dtype} of sizes "
-                         f"{tuple(stats.shape)}")
-
-
-def _check_out(out: torch.Tensor) -> None:
-    torch._check(out.dtype == torch.float64 and out.dim() == 1
-                 and out.size(0) == STATS_COLUMNS,
-                 lambda: f"adai_triton::stats: out must be a 1-D float64 tensor of "
-                         f"{STATS_COLUMNS} elements, got {out.dtype} of sizes "
-                         f"{tuple(out.shape)}")
 
 
 _ABSENT: dict = {}  # device -> float32 tensor passed for an absent optional pointer
@@ -296,26 +159,6 @@ def _absent(device: torch.device) -> torch.Tensor:
     if t is None:
         t = _ABSENT[device] = torch.zeros(1, dtype=torch.float32, device=device)
     return t
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, and the same strides in every dim of size > 1."""
-    return a.shape == b.shape and all(
-        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
-
-
-def _dense(t: torch.Tensor) -> bool:
-    if t.numel() <= 1 or t.is_contiguous() or t.is_contiguous(
-            memory_format=torch.channels_last):
-        return True
-    # dense and non-overlapping: some permutation of the dims is contiguous
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
 
 
 def _slot_columns(steps, v_sums, slots):
@@ -391,20 +234,16 @@ def _launch(name: str, grid: tuple, *args, **chosen) -> None:
 
 # --------------------------------------------------------------------------- op bodies
 def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
-    K = _state["kernels"]
-    _check_lists("stats", params, grads)
-    _check_out(out)
-    device, dev = out.device, out.get_device()
+    op = f"{NAMESPACE}::stats"
+    dtype = checks.check_stats(op, params, grads, segments, steps, v_sums, grad_scale, out)
     n = len(params)
-    offsets, numels, slots = _rows("stats", segments, n)
-    _check_slots("stats", steps, v_sums, device)
-    fakes.check_control(f"{NAMESPACE}::stats", "grad_scale", grad_scale, device)
     if n == 0:
         out.zero_()
         return
-    dtype = _check_params("stats", params, grads, dev, device)
-    _check_rows("stats", offsets, numels, slots, steps.numel(),
-                expect=[p.numel() for p in params])
+    offsets, numels, slots = _rows(segments)
+    checks.check_rows(op, offsets, numels, slots, steps.numel(),
+                      expect=[p.numel() for p in params])
+    K, device = _state["kernels"], out.device
     l2f = _f32(l2)  # the per-element l2 (adai_math.h::Consts), exact in float64
     has_l2 = l2f != 0.0  # as adai_math.h::effective_grad: params are read only then
     has_scale = grad_scale is not None
@@ -430,31 +269,24 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
 def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
                  stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
                  weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite):
-    K = _state["kernels"]
-    _check_lists("update", params, grads)
-    _check_stats(stats)
-    device, dev = stats.device, stats.get_device()
+    op = f"{NAMESPACE}::update"
+    dtype, state_len = checks.check_update(op, params, grads, segments, exp_avg, exp_avg_sq,
+                                           beta1_prod, v_sums, steps, stats, grad_scale,
+                                           found_inf, lr_tensor)
     n = len(params)
-    offsets, numels, slots = _rows("update", segments, n)
-    state_len = _check_states("update", (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                                         ("beta1_prod", beta1_prod)), device)
-    _check_slots("update", steps, v_sums, device)
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
-                    ("lr_tensor", lr_tensor)):
-        fakes.check_control(f"{NAMESPACE}::update", name, t, device)
     if n == 0:
         return
-    dtype = _check_params("update", params, grads, dev, device)
-    _check_rows("update", offsets, numels, slots, steps.numel(), state_len,
-                expect=[p.numel() for p in params])
+    offsets, numels, slots = _rows(segments)
+    checks.check_rows(op, offsets, numels, slots, steps.numel(), state_len,
+                      expect=[p.numel() for p in params])
+    K, device = _state["kernels"], stats.device
     if not stats.is_contiguous():
         stats = stats.contiguous()
     bases = (exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1_prod.data_ptr())
-    off4 = [4 * o for o in offsets]
     p_col = [p.data_ptr() for p in params]
     g_col = [g.data_ptr() for g in grads]
-    k_col, s_col = _slot_columns(steps, v_sums, slots)
-    columns = [p_col, g_col, *([b + x for x in off4] for b in bases), k_col, s_col, numels]
+    columns = [p_col, g_col, *([b + 4 * o for o in offsets] for b in bases),
+               *_slot_columns(steps, v_sums, slots), numels]
     clip = max_grad_norm > 0.0
     decay = float(weight_decay) if decoupled else 0.0
     meta, n_chunks = _table([_ln(beta2), max_grad_norm if clip else 0.0, decay, 1e-6],
@@ -465,8 +297,6 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
     fi_ptr = found_inf if found_inf is not None else _absent(device)
     with _on(device):
         if n_chunks:
-            # adai_math.h::make_consts: computed in double, rounded to float
-            d = float(dampening)
             # alignment hints: vector accesses where every pointer allows them. Params count
             # only with aligned states, so that the chunk sums reduce in the same register
             # layout as v_sum's (which sees the states only).
@@ -476,11 +306,8 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                 "update_kernel", (n_chunks,), meta, stats, stats.size(0), partials, n,
                 grad_scale if grad_scale is not None else _absent(device), fi_ptr,
                 lr_tensor if lr_tensor is not None else _absent(device),
-                _f32(lr), _f32(beta0), _f32(beta2), _f32(1.0 - beta2), _f32(1.0 - eps),
-                0.0 if decoupled else _f32(weight_decay),
-                _f32(lr * weight_decay) if decoupled else 0.0,
-                _f32(d), _f32(1.0 / (3.0 - 2.0 * d)), _f32(math.pow(beta0, 1.0 - d)),
-                CODE=_DTYPE_CODES[dtype], ADAI_V1=(d == 1.0),
+                *_update_scalars(lr, beta0, beta2, eps, weight_decay, decoupled, dampening),
+                CODE=_DTYPE_CODES[dtype], ADAI_V1=(float(dampening) == 1.0),
                 HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
                 S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
                 HAS_LR=lr_tensor is not None, **flags)
@@ -488,17 +315,26 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                 fi_ptr, **flags)
 
 
+def _update_scalars(lr, beta0, beta2, eps, weight_decay, decoupled, dampening) -> tuple:
+    """update_kernel's float32 scalars, from lr to mhat_scale (launch_specs), as
+    adai_math.h::make_consts computes them: in double, rounded to float."""
+    d = float(dampening)
+    return (_f32(lr), _f32(beta0), _f32(beta2), _f32(1.0 - beta2), _f32(1.0 - eps),
+            0.0 if decoupled else _f32(weight_decay),
+            _f32(lr * weight_decay) if decoupled else 0.0,
+            _f32(d), _f32(1.0 / (3.0 - 2.0 * d)), _f32(math.pow(beta0, 1.0 - d)))
+
+
 def _v_sum_impl(exp_avg_sq, segments, v_sums):
-    K = _state["kernels"]
-    device = exp_avg_sq.device
-    offsets, numels, slots = _rows("v_sum", segments, None)
-    _check_flat("v_sum", "exp_avg_sq", exp_avg_sq, torch.float32, device)
-    _check_flat("v_sum", "v_sums", v_sums, torch.float64, device)
-    _check_rows("v_sum", offsets, numels, slots, v_sums.numel(), exp_avg_sq.numel(),
-                slot_names="v_sums")
+    op = f"{NAMESPACE}::v_sum"
+    state_len = checks.check_v_sum(op, exp_avg_sq, segments, v_sums)
+    offsets, numels, slots = _rows(segments)
+    checks.check_rows(op, offsets, numels, slots, v_sums.numel(), state_len,
+                      slot_names="v_sums")
     n = len(offsets)
     if n == 0:
         return
+    K, device = _state["kernels"], exp_avg_sq.device
     base = exp_avg_sq.data_ptr()
     zeros = [0] * n
     v0 = v_sums.data_ptr()
@@ -515,17 +351,14 @@ def _v_sum_impl(exp_avg_sq, segments, v_sums):
 
 # --------------------------------------------------------------------------- registration
 def _register() -> None:
-    """Define the three custom ops and their fake (meta) kernels (adai_kernels/fakes.py)."""
+    """Define the three custom ops, then attach their fake kernels (adai_kernels/ops.py)."""
     Tensor = torch.Tensor
-    fake = fakes.kernels(NAMESPACE)
 
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
     def stats(params: list[Tensor], grads: list[Tensor], segments: Tensor, steps: Tensor,
               v_sums: Tensor, grad_scale: Optional[Tensor], beta2: float, l2: float,
               out: Tensor) -> None:
         _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out)
-
-    stats.register_fake(fake["stats"])
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
@@ -540,13 +373,13 @@ def _register() -> None:
                      stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
                      weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
 
-    update.register_fake(fake["update"])
-
     @torch.library.custom_op(f"{NAMESPACE}::v_sum", mutates_args=("v_sums",))
     def v_sum(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
         _v_sum_impl(exp_avg_sq, segments, v_sums)
 
-    v_sum.register_fake(fake["v_sum"])
+    errors = ops.register_fakes(NAMESPACE)
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def _interpreting(kernels) -> bool:
@@ -616,7 +449,7 @@ class TritonBackend(OpsBackend):
         reason = self._load()
         if reason:
             raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
-        return getattr(torch.ops, self._namespace)
+        return self._calls
 
 
-TRITON = TritonBackend("triton", NAMESPACE, ("cuda", "cpu"), load)
+TRITON = TritonBackend("triton", ops.Ops(NAMESPACE), ("cuda", "cpu"), load)
