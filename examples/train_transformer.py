@@ -81,7 +81,7 @@ class Config:
     heads: int = 4
     context: int = 128
     batch: int = 16
-    steps: int = 500
+    steps: int = 400
     eval_every: int = 25
     eval_batches: int = 6
     corpus_bytes: int = 2_000_000
@@ -204,12 +204,27 @@ def build(name, lr, cfg, device, seed):
     return model, make_opt(model.parameters(), lr, seed)
 
 
+def optimizer_step(name, model, opt, measure: bool):
+    """opt.step(); with `measure`, also the fraction of parameter elements that it left
+    unchanged. In float32 Adai leaves only the embedding rows of bytes that never occur (zero
+    gradient, zero momentum); what bf16 adds to that are the updates that rounded away."""
+    if RUNS[name][1] == "AdamW":  # Adai clips inside its step (max_grad_norm)
+        nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    before = [p.detach().clone() for p in model.parameters()] if measure else []
+    opt.step()
+    if not measure:
+        return None
+    same = sum(int((p.detach() == b).sum()) for p, b in zip(model.parameters(), before))
+    return same / sum(b.numel() for b in before)
+
+
 def train(name, lr, cfg, data, device, seed):
-    """One run; returns its rows (run, step, train_loss, val_loss, lr, seconds)."""
+    """One run: its rows (run, step, train_loss, val_loss, lr, seconds) and the fraction of
+    parameter elements left unchanged by the last step."""
     train_data, val_data, batches, eval_offsets = data
     model, opt = build(name, lr, cfg, device, seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
-    rows, window, start = [], [], time.perf_counter()
+    rows, window, unchanged, start = [], [], None, time.perf_counter()
     for step in range(cfg.steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = evaluate(model, val_data, eval_offsets, cfg.context)
@@ -219,19 +234,22 @@ def train(name, lr, cfg, data, device, seed):
             rows.append(dict(run=name, step=step, train_loss=train_loss, val_loss=val,
                              lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - start))
             print(f"{name:16s} step {step:4d}  train {train_loss:.4f}  val {val:.4f}  "
-                  f"lr {opt.param_groups[0]['lr']:.3g}  {rows[-1]['seconds']:6.1f} s", flush=True)
+                  f"lr {opt.param_groups[0]['lr']:.3g}  {rows[-1]['seconds']:6.1f} s"
+                  + (f"  last step left {unchanged:.1%} unchanged" if step else ""),
+                  flush=True)
             window = []
         if step == cfg.steps:
             break
         opt.zero_grad(set_to_none=True)
         loss = loss_of(model, train_data, batches[step], cfg.context)
         loss.backward()
-        if RUNS[name][1] == "AdamW":  # Adai clips inside its step (max_grad_norm)
-            nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        opt.step()
+        # Measured on the step before each row, which prints it.
+        measure = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+        fraction = optimizer_step(name, model, opt, measure)
+        unchanged = unchanged if fraction is None else fraction
         sched.step()
         window.append(loss.item())
-    return rows
+    return rows, unchanged
 
 
 def fixed_batches(cfg, train_data, val_data, seed, device):
@@ -243,6 +261,14 @@ def fixed_batches(cfg, train_data, val_data, seed, device):
     span = len(val_data) - cfg.context - 1
     evals = torch.linspace(0, span, cfg.eval_batches * cfg.batch).long()
     return batches.to(device), evals.view(cfg.eval_batches, cfg.batch).to(device)
+
+
+def write_csv(rows, path: Path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "step", "train_loss", "val_loss", "lr",
+                                               "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot(rows, lrs, path: Path, steps: int):
@@ -267,9 +293,9 @@ def plot(rows, lrs, path: Path, steps: int):
     plt.close(fig)
 
 
-def summary(rows, lrs, skipped):
+def summary(rows, lrs, skipped, unchanged):
     print(f"\n{'run':16s} {'optimizer':9s} {'lr':>6s} {'final val':>9s} {'bits/byte':>9s} "
-          f"{'best val':>8s} {'seconds':>8s}")
+          f"{'best val':>8s} {'seconds':>8s} {'unchanged by last step':>23s}")
     for name in RUNS:
         if name in skipped:
             print(f"{name:16s} skipped: {skipped[name]}")
@@ -279,7 +305,8 @@ def summary(rows, lrs, skipped):
             last = mine[-1]
             print(f"{name:16s} {RUNS[name][1]:9s} {lrs[name]:6g} {last['val_loss']:9.4f} "
                   f"{last['val_loss'] / math.log(2):9.4f} "
-                  f"{min(r['val_loss'] for r in mine):8.4f} {last['seconds']:8.1f}")
+                  f"{min(r['val_loss'] for r in mine):8.4f} {last['seconds']:8.1f} "
+                  f"{unchanged[name]:23.1%}")
 
 
 def main(argv=None):
@@ -292,13 +319,18 @@ def main(argv=None):
     ap.add_argument("--adai-lr", type=float, default=ADAI_LR)
     ap.add_argument("--adamw-lr", type=float, default=ADAMW_LR)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    # One thread by default: the same numbers on every machine, and on a shared 2-core
+    # machine two threads ran 3x slower than one whenever another process was busy.
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     if args.steps:
         cfg = Config(**{**cfg.__dict__, "steps": args.steps})
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    # cuBLAS is deterministic only with a fixed workspace (set before CUDA starts); some
+    # attention backward kernels have no deterministic variant, so on a GPU a warning.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=not args.device.startswith("cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
 
     train_data, val_data = corpus(cfg.corpus_bytes)
@@ -308,22 +340,19 @@ def main(argv=None):
     data = (train_data, val_data, *fixed_batches(cfg, train_data, val_data, args.seed,
                                                  args.device))
     lrs = {name: args.adai_lr if RUNS[name][1] == "Adai" else args.adamw_lr for name in RUNS}
-    rows, skipped = [], {}
+    rows, skipped, unchanged = [], {}, {}
     for name in args.runs:
         option = RUNS[name][2]
         if option and not adai_option(option):
             skipped[name] = f"this adai_kernels has no Adai({option}=True)"
             print(f"{name:16s} skipped: {skipped[name]}", flush=True)
             continue
-        rows += train(name, lrs[name], cfg, data, args.device, args.seed)
+        run_rows, unchanged[name] = train(name, lrs[name], cfg, data, args.device, args.seed)
+        rows += run_rows
 
-    with open(args.out / "transformer_curves.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", "step", "train_loss", "val_loss", "lr",
-                                               "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "transformer_curves.csv")
     plot(rows, lrs, args.out / "transformer_curves.png", cfg.steps)
-    summary(rows, lrs, skipped)
+    summary(rows, lrs, skipped, unchanged)
     print(f"curves: {args.out / 'transformer_curves.csv'}, {args.out / 'transformer_curves.png'}")
     return rows, skipped
 
