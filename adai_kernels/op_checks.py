@@ -15,9 +15,8 @@ import torch
 
 from .backends.base import STATS_COLUMNS
 
-# The parameter (and gradient) dtypes the ops step. The state is float32, or float64 for
-# float64 parameters (state_dtype); the CUDA and Triton kernels step the first three only.
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The parameter (and gradient) dtypes the ops step; the state is float32 (state_dtype).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes that may have a master copy
 
 

@@ -130,10 +130,10 @@ inline void check_slots(const char* op, const at::Tensor& steps, const at::Tenso
 // The float32 state buffers (any subset may be given; all of one length). Returns the length.
 inline int64_t check_states(const char* op, const std::vector<const char*>& names,
                             const std::vector<const at::Tensor*>& states,
-                            const at::Device& device) {
+                            const at::Device& device, at::ScalarType dtype = at::kFloat) {
   int64_t len = -1;
   for (size_t k = 0; k < states.size(); ++k) {
-    check_flat(op, names[k], *states[k], at::kFloat, device);
+    check_flat(op, names[k], *states[k], dtype, device);
     if (len < 0) len = states[k]->numel();
     TORCH_CHECK(states[k]->numel() == len, op, ": `", names[k], "` has ", states[k]->numel(),
                 " elements but `", names[0], "` has ", len,
@@ -174,6 +174,72 @@ inline const float* check_control(const char* op, const char* name,
               t->scalar_type(), " of shape ", t->sizes());
   check_device(op, name, *t, device);
   return t->const_data_ptr<float>();
+}
+
+// An optional fp32 master copy of bf16/fp16 params, laid out as the state buffers
+// (state_len < 0: stats, which gets no state buffer to compare with). Returns its data.
+inline float* check_master(const char* op, const std::optional<at::Tensor>& master,
+                           at::ScalarType dtype, size_t n, int64_t state_len,
+                           const at::Device& device) {
+  if (!master.has_value() || !master->defined()) return nullptr;
+  check_flat(op, "master", *master, at::kFloat, device);
+  TORCH_CHECK(n == 0 || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": `master` is given but params are ", dtype,
+              "; a master copy is kept only for bfloat16 or float16 params");
+  TORCH_CHECK(state_len < 0 || master->numel() == state_len, op, ": `master` has ",
+              master->numel(), " elements but `exp_avg` has ", state_len,
+              "; the state buffers must have one length");
+  return master->mutable_data_ptr<float>();
+}
+
+// `beta1_prod`: the state buffers' length, or empty (freed: every tensor is done);
+// `beta1_prod_max` (optional): float32, one slot per tensor. Returns the max's data or null.
+inline float* check_beta1_prod(const char* op, const at::Tensor& beta1_prod,
+                               const std::optional<at::Tensor>& beta1_prod_max,
+                               const at::Tensor& steps, int64_t state_len,
+                               const at::Device& device) {
+  check_flat(op, "beta1_prod", beta1_prod, at::kFloat, device);
+  TORCH_CHECK(beta1_prod.numel() == 0 || beta1_prod.numel() == state_len, op,
+              ": `beta1_prod` has ", beta1_prod.numel(), " elements but `exp_avg` has ",
+              state_len, "; it must have their length, or none (freed)");
+  if (!beta1_prod_max.has_value() || !beta1_prod_max->defined()) return nullptr;
+  check_flat(op, "beta1_prod_max", *beta1_prod_max, at::kFloat, device);
+  TORCH_CHECK(beta1_prod_max->numel() == steps.numel(), op, ": `beta1_prod_max` has ",
+              beta1_prod_max->numel(), " slots but `steps` has ", steps.numel());
+  return beta1_prod_max->mutable_data_ptr<float>();
+}
+
+// Stochastic rounding: `rounding_seed` (int64, one element, on the device) and
+// `rounding_index` (int64 CPU, one entry >= 0 per tensor) come together, for bf16 params
+// without a master copy. Returns the index table, or null when not rounding stochastically.
+inline const int64_t* check_rounding(const char* op, const std::optional<at::Tensor>& seed,
+                                     const std::optional<at::Tensor>& index, bool has_master,
+                                     at::ScalarType dtype, size_t n, const at::Device& device) {
+  const bool has_seed = seed.has_value() && seed->defined();
+  const bool has_index = index.has_value() && index->defined();
+  if (!has_seed && !has_index) return nullptr;
+  TORCH_CHECK(has_seed && has_index, op,
+              ": `rounding_seed` and `rounding_index` must be given together");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->dim() <= 1, op,
+              ": `rounding_seed` must be an int64 tensor of one element, got ",
+              seed->scalar_type(), " of shape ", seed->sizes());
+  check_device(op, "rounding_seed", *seed, device);
+  TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 &&
+                  index->device().is_cpu() && static_cast<size_t>(index->numel()) == n &&
+                  index->is_contiguous(),
+              op, ": `rounding_index` must be an int64 CPU tensor of shape (", n,
+              ",) (one first index per tensor), got ", index->scalar_type(), " on ",
+              index->device(), " with shape ", index->sizes());
+  TORCH_CHECK(n == 0 || dtype == at::kBFloat16, op,
+              ": stochastic rounding (`rounding_seed`) is for bfloat16 params, not ", dtype);
+  TORCH_CHECK(!has_master, op,
+              ": `rounding_seed` and `master` exclude each other: a master copy is rounded to "
+              "nearest");
+  const int64_t* first = index->const_data_ptr<int64_t>();
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(first[i] >= 0, op, ": rounding_index[", i, "] is negative (", first[i], ")");
+  }
+  return first;
 }
 
 // No two non-empty segments overlap (a kernel writes each state element from one thread).

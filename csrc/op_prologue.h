@@ -27,6 +27,11 @@ struct OpArgs {
   const float* grad_scale = nullptr;   // the control tensors' data on the device, or null
   const float* found_inf = nullptr;
   const float* lr_tensor = nullptr;
+  float* beta1_prod_max = nullptr;     // update: the per-slot max |b|, or null (no elision)
+  bool has_beta1_prod = true;          // update: false when `beta1_prod` is empty (freed)
+  float* master = nullptr;             // the fp32 master weights, or null
+  const int64_t* rounding_seed = nullptr;   // update: the seed on the device, or null
+  const int64_t* rounding_index = nullptr;  // update: each tensor's first rounding index
 };
 
 // Entry kSegmentColumns * i + col of the rows.
@@ -56,10 +61,10 @@ inline void check_params(const char* op, at::TensorList params, at::TensorList g
   }
 }
 
-// stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out).
+// stats(params, grads, segments, steps, v_sums, master, grad_scale, beta2, l2, out).
 inline OpArgs stats_prologue(const char* op, at::TensorList params, at::TensorList grads,
                              const at::Tensor& segments, const at::Tensor& steps,
-                             const at::Tensor& v_sums,
+                             const at::Tensor& v_sums, const std::optional<at::Tensor>& master,
                              const std::optional<at::Tensor>& grad_scale, const at::Tensor& out,
                              const at::Device& device, bool one_dtype) {
   OpArgs a = params_call(op, params, grads, segments);
@@ -69,11 +74,28 @@ inline OpArgs stats_prologue(const char* op, at::TensorList params, at::TensorLi
   a.grad_scale = check_control(op, "grad_scale", grad_scale, device);
   // stats reads no state buffer: only numel and slot of a segment matter.
   check_params(op, params, grads, a, steps.numel(), one_dtype, device);
+  a.master = check_master(op, master, a.dtype, a.n, /*state_len=*/-1, device);
+  if (a.master != nullptr) {  // the spans must lie inside the master copy
+    std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
+    for (size_t i = 0; i < a.n; ++i) {
+      check_segment(op, i, a.rows + kSegmentColumns * i, params[i].numel(), master->numel(),
+                    seen);
+    }
+  }
   return a;
 }
 
-// update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-//        grad_scale, found_inf, lr_tensor, ...).
+// The optional arguments of update (op_schemas.h).
+struct UpdateOptionals {
+  const std::optional<at::Tensor>& beta1_prod_max;
+  const std::optional<at::Tensor>& master;
+  const std::optional<at::Tensor>& rounding_seed;
+  const std::optional<at::Tensor>& rounding_index;
+};
+
+// update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
+//        beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor, rounding_seed,
+//        rounding_index, ...).
 inline OpArgs update_prologue(const char* op, at::TensorList params, at::TensorList grads,
                               const at::Tensor& segments, const at::Tensor& exp_avg,
                               const at::Tensor& exp_avg_sq, const at::Tensor& beta1_prod,
@@ -82,19 +104,35 @@ inline OpArgs update_prologue(const char* op, at::TensorList params, at::TensorL
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& lr_tensor,
-                              const at::Device& device, bool one_dtype) {
+                              const UpdateOptionals& opt, const at::Device& device,
+                              bool one_dtype) {
   OpArgs a = params_call(op, params, grads, segments);
   check_device(op, "stats", stats, device);
   check_stats_matrix(op, stats);
-  a.state_len = check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
-                             {&exp_avg, &exp_avg_sq, &beta1_prod}, device);
+  a.state_len = check_states(op, {"exp_avg", "exp_avg_sq"}, {&exp_avg, &exp_avg_sq}, device);
+  a.beta1_prod_max =
+      check_beta1_prod(op, beta1_prod, opt.beta1_prod_max, steps, a.state_len, device);
+  a.has_beta1_prod = beta1_prod.numel() == a.state_len;
   check_slots(op, steps, v_sums, device);
   a.grad_scale = check_control(op, "grad_scale", grad_scale, device);
   a.found_inf = check_control(op, "found_inf", found_inf, device);
   a.lr_tensor = check_control(op, "lr_tensor", lr_tensor, device);
   check_params(op, params, grads, a, steps.numel(), one_dtype, device);
   check_disjoint(op, a.rows, a.n);
+  a.master = check_master(op, opt.master, a.dtype, a.n, a.state_len, device);
+  a.rounding_index = check_rounding(op, opt.rounding_seed, opt.rounding_index,
+                                    a.master != nullptr, a.dtype, a.n, device);
+  if (a.rounding_index != nullptr) a.rounding_seed = opt.rounding_seed->const_data_ptr<int64_t>();
   return a;
+}
+
+// What a backend does not implement (yet): a clear refusal rather than a silent default.
+inline void refuse_optionals(const char* op, const OpArgs& a, const char* backend) {
+  TORCH_CHECK(a.beta1_prod_max == nullptr && a.has_beta1_prod, op,
+              ": `beta1_prod_max` (and a freed `beta1_prod`) is not supported by the ", backend);
+  TORCH_CHECK(a.master == nullptr, op, ": `master` is not supported by the ", backend);
+  TORCH_CHECK(a.rounding_seed == nullptr, op, ": `rounding_seed` is not supported by the ",
+              backend);
 }
 
 // v_sum(exp_avg_sq, segments, v_sums): the rows name the tensors to sum, so their number is

@@ -441,11 +441,14 @@ std::vector<double> stats_tensor_sums(at::TensorList params, at::TensorList grad
 
 void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                const at::Tensor& steps, const at::Tensor& v_sums,
+               const std::optional<at::Tensor>& master,
                const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
                const at::Tensor& out) {
   const char* op = "adai::stats";
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
-                                              grad_scale, out, kCpu, /*one_dtype=*/false);
+                                              master, grad_scale, out, kCpu,
+                                              /*one_dtype=*/false);
+  adai::refuse_optionals(op, a, "CPU kernels");
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
   // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
   // adai::effective_grad adds the term), and the row's expanded columns use the same value.
@@ -531,15 +534,21 @@ void write_v_sums(const adai::OpArgs& a, const std::vector<double>& V,
 void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                 const at::Tensor& beta1_prod, const at::Tensor& v_sums, const at::Tensor& steps,
-                const at::Tensor& stats, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& beta1_prod_max,
+                const std::optional<at::Tensor>& master, const at::Tensor& stats,
+                const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& rounding_seed,
+                const std::optional<at::Tensor>& rounding_index, double lr, double beta0,
                 double beta2, double eps, double weight_decay, bool decoupled,
                 double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const adai::OpArgs a = adai::update_prologue(
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-      grad_scale, found_inf, lr_tensor, kCpu, /*one_dtype=*/false);
+      grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
+      kCpu, /*one_dtype=*/false);
+  adai::refuse_optionals(op, a, "CPU kernels");
   double totals[adai::kStatsColumns];
   adai::sum_stats_rows(stats.const_data_ptr<double>(), stats.size(0), stats.stride(0),
                        stats.stride(1), totals);

@@ -132,12 +132,15 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
 
 void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
               const at::Tensor& steps, const at::Tensor& v_sums,
+              const std::optional<at::Tensor>& master,
               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
               const at::Tensor& out) {
   const char* op = "adai::stats";
   const at::Device device = op_device(op, "out", out);
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
-                                              grad_scale, out, device, /*one_dtype=*/true);
+                                              master, grad_scale, out, device,
+                                              /*one_dtype=*/true);
+  adai::refuse_optionals(op, a, "CUDA kernels");
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
@@ -168,17 +171,22 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
 void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                const at::Tensor& beta1_prod, const at::Tensor& v_sums,
-               const at::Tensor& steps, const at::Tensor& stats,
+               const at::Tensor& steps, const std::optional<at::Tensor>& beta1_prod_max,
+               const std::optional<at::Tensor>& master, const at::Tensor& stats,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+               const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& rounding_seed,
+               const std::optional<at::Tensor>& rounding_index, double lr, double beta0,
                double beta2, double eps, double weight_decay, bool decoupled,
                double dampening, double max_grad_norm, bool skip_nonfinite) {
   const char* op = "adai::update";
   const at::Device device = op_device(op, "stats", stats);
   const adai::OpArgs a = adai::update_prologue(
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
-      grad_scale, found_inf, lr_tensor, device, /*one_dtype=*/true);
+      grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
+      device, /*one_dtype=*/true);
+  adai::refuse_optionals(op, a, "CUDA kernels");
   if (a.n == 0) return;
 
   double* step_base = steps.mutable_data_ptr<double>();
