@@ -189,7 +189,8 @@ def check_beta1_prod(op: str, beta1_prod, beta1_prod_max, steps, state_len: int,
     check_flat(op, "beta1_prod", beta1_prod, dtype, device)
     if beta1_prod.numel() not in (0, state_len):
         fail(op, f"`beta1_prod` has {beta1_prod.numel()} elements but `exp_avg` has "
-                 f"{state_len}; it must have their length, or none (freed)")
+                 f"{state_len}; the state buffers must have one length (or `beta1_prod` none: "
+                 f"freed)")
     if beta1_prod_max is not None:
         check_flat(op, "beta1_prod_max", beta1_prod_max, torch.float32, device)
         if beta1_prod_max.numel() != steps.numel():
@@ -263,8 +264,7 @@ def check_update(op: str, params, grads, segments, exp_avg, exp_avg_sq, beta1_pr
 def check_v_sum(op: str, exp_avg_sq, segments, v_sums) -> int:
     """Every argument of v_sum but the rows of `segments`; returns the buffer's length."""
     check_segments(op, segments, None)
-    sdtype = torch.float64 if exp_avg_sq.dtype is torch.float64 else torch.float32
-    state_len = check_states(op, (("exp_avg_sq", exp_avg_sq),), exp_avg_sq.device, sdtype)
+    state_len = check_states(op, (("exp_avg_sq", exp_avg_sq),), exp_avg_sq.device)
     check_flat(op, "v_sums", v_sums, torch.float64, exp_avg_sq.device)
     return state_len
 

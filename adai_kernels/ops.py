@@ -33,8 +33,8 @@ class Ops:
               l2: float, out: Tensor, master: Optional[Tensor] = None) -> None:
         """Phase 1: increment the step slots, write one statistics row into `out` (theta read
         from `master` when given)."""
-        self._lib.stats(params, grads, segments, steps, v_sums, master, grad_scale, beta2, l2,
-                        out)
+        self._lib.stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out,
+                        master=master)
 
     def update(self, *, params: list[Tensor], grads: list[Tensor], segments: Tensor,
                exp_avg: Tensor, exp_avg_sq: Tensor, beta1_prod: Tensor, v_sums: Tensor,
@@ -50,9 +50,10 @@ class Ops:
         `master` (fp32 master weights of bf16/fp16 params), `rounding_seed` with
         `rounding_index` (stochastic rounding of bf16 params)."""
         self._lib.update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums,
-                         steps, beta1_prod_max, master, stats, grad_scale, found_inf,
-                         lr_tensor, rounding_seed, rounding_index, lr, beta0, beta2, eps,
-                         weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
+                         steps, stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
+                         weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite,
+                         beta1_prod_max=beta1_prod_max, master=master,
+                         rounding_seed=rounding_seed, rounding_index=rounding_index)
 
     def v_sum(self, *, exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
         """v_sums[slot] = the sum of each row's span of exp_avg_sq, as update sums it."""
@@ -63,14 +64,15 @@ def fake_kernels(namespace: str) -> dict:
     """The fake kernels of `namespace`::stats, ::update and ::v_sum, by op name (they take
     the arguments in schema order, as the dispatcher passes them)."""
 
-    def stats(params, grads, segments, steps, v_sums, master, grad_scale, beta2, l2, out):
+    def stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out,
+              master=None):
         checks.check_stats(f"{namespace}::stats", params, grads, segments, steps, v_sums,
                            master, grad_scale, out)
 
-    def update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
-               beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor, rounding_seed,
-               rounding_index, lr, beta0, beta2, eps, weight_decay, decoupled, dampening,
-               max_grad_norm, skip_nonfinite):
+    def update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
+               grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+               decoupled, dampening, max_grad_norm, skip_nonfinite, beta1_prod_max=None,
+               master=None, rounding_seed=None, rounding_index=None):
         checks.check_update(f"{namespace}::update", params, grads, segments, exp_avg,
                             exp_avg_sq, beta1_prod, v_sums, steps, beta1_prod_max, master,
                             stats, grad_scale, found_inf, lr_tensor, rounding_seed,

@@ -62,7 +62,7 @@ inline void check_param(const char* op, size_t i, const at::Tensor& p, const at:
   check_list_device(op, "params", i, p, device);
   check_list_device(op, "grads", i, g, device);
   TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-              p.scalar_type(), "; params must be float32, float16 or bfloat16");
+              p.scalar_type(), "; expected float32, bfloat16 or float16");
   TORCH_CHECK(!one_dtype || p.scalar_type() == dtype, op, ": params[", i, "] has dtype ",
               p.scalar_type(), " but params[0] has ", dtype,
               "; all params of one call must share a dtype");
@@ -71,9 +71,9 @@ inline void check_param(const char* op, size_t i, const at::Tensor& p, const at:
   TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": params[", i,
               "] must be non-overlapping and dense, got shape ", p.sizes(), " and strides ",
               p.strides());
-  TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] has shape ", g.sizes(), " and strides ",
-              g.strides(), " but params[", i, "] has shape ", p.sizes(), " and strides ",
-              p.strides(), "; they must have the same sizes and strides");
+  TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] (sizes ", g.sizes(), ", strides ",
+              g.strides(), ") must have the sizes and strides of params[", i, "] (sizes ",
+              p.sizes(), ", strides ", p.strides(), ")");
 }
 
 // stats' `out`: one statistics row, 1-D float64 of kStatsColumns elements.
@@ -201,7 +201,7 @@ inline float* check_beta1_prod(const char* op, const at::Tensor& beta1_prod,
   check_flat(op, "beta1_prod", beta1_prod, at::kFloat, device);
   TORCH_CHECK(beta1_prod.numel() == 0 || beta1_prod.numel() == state_len, op,
               ": `beta1_prod` has ", beta1_prod.numel(), " elements but `exp_avg` has ",
-              state_len, "; it must have their length, or none (freed)");
+              state_len, "; the state buffers must have one length (or `beta1_prod` none: freed)");
   if (!beta1_prod_max.has_value() || !beta1_prod_max->defined()) return nullptr;
   check_flat(op, "beta1_prod_max", *beta1_prod_max, at::kFloat, device);
   TORCH_CHECK(beta1_prod_max->numel() == steps.numel(), op, ": `beta1_prod_max` has ",

@@ -8,7 +8,7 @@
 // are steps[slot] and v_sums[slot]. Only params and grads are tensor lists (their conversion
 // from Python is most of an op call's host cost with many tensors).
 //
-// Optional state (docs/design.md): `beta1_prod_max` (float32, one slot per tensor: the max
+// Optional state, last and defaulting to None (docs/design.md): `beta1_prod_max` (float32, one slot per tensor: the max
 // |beta1_prod| after the last write; a tensor with max <= 2^-25 is done and its b is neither
 // read nor written; `beta1_prod` may then be empty, freed), `master` (the fp32 master weights
 // of bf16/fp16 params, laid out as the states), `rounding_seed` + `rounding_index` (stochastic
@@ -21,15 +21,16 @@ namespace schema {
 
 constexpr const char* kStats =
     "stats(Tensor[] params, Tensor[] grads, Tensor segments, Tensor(a!) steps, "
-    "Tensor v_sums, Tensor? master, Tensor? grad_scale, float beta2, float l2, "
-    "Tensor(b!) out) -> ()";
+    "Tensor v_sums, Tensor? grad_scale, float beta2, float l2, Tensor(b!) out, "
+    "Tensor? master=None) -> ()";
 constexpr const char* kUpdate =
     "update(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!) exp_avg, "
     "Tensor(c!) exp_avg_sq, Tensor(d!) beta1_prod, Tensor(e!) v_sums, Tensor(f!) steps, "
-    "Tensor(g!)? beta1_prod_max, Tensor(h!)? master, Tensor stats, Tensor? grad_scale, "
-    "Tensor? found_inf, Tensor? lr_tensor, Tensor? rounding_seed, Tensor? rounding_index, "
-    "float lr, float beta0, float beta2, float eps, float weight_decay, bool decoupled, "
-    "float dampening, float max_grad_norm, bool skip_nonfinite) -> ()";
+    "Tensor stats, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, "
+    "float beta0, float beta2, float eps, float weight_decay, bool decoupled, "
+    "float dampening, float max_grad_norm, bool skip_nonfinite, "
+    "Tensor(g!)? beta1_prod_max=None, Tensor(h!)? master=None, Tensor? rounding_seed=None, "
+    "Tensor? rounding_index=None) -> ()";
 constexpr const char* kSumV = "v_sum(Tensor exp_avg_sq, Tensor segments, Tensor(a!) v_sums) -> ()";
 
 // The CUDA kernels' host code (csrc/cuda/ops_host.cpp): the chunk table the kernels use (a

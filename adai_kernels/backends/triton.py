@@ -243,7 +243,7 @@ def _refuse(op: str, dtype, **given) -> None:
             checks.fail(op, f"`{name}` is not supported by the Triton kernels")
 
 
-def _stats_impl(params, grads, segments, steps, v_sums, master, grad_scale, beta2, l2, out):
+def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out, master):
     op = f"{NAMESPACE}::stats"
     dtype = checks.check_stats(op, params, grads, segments, steps, v_sums, master, grad_scale,
                                out)
@@ -279,9 +279,9 @@ def _stats_impl(params, grads, segments, steps, v_sums, master, grad_scale, beta
 
 
 def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
-                 beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor,
-                 rounding_seed, rounding_index, lr, beta0, beta2, eps, weight_decay,
-                 decoupled, dampening, max_grad_norm, skip_nonfinite):
+                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+                 decoupled, dampening, max_grad_norm, skip_nonfinite, beta1_prod_max, master,
+                 rounding_seed, rounding_index):
     op = f"{NAMESPACE}::update"
     dtype, state_len = checks.check_update(op, params, grads, segments, exp_avg, exp_avg_sq,
                                            beta1_prod, v_sums, steps, beta1_prod_max, master,
@@ -374,9 +374,9 @@ def _register() -> None:
 
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
     def stats(params: list[Tensor], grads: list[Tensor], segments: Tensor, steps: Tensor,
-              v_sums: Tensor, master: Optional[Tensor], grad_scale: Optional[Tensor],
-              beta2: float, l2: float, out: Tensor) -> None:
-        _stats_impl(params, grads, segments, steps, v_sums, master, grad_scale, beta2, l2, out)
+              v_sums: Tensor, grad_scale: Optional[Tensor], beta2: float, l2: float,
+              out: Tensor, master: Optional[Tensor] = None) -> None:
+        _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out, master)
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
@@ -384,16 +384,16 @@ def _register() -> None:
                       "beta1_prod_max", "master"))
     def update(params: list[Tensor], grads: list[Tensor], segments: Tensor, exp_avg: Tensor,
                exp_avg_sq: Tensor, beta1_prod: Tensor, v_sums: Tensor, steps: Tensor,
-               beta1_prod_max: Optional[Tensor], master: Optional[Tensor], stats: Tensor,
-               grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-               lr_tensor: Optional[Tensor], rounding_seed: Optional[Tensor],
-               rounding_index: Optional[Tensor], lr: float, beta0: float, beta2: float,
-               eps: float, weight_decay: float, decoupled: bool, dampening: float,
-               max_grad_norm: float, skip_nonfinite: bool) -> None:
+               stats: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+               lr_tensor: Optional[Tensor], lr: float, beta0: float, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool, dampening: float, max_grad_norm: float,
+               skip_nonfinite: bool, beta1_prod_max: Optional[Tensor] = None,
+               master: Optional[Tensor] = None, rounding_seed: Optional[Tensor] = None,
+               rounding_index: Optional[Tensor] = None) -> None:
         _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
-                     beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor,
-                     rounding_seed, rounding_index, lr, beta0, beta2, eps, weight_decay,
-                     decoupled, dampening, max_grad_norm, skip_nonfinite)
+                     stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
+                     weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite,
+                     beta1_prod_max, master, rounding_seed, rounding_index)
 
     @torch.library.custom_op(f"{NAMESPACE}::v_sum", mutates_args=("v_sums",))
     def v_sum(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:

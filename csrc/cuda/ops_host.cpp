@@ -132,9 +132,9 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
 
 void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
               const at::Tensor& steps, const at::Tensor& v_sums,
-              const std::optional<at::Tensor>& master,
               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
-              const at::Tensor& out) {
+              const at::Tensor& out,
+              const std::optional<at::Tensor>& master) {
   const char* op = "adai::stats";
   const at::Device device = op_device(op, "out", out);
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
@@ -171,15 +171,16 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
 void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                const at::Tensor& beta1_prod, const at::Tensor& v_sums,
-               const at::Tensor& steps, const std::optional<at::Tensor>& beta1_prod_max,
-               const std::optional<at::Tensor>& master, const at::Tensor& stats,
+               const at::Tensor& steps, const at::Tensor& stats,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& lr_tensor,
-               const std::optional<at::Tensor>& rounding_seed,
-               const std::optional<at::Tensor>& rounding_index, double lr, double beta0,
+               const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
                double beta2, double eps, double weight_decay, bool decoupled,
-               double dampening, double max_grad_norm, bool skip_nonfinite) {
+               double dampening, double max_grad_norm, bool skip_nonfinite,
+               const std::optional<at::Tensor>& beta1_prod_max,
+               const std::optional<at::Tensor>& master,
+               const std::optional<at::Tensor>& rounding_seed,
+               const std::optional<at::Tensor>& rounding_index) {
   const char* op = "adai::update";
   const at::Device device = op_device(op, "stats", stats);
   const adai::OpArgs a = adai::update_prologue(
