@@ -23,7 +23,9 @@ constexpr const char* kUpdate =
     "float dampening, float max_grad_norm, bool skip_nonfinite) -> ()";
 constexpr const char* kSumV = "v_sum(Tensor exp_avg_sq, Tensor segments, Tensor(a!) v_sums) -> ()";
 
-// Test hook and capture-safe copy of the CUDA kernels' host code (csrc/cuda/ops_host.cpp).
+// The CUDA kernels' host code (csrc/cuda/ops_host.cpp): the chunk table the kernels use (a
+// test hook, no tensor arguments) and the capture-safe host-to-device copy. Declared in every
+// build; their kernels exist only in CUDA builds.
 constexpr const char* kChunkTable = "_chunk_table(int[] numels, int chunk=-1) -> Tensor";
 constexpr const char* kUpload = "_upload(Tensor src, Tensor(a!) dst) -> ()";
 
