@@ -27,7 +27,7 @@ if EMU:
 
 ops = torch.ops.adai_emu
 THREADS = 64  # selftest.cpp's block size
-PAYLOAD = 32 * 1024 - 64  # csrc/cuda/kernels.h, kPayloadBytes
+PAYLOAD = 32 * 1024 - 64  # csrc/cuda/launchers.h, kPayloadBytes
 DEFAULT = ("forward", "random", 0, 0.05)  # scheduler.h's Config
 
 

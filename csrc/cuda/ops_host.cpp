@@ -31,7 +31,7 @@
 #include "../op_checks.h"
 #include "device.h"
 #include "elementwise.h"
-#include "kernels.h"
+#include "launchers.h"
 #include "multi_tensor.h"
 
 namespace adai {

@@ -11,7 +11,7 @@
 #include <c10/util/Half.h>
 
 #include "elementwise.h"
-#include "kernels.h"
+#include "launchers.h"
 #include "launch.h"
 #include "reduce.cuh"
 

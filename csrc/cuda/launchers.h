@@ -1,5 +1,5 @@
-// Launchers of the CUDA kernels (stats.cu; update.cu: update and v_sum; upload.cu), called by
-// ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
+// The launchers of the CUDA kernels (stats.cu; update.cu: update and v_sum; upload.cu), called
+// by ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
 #pragma once
 
 #include <cuda_runtime_api.h>
