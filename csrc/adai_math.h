@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADAI_HD __host__ __device__ __forceinline__
@@ -82,6 +83,27 @@ enum StatsColumn {
   kStatsColumns = 7,
 };
 
+// The sums over one tensor's elements that its share of the row is made of, in the order
+// every backend keeps its partial sums in (g unscaled, theta the parameter). Without L2
+// decay only kSumGg is summed (then B = Bgg and Bgt = Btt = 0).
+enum StatsSum {
+  kSumGg = 0,      // sum_j g^2
+  kSumGradSq = 1,  // sum_j (g + l2 theta)^2, adai::grad_sq: the sum column B weighs
+  kSumGt = 2,      // sum_j g theta
+  kSumTt = 3,      // sum_j theta^2
+  kStatsSums = 4,
+};
+
+// The statistics rows of a step (rows x kStatsColumns, any strides) added column by column in
+// row order: what `update` reads.
+ADAI_HD void sum_stats_rows(const double* stats, int64_t rows, int64_t row_stride,
+                            int64_t col_stride, double* totals) {
+  for (int k = 0; k < kStatsColumns; ++k) totals[k] = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kStatsColumns; ++k) totals[k] += stats[r * row_stride + k * col_stride];
+  }
+}
+
 // What one step needs from the global statistics, computed alike by every block.
 struct Globals {
   float inv_vbar;  // 1 / vbar, 0 when vbar == 0
@@ -104,6 +126,13 @@ ADAI_HD Globals globals(const double* t, double max_grad_norm, bool skip_nonfini
   out.inv_vbar = static_cast<float>(inv_mean(s, t[kN]));
   out.clip = static_cast<float>(c);
   return out;
+}
+
+// The gradient multiplier of unscaling: float(1 / double(scale)), as GradScaler.unscale_
+// computes it; 1 without a scale (grad_scale null).
+ADAI_HD float inv_grad_scale(const float* grad_scale) {
+  return grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*grad_scale))
+                               : 1.0f;
 }
 
 // The gradient as both phases see it: L2 decay added (never written back to the caller).

@@ -8,10 +8,10 @@
 //   by element (with g = grad * grad_mul), nothing outside the chunk is touched, the
 //   per-thread sums add up; a skipped step writes nothing; v_sum's per-thread sums equal
 //   update's bitwise (whatever path each takes);
-// - stats: each thread's four sums (g^2, (g + l2 theta)^2, g theta, theta^2, g unscaled) are
-//   bitwise adai_math.h's element values added in the canonical order, equal on the vector
-//   and scalar paths, and add up exactly over threads; a tensor's share of the statistics row
-//   (stats_tensor_row);
+// - stats: each thread's four sums (adai_math.h's StatsSum: g^2, (g + l2 theta)^2, g theta,
+//   theta^2, g unscaled) are bitwise adai_math.h's element values added in the canonical
+//   order, equal on the vector and scalar paths, and add up exactly over threads; a tensor's
+//   share of the statistics row (stats_tensor_row);
 // - update_args: the rows summed in row order, adai::globals, the skip conditions, the
 //   gradient multiplier and the learning rate from lr_tensor;
 // and it checks the chunk table (multi_tensor.h) against a linear search. Built and run by
@@ -175,16 +175,16 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
 template <typename T, bool kL2>
 StatsSums canonical_stats(int tid, int nthreads, const T* g, const T* p, int64_t len,
                           float inv_scale, const Consts& c) {
-  StatsSums s = {0.0f, 0.0f, 0.0f, 0.0f};
+  StatsSums s = {{0.0f, 0.0f, 0.0f, 0.0f}};
   for (int64_t q = tid; q * kGroup < len; q += nthreads) {
     for (int64_t e = q * kGroup; e < len && e < (q + 1) * kGroup; ++e) {
       const float ge = static_cast<float>(g[e]) * inv_scale;
-      s.gg += ge * ge;
+      s.v[kSumGg] += ge * ge;
       if (kL2) {
         const float th = static_cast<float>(p[e]);
-        s.b += adai::grad_sq(ge, th, c);
-        s.gt += ge * th;
-        s.tt += th * th;
+        s.v[kSumGradSq] += adai::grad_sq(ge, th, c);
+        s.v[kSumGt] += ge * th;
+        s.v[kSumTt] += th * th;
       }
     }
   }
@@ -209,13 +209,13 @@ void check_stats(int64_t len, int offset, int nthreads, uint32_t seed) {
   }
   const float inv_scale = 0.5f;
   const Consts c = adai::make_consts(0.0, 0.0, 0.99, 0.0, kL2 ? 1.0 : 0.0, false, 1.0);
-  double gg = 0.0, bb = 0.0, gt = 0.0, tt = 0.0;
+  double gg = 0.0, grad_sq = 0.0, gt = 0.0, tt = 0.0;
   for (int64_t e = 0; e < len; ++e) {
     const double gd = 0.5 * static_cast<double>(static_cast<float>(g.data[e]));
     const double th = static_cast<double>(static_cast<float>(p.data[e]));
     gg += gd * gd;
     if (kL2) {
-      bb += (gd + th) * (gd + th);
+      grad_sq += (gd + th) * (gd + th);
       gt += gd * th;
       tt += th * th;
     }
@@ -228,16 +228,14 @@ void check_stats(int64_t len, int offset, int nthreads, uint32_t seed) {
         stats_thread<T, kL2>(tid, nthreads, g.data, p.data, len, aligned, inv_scale, c);
     canonical = canonical && same_sums(s, canonical_stats<T, kL2>(tid, nthreads, g.data,
                                                                   p.data, len, inv_scale, c));
-    sum[0] += s.gg;
-    sum[1] += s.b;
-    sum[2] += s.gt;
-    sum[3] += s.tt;
+    for (int k = 0; k < kStatsSums; ++k) sum[k] += s.v[k];
   }
-  CHECK(sum[0] == gg && sum[1] == bb && sum[2] == gt && sum[3] == tt,
+  CHECK(sum[kSumGg] == gg && sum[kSumGradSq] == grad_sq && sum[kSumGt] == gt &&
+            sum[kSumTt] == tt,
         "stats<%s,l2=%d> len=%lld offset=%d threads=%d: (%.17g %.17g %.17g %.17g) != "
         "(%.17g %.17g %.17g %.17g)",
         type_name<T>(), (int)kL2, (long long)len, offset, nthreads, sum[0], sum[1], sum[2],
-        sum[3], gg, bb, gt, tt);
+        sum[3], gg, grad_sq, gt, tt);
   CHECK(canonical, "stats<%s,l2=%d> len=%lld offset=%d threads=%d: not the canonical sums",
         type_name<T>(), (int)kL2, (long long)len, offset, nthreads);
 }
@@ -266,9 +264,11 @@ void check_stats_paths(int64_t len, int nthreads, uint32_t seed) {
     CHECK(same_sums(a, b) && same_sums(a, e),
           "stats<%s,l2=%d> len=%lld thread %d: vector path %.9g, scalar path %.9g, "
           "canonical %.9g (gg)",
-          type_name<T>(), (int)kL2, (long long)len, tid, a.gg, b.gg, e.gg);
+          type_name<T>(), (int)kL2, (long long)len, tid, a.v[kSumGg], b.v[kSumGg],
+          e.v[kSumGg]);
     if (!kL2) {
-      CHECK(a.b == 0.0f && a.gt == 0.0f && a.tt == 0.0f, "stats without L2 summed b/gt/tt");
+      CHECK(a.v[kSumGradSq] == 0.0f && a.v[kSumGt] == 0.0f && a.v[kSumTt] == 0.0f,
+            "stats without L2 summed grad_sq/gt/tt");
     }
   }
 }
@@ -293,7 +293,7 @@ void check_no_l2_ignores_theta() {
 void check_stats_tensor_row() {
   const double beta2 = 0.99, v_sum = 12.5;
   const float k = 3.0f;
-  const double s[kStatsSums] = {7.0, 9.5, -1.25, 4.0};  // gg, b, gt, tt
+  const double s[kStatsSums] = {7.0, 9.5, -1.25, 4.0};  // gg, grad_sq, gt, tt
   const double bc2 = 1.0 - std::pow(beta2, 3.0), w = (1.0 - beta2) / bc2;
   double row[kStatsColumns];
   for (double& x : row) x = -1.0;
@@ -307,7 +307,7 @@ void check_stats_tensor_row() {
             row[kBgt] == w * (-1.25 * 0.5) && row[kBtt] == w * (4.0 * 0.0625) &&
             row[kGn] == 7.0 && row[kN] == -1.0,
         "stats row with L2");
-  // Consistency: unclipped, A + B == A + Bgg + Bgt + Btt when b = gg + 2 l2 gt + l2^2 tt.
+  // Consistency: unclipped, A + B == A + Bgg + Bgt + Btt when grad_sq = gg + 2 l2 gt + l2^2 tt.
   const double s2[kStatsSums] = {3.0, 3.0 + 2 * 0.25 * 2.0 + 0.0625 * 8.0, 2.0, 8.0};
   stats_tensor_row(beta2, l2, 0.0, 1.0f, s2, row);
   CHECK(row[kB] == row[kBgg] + row[kBgt] + row[kBtt], "expanded B");

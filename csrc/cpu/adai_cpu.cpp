@@ -46,6 +46,7 @@
 
 #include "adai_math.h"
 #include "op_checks.h"
+#include "param_dtype.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -186,17 +187,21 @@ inline void blocked_sums(int64_t n, double* s, const VecBody& vec, const TailBod
   }
 }
 
-// Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32):
-//   s[kSgg] = sum g^2; with kL2 also s[kSge] = sum (g + l2 theta)^2, s[kSgt] = sum g theta,
-//   s[kStt] = sum theta^2 (theta is read only when kL2).
-enum ChunkSum { kSgg = 0, kSge = 1, kSgt = 2, kStt = 3, kChunkSums = 4 };
+// Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32), in the order of
+// adai_math.h's StatsSum: s[kSumGg] = sum g^2; with kL2 also s[kSumGradSq] =
+// sum (g + l2 theta)^2, s[kSumGt] = sum g theta, s[kSumTt] = sum theta^2 (theta is read only
+// when kL2).
+using adai::kSumGg;
+using adai::kSumGradSq;
+using adai::kSumGt;
+using adai::kSumTt;
 
 template <typename scalar_t, bool kL2>
 void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scale,
                  const adai::Consts& c, double* s) {
   const fVec scale(inv_scale);
   if constexpr (kL2) {
-    blocked_sums<kChunkSums>(
+    blocked_sums<adai::kStatsSums>(
         n, s,
         [&](int64_t i, fVec* x0, fVec* x1) {
           fVec g0, g1, p0, p1;
@@ -204,22 +209,22 @@ void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scal
           IO<scalar_t>::load(p + i, p0, p1);
           g0 = g0 * scale;
           g1 = g1 * scale;
-          x0[kSgg] = g0 * g0;
-          x1[kSgg] = g1 * g1;
-          x0[kSge] = adai::grad_sq(g0, p0, c);
-          x1[kSge] = adai::grad_sq(g1, p1, c);
-          x0[kSgt] = g0 * p0;
-          x1[kSgt] = g1 * p1;
-          x0[kStt] = p0 * p0;
-          x1[kStt] = p1 * p1;
+          x0[kSumGg] = g0 * g0;
+          x1[kSumGg] = g1 * g1;
+          x0[kSumGradSq] = adai::grad_sq(g0, p0, c);
+          x1[kSumGradSq] = adai::grad_sq(g1, p1, c);
+          x0[kSumGt] = g0 * p0;
+          x1[kSumGt] = g1 * p1;
+          x0[kSumTt] = p0 * p0;
+          x1[kSumTt] = p1 * p1;
         },
         [&](int64_t i, float* t) {
           const float gi = static_cast<float>(g[i]) * inv_scale;
           const float pi = static_cast<float>(p[i]);
-          t[kSgg] = gi * gi;
-          t[kSge] = adai::grad_sq(gi, pi, c);
-          t[kSgt] = gi * pi;
-          t[kStt] = pi * pi;
+          t[kSumGg] = gi * gi;
+          t[kSumGradSq] = adai::grad_sq(gi, pi, c);
+          t[kSumGt] = gi * pi;
+          t[kSumTt] = pi * pi;
         });
   } else {
     blocked_sums<1>(
@@ -380,10 +385,6 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
 
 // ---- validation ---------------------------------------------------------------------------
 
-bool is_param_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
 // Same element -> memory mapping (and so the same memory order): same sizes, and the same
 // strides in every dimension of size > 1 (strides of size-1 dimensions are irrelevant).
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -405,7 +406,7 @@ void check_cpu(const char* op, const char* name, size_t i, const at::Tensor& t) 
 void check_tensor(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g) {
   check_cpu(op, "params", i, p);
   check_cpu(op, "grads", i, g);
-  TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+  TORCH_CHECK(adai::is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
               p.scalar_type(), "; expected float32, bfloat16 or float16");
   TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
               g.scalar_type(), " but params[", i, "] has ", p.scalar_type());
@@ -429,24 +430,6 @@ float optional_scalar(const char* op, const char* name, const std::optional<at::
 float inv_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
   const float scale = optional_scalar(op, "grad_scale", grad_scale, 1.0f);
   return static_cast<float>(1.0 / static_cast<double>(scale));
-}
-
-// Calls f(tag) with a value of the parameter's C++ type (float, c10::BFloat16, c10::Half).
-template <typename F>
-void dispatch_param(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "adai: unsupported parameter dtype ", t);
-  }
 }
 
 // Raw pointers of one tensor list, taken once per call (the chunk loops then touch no
@@ -508,7 +491,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   // adai::effective_grad adds the term), and the row's expanded columns use the same value.
   const bool use_l2 = c.l2 != 0.0f;
   const double l2d = static_cast<double>(c.l2);
-  const int K = use_l2 ? kChunkSums : 1;
+  const int K = use_l2 ? adai::kStatsSums : 1;
 
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   const std::vector<const void*> pp = data_ptrs<const void>(params);
@@ -521,7 +504,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t i = ch.tensor;
       double* s = partial.data() + k * K;
-      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+      adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         const scalar_t* g = static_cast<const scalar_t*>(gp[i]) + ch.begin;
         if (use_l2) {
@@ -545,14 +528,14 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
     const double bc2 = adai::bias_correction2(beta2, *k);
     const double w = (1.0 - beta2) / bc2;
     const double V = v_sum_p[slot];
-    const double gg = sums[i * K + kSgg];
+    const double gg = sums[i * K + kSumGg];
     const double wgg = w * gg;
     row[adai::kA] += beta2 * V / bc2;
     if (use_l2) {
-      row[adai::kB] += w * sums[i * K + kSge];
+      row[adai::kB] += w * sums[i * K + kSumGradSq];
       row[adai::kBgg] += wgg;
-      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSgt]);
-      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kStt]);
+      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSumGt]);
+      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kSumTt]);
     } else {
       row[adai::kB] += wgg;
       row[adai::kBgg] += wgg;
@@ -631,7 +614,7 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
       const int64_t i = ch.tensor;
       const int64_t o = ch.begin;
       const int64_t so = seg(rows, static_cast<size_t>(i), adai::kOffset) + o;
-      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+      adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         partial[k] = update_chunk<scalar_t>(
             static_cast<scalar_t*>(pp[i]) + o, static_cast<const scalar_t*>(gp[i]) + o,
