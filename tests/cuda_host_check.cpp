@@ -94,6 +94,41 @@ UpdateArgs make_args(const Consts& c, float grad_mul, float inv_vbar, bool skip 
   return a;
 }
 
+// A skipped step writes nothing (and sums nothing), on either path.
+template <typename T>
+void check_skipped_update(Buf<T>& p, Buf<T>& g, Buf<float>& m, Buf<float>& v, Buf<float>& b,
+                          int nthreads, bool aligned, float inv_bc2, const UpdateArgs& skip,
+                          int offset) {
+  const int64_t len = p.n;
+  Buf<T> p0(len, offset);
+  Buf<float> m0(len, offset), v0(len, offset), b0(len, offset);
+  copy_buf(p0, p); copy_buf(m0, m); copy_buf(v0, v); copy_buf(b0, b);
+  float total = 0.0f;
+  for (int tid = 0; tid < nthreads; ++tid) {
+    total += update_thread<T>(tid, nthreads, p.data, g.data, m.data, v.data, b.data, len,
+                              aligned, inv_bc2, skip);
+  }
+  CHECK(total == 0.0f && same_bytes(p, p0) && same_bytes(m, m0) && same_bytes(v, v0) &&
+            same_bytes(b, b0),
+        "update<%s> len=%lld offset=%d: a skipped step wrote", type_name<T>(), (long long)len,
+        offset);
+}
+
+// v_sum over the new v, on either path, gives every thread's sum of update bitwise.
+void check_v_sum_matches_update(const Buf<float>& v, const std::vector<float>& per_thread,
+                                const char* tn, int offset) {
+  const int nthreads = static_cast<int>(per_thread.size());
+  for (bool v_aligned : {aligned16(v.data), false}) {
+    bool same = true;
+    for (int tid = 0; tid < nthreads; ++tid) {
+      const float s = v_sum_thread(tid, nthreads, v.data, v.n, v_aligned);
+      same = same && std::memcmp(&s, &per_thread[tid], sizeof(float)) == 0;
+    }
+    CHECK(same, "v_sum<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
+          tn, (long long)v.n, offset, nthreads, (int)v_aligned);
+  }
+}
+
 template <typename T>
 void check_update(int64_t len, int offset, int nthreads, const Consts& c, float grad_mul,
                   uint32_t seed) {
@@ -126,20 +161,8 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
   const bool aligned = aligned16(p.data) && aligned16(g.data) && aligned16(m.data) &&
                        aligned16(v.data) && aligned16(b.data);
   const char* tn = type_name<T>();
-  {  // a skipped step writes nothing, on either path
-    Buf<T> p0(len, offset);
-    Buf<float> m0(len, offset), v0(len, offset), b0(len, offset);
-    copy_buf(p0, p); copy_buf(m0, m); copy_buf(v0, v); copy_buf(b0, b);
-    const UpdateArgs skip = make_args(c, grad_mul, inv_vbar, /*skip=*/true);
-    float total = 0.0f;
-    for (int tid = 0; tid < nthreads; ++tid) {
-      total += update_thread<T>(tid, nthreads, p.data, g.data, m.data, v.data, b.data, len,
-                                aligned, inv_bc2, skip);
-    }
-    CHECK(total == 0.0f && same_bytes(p, p0) && same_bytes(m, m0) && same_bytes(v, v0) &&
-              same_bytes(b, b0),
-          "update<%s> len=%lld offset=%d: a skipped step wrote", tn, (long long)len, offset);
-  }
+  check_skipped_update(p, g, m, v, b, nthreads, aligned, inv_bc2,
+                       make_args(c, grad_mul, inv_vbar, /*skip=*/true), offset);
   const UpdateArgs args = make_args(c, grad_mul, inv_vbar);
   double v_sum = 0.0;
   std::vector<float> per_thread(nthreads);
@@ -148,16 +171,7 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
                                        len, aligned, inv_bc2, args);
     v_sum += per_thread[tid];
   }
-  // v_sum over the new v, on either path, gives every thread's sum bitwise.
-  for (bool v_aligned : {aligned16(v.data), false}) {
-    bool same = true;
-    for (int tid = 0; tid < nthreads; ++tid) {
-      const float s = v_sum_thread(tid, nthreads, v.data, len, v_aligned);
-      same = same && std::memcmp(&s, &per_thread[tid], sizeof(float)) == 0;
-    }
-    CHECK(same, "v_sum<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
-          tn, (long long)len, offset, nthreads, (int)v_aligned);
-  }
+  check_v_sum_matches_update(v, per_thread, tn, offset);
   CHECK(same_bytes(p, pe), "update<%s> len=%lld offset=%d threads=%d mul=%g: params differ",
         tn, (long long)len, offset, nthreads, grad_mul);
   CHECK(same_bytes(g, ge), "update<%s> len=%lld offset=%d: grads were written", tn,
@@ -356,7 +370,12 @@ void check_update_args() {
     const UpdateArgs a = update_args(in);
     CHECK(a.inv_vbar == 0.0f && !a.skip && a.grad_mul == 1.0f, "update_args without rows");
   }
-  // Clipping, scale, found_inf, non-finite norms, lr_tensor.
+}
+
+// update_args on one row: clipping, scale, found_inf, non-finite norms, lr_tensor. (Long: a
+// table of cases and the one loop that checks each.)
+void check_update_args_controls() {
+  const Consts c = adai::make_consts(1e-2, 0.1, 0.99, 1e-3, 0.0, false, 1.0);
   const double inf = std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const Consts cw = adai::make_consts(1e-2, 0.1, 0.99, 1e-3, 0.05, true, 1.0);
@@ -454,7 +473,10 @@ void check_chunk_table(uint32_t seed) {
     }
     CHECK(c == total, "chunk count");
   }
-  // 64-bit: a tensor of 2^31 + 5 elements after small ones.
+}
+
+// 64-bit chunk indices (a tensor of 2^31 + 5 elements after small ones), and the table layout.
+void check_chunk_table_large() {
   const int64_t big = (int64_t{1} << 31) + 5;
   const int64_t numels[3] = {7, big, 3};
   int64_t prefix[4];
@@ -509,9 +531,11 @@ void check_type(uint32_t seed) {
 
 int main() {
   check_chunk_table(1);
+  check_chunk_table_large();
   check_no_l2_ignores_theta();
   check_stats_tensor_row();
   check_update_args();
+  check_update_args_controls();
   check_type<float>(100);
   check_type<c10::Half>(200000);
   check_type<c10::BFloat16>(400000);
