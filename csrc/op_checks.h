@@ -2,7 +2,8 @@
 // and CUDA ops: the list lengths, params and grads, the statistics tensors, the flat state
 // buffers, the control tensors and the `segments` table (csrc/op_schemas.h). After these
 // checks every state access of a kernel is in bounds and every tensor owns its own step
-// counter and v_sum. csrc/op_prologue.h runs them in each op's order.
+// counter and v_sum. csrc/op_prologue.h runs them in each op's order; adai_kernels/op_checks.py
+// has the same rules and messages in Python (the fake kernels, the Triton ops).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -61,19 +62,19 @@ inline void check_param(const char* op, size_t i, const at::Tensor& p, const at:
                         at::ScalarType dtype, bool one_dtype, const at::Device& device) {
   check_list_device(op, "params", i, p, device);
   check_list_device(op, "grads", i, g, device);
-  TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-              p.scalar_type(), "; params must be float32, float16 or bfloat16");
+  TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params must be ", kParamDtypeNames,
+              "; params[", i, "] has dtype ", p.scalar_type());
   TORCH_CHECK(!one_dtype || p.scalar_type() == dtype, op, ": params[", i, "] has dtype ",
               p.scalar_type(), " but params[0] has ", dtype,
               "; all params of one call must share a dtype");
   TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
               g.scalar_type(), " but params[", i, "] has ", p.scalar_type());
   TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": params[", i,
-              "] must be non-overlapping and dense, got shape ", p.sizes(), " and strides ",
+              "] must be non-overlapping and dense, got sizes ", p.sizes(), " and strides ",
               p.strides());
-  TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] has shape ", g.sizes(), " and strides ",
-              g.strides(), " but params[", i, "] has shape ", p.sizes(), " and strides ",
-              p.strides(), "; they must have the same sizes and strides");
+  TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] (sizes ", g.sizes(), ", strides ",
+              g.strides(), ") must have the sizes and strides of params[", i, "] (sizes ",
+              p.sizes(), ", strides ", p.strides(), ")");
 }
 
 // stats' `out`: one statistics row, 1-D float64 of kStatsColumns elements.

@@ -1,4 +1,4 @@
-// The parameter dtypes every kernel takes (float32, float16, bfloat16), listed once: the check
+// The parameter dtypes every kernel takes (float32, bfloat16, float16), listed once: the check
 // of the ops' inputs (csrc/op_checks.h) and the dispatch from a dtype to a kernel template
 // (the CPU kernels, csrc/cuda's launchers). Host code only.
 #pragma once
@@ -6,9 +6,12 @@
 #include <ATen/Dispatch_v2.h>
 #include <c10/core/ScalarType.h>
 
-#define ADAI_PARAM_DTYPES at::kFloat, at::kHalf, at::kBFloat16
+// In the order of adai_kernels/op_checks.py's PARAM_DTYPES, whose messages these match.
+#define ADAI_PARAM_DTYPES at::kFloat, at::kBFloat16, at::kHalf
 
 namespace adai {
+
+constexpr const char* kParamDtypeNames = "float32, bfloat16 or float16";
 
 inline bool is_param_dtype(at::ScalarType t) {
   for (const at::ScalarType d : {ADAI_PARAM_DTYPES}) {
@@ -17,7 +20,7 @@ inline bool is_param_dtype(at::ScalarType t) {
   return false;
 }
 
-// Calls f(T{}) with T the C++ type of `dtype` (float, c10::Half, c10::BFloat16). The ops check
+// Calls f(T{}) with T the C++ type of `dtype` (float, c10::BFloat16, c10::Half). The ops check
 // is_param_dtype first, so the dispatch's own error (NotImplementedError) is not reached.
 template <typename F>
 void dispatch_param_dtype(at::ScalarType dtype, const F& f) {
