@@ -6,3 +6,36 @@ import torch
 # imported. With a GPU they run for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "op_targets(*names): run only on these targets of the op matrix "
+        "(tests/op_fixtures.py TARGETS); on a test or on one of its parameters")
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking `target` runs on every target its module names in OP_TARGETS (a test
+    imported into another module runs on that module's)."""
+    if "target" not in metafunc.fixturenames:
+        return
+    from op_fixtures import target_param
+
+    names = getattr(metafunc.module, "OP_TARGETS", None)
+    if names is None:
+        raise ValueError(f"{metafunc.module.__name__} has tests taking `target` but no "
+                         f"OP_TARGETS")
+    metafunc.parametrize("target", [target_param(n) for n in names])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Items whose target an `op_targets` mark (of the test or of its case) leaves out are not
+    generated: they are no tests, not skipped ones."""
+    def wanted(item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or "target" not in callspec.params:
+            return True
+        name = callspec.params["target"].name
+        return all(name in mark.args for mark in item.iter_markers("op_targets"))
+
+    items[:] = [item for item in items if wanted(item)]
