@@ -15,27 +15,30 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """A test taking `target` runs on every target its module names in OP_TARGETS (a test
-    imported into another module runs on that module's)."""
-    if "target" not in metafunc.fixturenames:
+    """A test taking `op_target` runs on every target of the op matrix its module names in
+    OP_TARGETS (a test imported into another module runs on that module's)."""
+    if "op_target" not in metafunc.fixturenames:
         return
     from op_fixtures import target_param
 
     names = getattr(metafunc.module, "OP_TARGETS", None)
     if names is None:
-        raise ValueError(f"{metafunc.module.__name__} has tests taking `target` but no "
+        raise ValueError(f"{metafunc.module.__name__} has tests taking `op_target` but no "
                          f"OP_TARGETS")
-    metafunc.parametrize("target", [target_param(n) for n in names])
+    metafunc.parametrize("op_target", [target_param(n) for n in names])
 
 
 def pytest_collection_modifyitems(config, items):
-    """Items whose target an `op_targets` mark (of the test or of its case) leaves out are not
-    generated: they are no tests, not skipped ones."""
+    """Items whose target an `op_targets` mark (of the test or of its case) leaves out are
+    deselected (not run, and not counted as skipped)."""
     def wanted(item) -> bool:
         callspec = getattr(item, "callspec", None)
-        if callspec is None or "target" not in callspec.params:
+        if callspec is None or "op_target" not in callspec.params:
             return True
-        name = callspec.params["target"].name
+        name = callspec.params["op_target"].name
         return all(name in mark.args for mark in item.iter_markers("op_targets"))
 
-    items[:] = [item for item in items if wanted(item)]
+    dropped = [item for item in items if not wanted(item)]
+    if dropped:
+        items[:] = [item for item in items if wanted(item)]
+        config.hook.pytest_deselected(items=dropped)

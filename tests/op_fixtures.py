@@ -4,7 +4,7 @@ flat state buffers laid out as the optimizer lays them out, or scrambled), the o
 the check of a step against the float64 oracle (tests/oracle.py) with each target's
 tolerances.
 
-Which targets a test module runs is its `OP_TARGETS` (conftest.py parametrises `target`); a
+Which targets a test module runs is its `OP_TARGETS` (conftest.py parametrises `op_target`); a
 test or one of its cases may be limited to some targets with `pytest.mark.op_targets(...)`.
 """
 from __future__ import annotations
@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from cases import PARAM_TOL, STATE_TOL
-from oracle import BGG, BTT, COLUMNS, GN, N, f32, oracle_step
+from oracle import BGG, BTT, COLUMNS, N, f32, oracle_step
 
 F64 = torch.float64
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 U32 = 2.0 ** -24  # float32 rounding
 
 # ---- tensors in the op matrix ---------------------------------------------------------------
@@ -175,7 +174,7 @@ TARGETS = {
 
 @functools.lru_cache(maxsize=None)
 def target_param(name: str):
-    """`target` as a pytest parameter: skipped where it cannot run; the CUDA one marked gpu."""
+    """`op_target` as a pytest parameter: skipped where it cannot run; the CUDA one marked gpu."""
     t = TARGETS[name]
     why = t.unavailable()
     marks = [pytest.mark.skipif(why is not None, reason=str(why))]
@@ -298,17 +297,18 @@ class Bucket:
                                                      device=self.device) for _ in range(2))
         self._views()
         for i, p in enumerate(self.params):
-            if start == "fresh":
-                m, v, b, k = torch.zeros(p.shape), torch.zeros(p.shape), torch.ones(p.shape), 0.0
-            else:  # mid-training, tensors at different steps (so bc2 differs between them)
-                m = 0.1 * torch.randn(p.shape, generator=gen)
-                v = 0.5 * torch.rand(p.shape, generator=gen)
-                b = 0.05 + 0.9 * torch.rand(p.shape, generator=gen)
-                k = float(torch.randint(1, 6, (), generator=gen))
-            self.m[i].copy_(m)
-            self.v[i].copy_(v)
-            self.b[i].copy_(b)
-            self.steps_vec[self.slots[i]] = k
+            if start == "fresh":  # (filled in place: a tensor may have 2^31 elements)
+                self.m[i].fill_(0.0)
+                self.v[i].fill_(0.0)
+                self.b[i].fill_(1.0)
+                self.steps_vec[self.slots[i]] = 0.0
+                self.v_sum_vec[self.slots[i]] = 0.0
+                continue
+            # mid-training, tensors at different steps (so bc2 differs between them)
+            self.m[i].copy_(0.1 * torch.randn(p.shape, generator=gen))
+            self.v[i].copy_(0.5 * torch.rand(p.shape, generator=gen))
+            self.b[i].copy_(0.05 + 0.9 * torch.rand(p.shape, generator=gen))
+            self.steps_vec[self.slots[i]] = float(torch.randint(1, 6, (), generator=gen))
             self.v_sum_vec[self.slots[i]] = self.v[i].double().sum()
 
     def _views(self):
@@ -382,9 +382,11 @@ class Bucket:
         return [bits(t).clone() for t in parts]
 
     def snapshot(self) -> dict:
-        f64 = lambda ts: [t.detach().double().clone() for t in ts]  # noqa: E731
-        return dict(params=f64(self.params), m=f64(self.m), v=f64(self.v), b=f64(self.b),
-                    steps=self.step_list(), v_sums=self.v_sum_list(), outside=self.outside())
+        """Copies of the tensors (in their dtypes and strides), steps, v_sums and `outside`."""
+        copies = lambda ts: [t.detach().clone() for t in ts]  # noqa: E731
+        return dict(params=copies(self.params), m=copies(self.m), v=copies(self.v),
+                    b=copies(self.b), steps=self.step_list(), v_sums=self.v_sum_list(),
+                    outside=self.outside())
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything a step writes (for bitwise comparisons of whole runs)."""
