@@ -1,5 +1,7 @@
-"""The compiled ops: schemas and fake kernels (torch.library.opcheck), dispatch registrations,
-and the choice of the per-ISA CPU kernel module. Numerics: tests/test_cpu_kernel.py."""
+"""The compiled ops' module and their checks as C++ words them: fake kernels
+(FakeTensorMode), eager input validation of the CPU kernel (messages name the argument),
+dispatch registrations, and the choice of the per-ISA CPU kernel module. Numerics, opcheck
+and the ops' contract on every target: tests/test_op_matrix.py."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,9 @@ import torch
 
 from adai_kernels import _native
 from adai_kernels.backends import native
+from op_fixtures import (S_OUT, S_SCALE, S_SEG, S_STEPS, S_V_SUMS, TARGETS, U_B, U_INF, U_LR,
+                         U_M, U_SCALE, U_SEG, U_STATS, U_STEPS, U_V, U_V_SUMS, same_bits,
+                         sample_args)
 
 F64 = torch.float64
 COLS = 7  # the stats row: A, B, Bgg, Bgt, Btt, Gn, N
@@ -23,110 +28,9 @@ def _ops_loaded():
     assert _native.load_error() is None, _native.load_error()
 
 
-# ---- sample inputs --------------------------------------------------------------------------
-
-def _params(dtype):
-    g = torch.Generator().manual_seed(0)
-    return [
-        torch.randn(0, generator=g).to(dtype),
-        torch.randn(1, generator=g).to(dtype),
-        torch.randn(7, generator=g).to(dtype),
-        torch.randn(37, generator=g).to(dtype),
-        torch.randn(9, 13, generator=g).to(dtype).t(),   # transposed
-        torch.randn(2, 3, 4, 5, generator=g).to(dtype).contiguous(
-            memory_format=torch.channels_last),
-    ]
-
-
-def _f32(x):
-    return None if x is None else torch.tensor(x, dtype=torch.float32)
-
-
-ALIGN = 16  # segment starts, padded as adai_kernels/buckets.py pads them
-
-
-def flat_states(params, misaligned=False):
-    """Flat state buffers for `params`, as a bucket holds them: (segments, size, views) where
-    views(buf) gives each tensor's state view into `buf` (the parameter's layout). Segment
-    starts are padded to ALIGN elements, or (misaligned) not multiples of 4 floats; slots run
-    in reverse order."""
-    offsets, size = [], 0
-    for i, p in enumerate(params):
-        size = (size + ALIGN - 1) // ALIGN * ALIGN + ((1, 2, 3, 5, 6, 7)[i % 6] if misaligned
-                                                      else 0)
-        offsets.append(size)
-        size += p.numel()
-    n = len(params)
-    segments = torch.tensor([(o, p.numel(), n - 1 - i) for i, (o, p) in
-                             enumerate(zip(offsets, params))], dtype=torch.int64).reshape(n, 3)
-
-    def views(buf):
-        return [buf.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]
-    return segments, size, views
-
-
-def sample(dtype, weight_decay=0.0, decoupled=False, dampening=1.0, grad_scale=None,
-           found_inf=None, lr_tensor=None, max_grad_norm=0.0, skip_nonfinite=False,
-           misaligned=False):
-    """(stats_args, update_args) for one bucket, its states after one earlier step."""
-    params = _params(dtype)
-    grads = [torch.randn_like(p) for p in params]         # the parameter's strides
-    segments, size, views = flat_states(params, misaligned)
-    exp_avg, exp_avg_sq, beta1_prod = (torch.full((size,), -1.0) for _ in range(3))
-    for m, v, b in zip(views(exp_avg), views(exp_avg_sq), views(beta1_prod)):
-        m.copy_(torch.randn_like(m) * 0.1)
-        v.copy_(torch.rand_like(v) * 0.1)
-        b.fill_(0.9)
-    step_vec = torch.ones(len(params), dtype=F64)
-    v_sum_vec = torch.zeros(len(params), dtype=F64)
-    for (_, _, slot), v in zip(segments.tolist(), views(exp_avg_sq)):
-        v_sum_vec[slot] = v.double().sum()
-    stats = torch.zeros(2, COLS, dtype=F64)
-    l2 = 0.0 if decoupled else weight_decay
-    stats_args = (params, grads, segments, step_vec, v_sum_vec, _f32(grad_scale), 0.99, l2,
-                  stats[0])
-    torch.ops.adai.stats(*stats_args)  # a real row for update ...
-    step_vec.sub_(1.0)                 # ... and the counters as before that call
-    stats[1] = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0, 3.0, 100.0])  # another bucket's row
-    update_args = (params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum_vec,
-                   step_vec, stats, _f32(grad_scale), _f32(found_inf), _f32(lr_tensor), 0.1,
-                   0.1, 0.99, 1e-3, weight_decay, decoupled, dampening, max_grad_norm,
-                   skip_nonfinite)
-    return stats_args, update_args
-
-
-# argument positions
-S_SEG, S_STEPS, S_V_SUMS, S_SCALE, S_OUT = 2, 3, 4, 5, 8
-U_SEG, U_M, U_V, U_B, U_V_SUMS, U_STEPS, U_STATS, U_SCALE, U_INF, U_LR = range(2, 12)
-
-SAMPLES = [
-    dict(dtype=torch.float32),
-    dict(dtype=torch.bfloat16, weight_decay=0.01, grad_scale=1024.0, found_inf=0.0,
-         misaligned=True),
-    dict(dtype=torch.float16, weight_decay=0.01, decoupled=True, dampening=0.5,
-         lr_tensor=0.05, max_grad_norm=1.0, skip_nonfinite=True),
-    dict(dtype=torch.float32, weight_decay=0.01, grad_scale=3.0, found_inf=1.0),  # skips
-]
-SAMPLE_IDS = ["fp32", "bf16-scaled-misaligned", "fp16-clip-lr_tensor", "fp32-found_inf"]
-
-
-@pytest.mark.parametrize("kw", SAMPLES, ids=SAMPLE_IDS)
-def test_opcheck_stats(kw):
-    args, _ = sample(**kw)
-    torch.library.opcheck(torch.ops.adai.stats.default, args)
-
-
-@pytest.mark.parametrize("kw", SAMPLES, ids=SAMPLE_IDS)
-def test_opcheck_update(kw):
-    _, args = sample(**kw)
-    torch.library.opcheck(torch.ops.adai.update.default, args)
-
-
-@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
-def test_opcheck_v_sum(misaligned):
-    _, args = sample(torch.float32, misaligned=misaligned)
-    torch.library.opcheck(torch.ops.adai.v_sum.default,
-                          (args[U_V], args[U_SEG], args[U_V_SUMS]))
+def sample(dtype, **kw):
+    """(stats_args, update_args) of the CPU kernel for one bucket (op_fixtures.sample_args)."""
+    return sample_args(TARGETS["cpu"], dtype, **kw)
 
 
 def _fake(mode, args):
@@ -360,48 +264,7 @@ def test_update_validation_writes_nothing():
     for x, y in zip(args, before):
         for a, b in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
             if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b)
-
-
-def test_segments_of_a_subset():
-    """A call may step some of a bucket's tensors, in any order, an empty one among them: only
-    their segments and slots are written."""
-    _, args = sample(torch.float32)
-    params, grads, segments = args[0], args[1], args[U_SEG]
-    order = [4, 0, 2]  # 0 is the empty tensor
-    sub = _with(args, {0: [params[i] for i in order], 1: [grads[i] for i in order],
-                       U_SEG: segments[order]})
-    before = {j: args[j].clone() for j in range(U_M, U_STEPS + 1)}
-    torch.ops.adai.stats(sub[0], sub[1], sub[U_SEG], args[U_STEPS], args[U_V_SUMS], None, 0.99,
-                         0.0, args[U_STATS][0])
-    torch.ops.adai.update(*sub)
-    inside = torch.zeros(args[U_M].numel(), dtype=torch.bool)
-    slots = torch.zeros(len(params), dtype=torch.bool)
-    for o, n, slot in sub[U_SEG].tolist():
-        inside[o:o + n] = True
-        slots[slot] = True
-    for j in (U_M, U_V, U_B):
-        assert torch.equal(args[j][~inside], before[j][~inside])
-        assert (args[j][inside] != before[j][inside]).all()
-    for j in (U_V_SUMS, U_STEPS):
-        assert torch.equal(args[j][~slots], before[j][~slots])
-    assert torch.equal(args[U_STEPS][slots], before[U_STEPS][slots] + 1)
-    for i in order:  # v_sums: the sums of the new exp_avg_sq
-        o, n, slot = segments[i].tolist()
-        assert args[U_V_SUMS][slot].item() == pytest.approx(
-            args[U_V][o:o + n].double().sum().item(), rel=1e-6, abs=0)
-
-
-def test_update_skip_writes_only_steps():
-    """found_inf != 0: update only takes back stats' increments."""
-    _, args = sample(torch.float32, found_inf=1.0)
-    before = [a.clone() for a in args[U_M:U_STEPS + 1]]
-    params = [p.clone() for p in args[0]]
-    torch.ops.adai.update(*args)
-    for p, p0 in zip(args[0], params):
-        assert torch.equal(p, p0)
-    for j, b in zip(range(U_M, U_STEPS + 1), before):
-        assert torch.equal(args[j], b - 1.0 if j == U_STEPS else b), j
+                assert same_bits(a, b)  # (NaN-safe: gaps between segments hold NaN)
 
 
 def test_v_sum_validation():
@@ -449,46 +312,6 @@ def test_v_sum_validation():
     sv(v, seg, vs)
     o = seg[0, 0].item()
     assert vs[seg[0, 2]].item() == pytest.approx(v[o:o + 20].double().sum().item(), rel=1e-6)
-
-
-def test_empty_lists():
-    seg0 = torch.zeros(0, 3, dtype=torch.int64)
-    out = torch.full((COLS,), 7.0, dtype=F64)
-    torch.ops.adai.stats([], [], seg0, torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64),
-                         None, 0.99, 0.0, out)
-    assert out.tolist() == [0.0] * COLS
-    torch.ops.adai.update([], [], seg0, torch.zeros(0), torch.zeros(0), torch.zeros(0),
-                          torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64),
-                          torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
-                          1e-3, 0.0, False, 1.0, 0.0, False)
-    torch.ops.adai.v_sum(torch.zeros(0), seg0, torch.zeros(0, dtype=F64))
-    # no tensors, but a bucket's buffers and slots: nothing is written
-    buf, steps, vs = torch.ones(32), torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
-    torch.ops.adai.v_sum(buf, seg0, vs)
-    torch.ops.adai.update([], [], seg0, buf, buf.clone(), buf.clone(), vs, steps,
-                          torch.zeros(1, COLS, dtype=F64), None, None, None, 0.1, 0.1, 0.99,
-                          1e-3, 0.0, False, 1.0, 0.0, False)
-    assert buf.eq(1).all() and steps.eq(1).all() and vs.eq(1).all()
-
-
-def test_one_element_and_empty_tensors_at_buffer_ends():
-    """An empty tensor's segment may sit at the buffer's end; a one-element tensor may fill
-    a buffer of one element."""
-    p, g = torch.ones(1), torch.full((1,), 0.5)
-    e = torch.zeros(0)
-    seg = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.int64)
-    m, v, b = torch.zeros(1), torch.zeros(1), torch.ones(1)
-    steps, vs = torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)
-    row = torch.zeros(1, COLS, dtype=F64)
-    torch.ops.adai.stats([p, e], [g, e], seg, steps, vs, None, 0.99, 0.0, row[0])
-    torch.ops.adai.update([p, e], [g, e], seg, m, v, b, vs, steps, row, None, None, None, 0.1,
-                          0.1, 0.99, 1e-3, 0.0, False, 1.0, 0.0, False)
-    assert steps.tolist() == [1.0, 1.0]
-    assert vs[0].item() == 0.0 and vs[1].item() == pytest.approx(0.01 * 0.25, rel=1e-6)
-    assert v.item() == pytest.approx(0.01 * 0.25, rel=1e-6) and p.item() < 1.0
-    vs.fill_(-1.0)
-    torch.ops.adai.v_sum(v, seg, vs)
-    assert vs.tolist() == [0.0, v.item()]
 
 
 # ---- dispatch table and the compiled modules --------------------------------------------

@@ -1,6 +1,7 @@
 """backend="triton" compiled on a GPU: parity with the reference backend (fp32 tolerance; bitwise
 parity with the CUDA backend is not required), determinism, clipping and skipped steps.
-Skips without a GPU; tests/test_triton.py covers the same kernels under the interpreter."""
+Skips without a GPU; tests/test_op_matrix.py (target triton) and tests/test_triton.py
+cover the same kernels under the interpreter."""
 import pytest
 import torch
 

@@ -1,4 +1,14 @@
-"""Keeps the benchmark machinery (bench/) from rotting: the CLI on a minuscule profile."""
+"""The benchmark machinery (bench/): the CLI on a minuscule profile (so that the directory does
+not rot), the byte counts and the roofline of the reports, the model profiles; and the
+pytest-benchmark suite, one benchmark per (case, contender) with the same parameter lists and
+contenders as `python -m bench` at the sizes of `--quick`, which runs only when asked for:
+
+    pytest tests/test_bench.py --benchmark-only --benchmark-group-by=param:case
+
+(needs pytest-benchmark; `--benchmark-json out.json` keeps the numbers). For side-by-side
+interleaved numbers with GB/s and % of copy bandwidth, use `python -m bench` instead; the
+suite is for pytest-benchmark's own comparison tooling (`--benchmark-compare`).
+"""
 import json
 import os
 
@@ -89,3 +99,60 @@ def test_resnet50_shapes():
     assert len(shapes) == 161 and sum(math.prod(s) for s in shapes) == 25_557_032
     shapes = gpt2_shapes()
     assert len(shapes) == 148 and sum(math.prod(s) for s in shapes) == 124_439_808
+
+
+# ---- the pytest-benchmark suite ---------------------------------------------------------------
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_generate_tests(metafunc):
+    """test_step's cases and contenders, built only for a --benchmark-only run (building them
+    imports every contender and costs seconds)."""
+    if "contender" not in metafunc.fixturenames:
+        return
+    if not metafunc.config.getoption("benchmark_only", default=False):
+        metafunc.parametrize("case, contender", [pytest.param(
+            None, None, id="suite", marks=pytest.mark.skip(
+                reason="the pytest-benchmark suite: pytest tests/test_bench.py "
+                       "--benchmark-only (needs pytest-benchmark)"))])
+        return
+    from bench import contenders as cmod
+    from bench import profiles
+
+    cases = profiles.build(["resnet50", "tiny", "gpt2"], DEVICE.type, quick=True)
+    contenders, _ = cmod.contenders(DEVICE)
+    metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+    metafunc.parametrize("contender", contenders, ids=[c.name for c in contenders])
+
+
+def _setup(case):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    params = []
+    for shape in case.shapes:
+        p = torch.randn(shape, generator=gen, device=DEVICE).to(case.dtype)
+        p.grad = torch.randn(shape, generator=gen, device=DEVICE).to(case.dtype)
+        params.append(p)
+    return params
+
+
+def test_step(benchmark, case, contender):
+    from bench import contenders as cmod
+
+    params = _setup(case)
+    opt = contender.make(params)
+    opt.step()  # creates the state
+
+    def step():
+        opt.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = case.name
+    benchmark.extra_info.update(
+        case=case.name, contender=contender.name, numel=case.numel,
+        bytes_per_element=cmod.contender_bytes(contender, case.dtype))
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info["gbps"] = (case.numel * benchmark.extra_info["bytes_per_element"]
+                                    / t / 1e9)
