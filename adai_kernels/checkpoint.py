@@ -144,7 +144,7 @@ def loaded_buckets(opt, saved_state: dict, by_index: dict) -> dict[tuple, Bucket
         bucket = buckets[key] = precision.new_bucket(opt, key[1], key[2])
         params = [p for p, _ in items]
         bucket.add(params, [e for _, e in items],
-                   precision.first_indices(bucket, live, params))
+                   precision.first_indices(opt, key[2], live, params))
         opt._backend_for(key[1]).v_sum(bucket)
     return buckets
 

@@ -171,11 +171,13 @@ def _give_state(opt, selected: list[tuple], capturing: bool) -> None:
                            f"captured in a CUDA graph: run at least one eager step "
                            f"before capturing")
     numbering = checkpoint.numbering(opt) if joining else {}
+    firsts = {key: precision.first_indices(opt, key[2], numbering, params)
+              for key, params in joining.items()}  # may raise: before any bucket changes
     for key, params in joining.items():
         bucket = opt._buckets.get(key)
         if bucket is None:
             bucket = opt._buckets[key] = precision.new_bucket(opt, key[1], key[2])
-        bucket.add(params, first_index=precision.first_indices(bucket, numbering, params))
+        bucket.add(params, first_index=firsts[key])
         opt._publish_state(bucket)
 
 

@@ -55,12 +55,13 @@ def new_bucket(opt, device: torch.device, dtype: torch.dtype) -> Bucket:
                   rounding=needed == STOCHASTIC_ROUNDING)
 
 
-def first_indices(bucket: Bucket, numbering: dict, params: list) -> list[int] | None:
-    """The rounding index of each parameter's first element, when `bucket` rounds
-    stochastically (else None): (its number in `numbering`, the state dict's index ->
-    (group index, parameter), << 40) + the position of its local shard's first element in
-    the full parameter."""
-    if not bucket.rounding:
+def first_indices(opt, dtype: torch.dtype, numbering: dict, params: list) -> list[int] | None:
+    """The rounding index of each parameter's first element, when parameters of `dtype`
+    are rounded stochastically (else None): (its number in `numbering`, the state dict's
+    index -> (group index, parameter), << 40) + the position of its local shard's first
+    element in the full parameter. Raises for a shard that is not one run of its
+    parameter (sharding.first_position)."""
+    if feature(opt, dtype) != STOCHASTIC_ROUNDING:
         return None
     number = {id(p): i for i, (_, p) in numbering.items()}
     out = []
