@@ -33,7 +33,7 @@ class Bucket:
     With `master`, one more float32 buffer (MASTER) holds the parameters' fp32 master
     weights, laid out as the states; with `rounding`, the parameters are rounded
     stochastically and each has a rounding index for its first element (`first_index`,
-    segments' 4th column; docs/design.md, "Stochastic rounding")."""
+    the ops' `rounding_index`; docs/design.md, "Stochastic rounding")."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, master: bool = False,
                  rounding: bool = False):
@@ -145,22 +145,33 @@ class Bucket:
     def first_index_of(self, param: torch.Tensor) -> int:
         return self.first_index[self.position[id(param)]]
 
+    def _slots(self, params) -> range | list[int]:
+        return range(len(self.params)) if params is None else [self.position[id(p)]
+                                                               for p in params]
+
     def segments(self, params=None) -> torch.Tensor:
         """The ops' `segments` table (csrc/op_schemas.h) of `params` (default: all, in join
-        order): per parameter (offset, numel, slot, first_index) as an int64 CPU tensor of
-        shape (n, 4)."""
-        slots = range(len(self.params)) if params is None else [self.position[id(p)]
-                                                                 for p in params]
-        rows = [x for i in slots for x in (self.offsets[i], local(self.params[i]).numel(), i,
-                                           self.first_index[i])]
-        if not rows:
-            return torch.empty((0, 4), dtype=torch.int64)
-        if torch.compiler.is_compiling():  # a constant of the graph
-            return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
-        # frombuffer: no copy, and no op that reads host data (which a CUDA graph could not
-        # replay); the table stays on the host, the ops read it there
-        return torch.frombuffer(array("q", rows), dtype=torch.int64).reshape(-1, 4)
+        order): per parameter (offset, numel, slot) as an int64 CPU tensor of shape (n, 3)."""
+        rows = [x for i in self._slots(params)
+                for x in (self.offsets[i], local(self.params[i]).numel(), i)]
+        return _host_table(rows).reshape(-1, 3)
+
+    def rounding_index(self, params=None) -> torch.Tensor:
+        """The ops' `rounding_index` of `params` (default: all, in join order): each one's
+        first rounding index, as an int64 CPU tensor of shape (n,)."""
+        return _host_table([self.first_index[i] for i in self._slots(params)])
 
     def steps_list(self) -> list[int]:
         """Step counters as ints, in join order (one device-to-host copy)."""
         return [int(s) for s in self.steps.tolist()]
+
+
+def _host_table(values: list[int]) -> torch.Tensor:
+    """`values` as a 1-D int64 CPU tensor that the ops read on the host."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    if torch.compiler.is_compiling():  # a constant of the graph
+        return torch.tensor(values, dtype=torch.int64)
+    # frombuffer: no copy, and no op that reads host data (which a CUDA graph could not
+    # replay); the table stays on the host, the ops read it there
+    return torch.frombuffer(array("q", values), dtype=torch.int64)

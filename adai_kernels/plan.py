@@ -199,6 +199,8 @@ def _build_works(opt, selected: list[tuple]):
         replayable &= _append(w, p, g)
     for key, w in works.items():
         w.segments = w.bucket.segments(members[key])
+        if w.bucket.rounding:
+            w.rounding_index = w.bucket.rounding_index(members[key])
     return works, positions, replayable
 
 

@@ -25,9 +25,9 @@ class Work:
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
     non-overlapping and dense; states are float32 views with the same shape and strides (and
     so are the masters, when the bucket keeps them); `steps[i]` and `v_sums[i]` are 0-dim
-    float64 views; `first_index[i]` is the 4th column of `segments` as an int. The same
-    state as the compiled ops take it: `bucket`'s flat buffers and `segments`
-    (csrc/op_schemas.h).
+    float64 views; `first_index[i]` is the rounding index of tensor i's first element. The
+    same state as the compiled ops take it: `bucket`'s flat buffers, `segments` and
+    `rounding_index` (csrc/op_schemas.h).
     """
 
     group: dict
@@ -43,8 +43,9 @@ class Work:
     master: list[torch.Tensor] = field(default_factory=list)  # fp32 master weights, if kept
     first_index: list[int] = field(default_factory=list)  # rounding index of element 0
     bucket: object = None                   # the Bucket that owns the states
-    # (offset, numel, slot, first_index) per tensor, int64 CPU
-    segments: torch.Tensor | None = None
+    segments: torch.Tensor | None = None    # (offset, numel, slot) per tensor, int64 CPU
+    # stochastic rounding: first_index as the ops take it, int64 CPU (n,); else None
+    rounding_index: torch.Tensor | None = None
     # (param, dense stand-in) pairs: the stand-in is stepped, then copied into the param.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # a backend's data between its two phases

@@ -78,28 +78,25 @@ class OpsBackend(Backend):
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         b = work.bucket
-        self._ops.stats(params=work.params, grads=work.grads, segments=_three_columns(work.segments),
+        self._ops.stats(params=work.params, grads=work.grads, segments=work.segments,
                         steps=b.steps, v_sums=b.v_sums, grad_scale=ctl.grad_scale,
-                        beta2=work.beta2, l2=work.l2, out=out)
+                        beta2=work.beta2, l2=work.l2, out=out, master=b.master)
 
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g, b = work.group, work.bucket
         lr_tensor = work.lr_tensor
         self._ops.update(
-            params=work.params, grads=work.grads, segments=_three_columns(work.segments),
+            params=work.params, grads=work.grads, segments=work.segments,
             exp_avg=b.buffers["exp_avg"], exp_avg_sq=b.buffers["exp_avg_sq"],
             beta1_prod=b.buffers["beta1_prod"], v_sums=b.v_sums, steps=b.steps, stats=stats,
             grad_scale=ctl.grad_scale, found_inf=ctl.found_inf, lr_tensor=lr_tensor,
             lr=0.0 if lr_tensor is not None else g["lr"], beta0=g["betas"][0],
             beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
             decoupled=g["decoupled"], dampening=g["dampening"],
-            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite)
+            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite,
+            master=b.master, rounding_seed=work.rounding_seed(ctl),
+            rounding_index=work.rounding_index)
 
     def v_sum(self, bucket) -> None:
-        self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=_three_columns(bucket.segments()),
+        self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=bucket.segments(),
                         v_sums=bucket.v_sums)
-
-
-def _three_columns(segments: torch.Tensor) -> torch.Tensor:
-    """(offset, numel, slot): the ops' table before they took the rounding first index."""
-    return segments[:, :3].contiguous()
