@@ -1,7 +1,9 @@
 """Checkpoints: the optimizer's state as state_dict() gives it (the authors' format: per
-parameter index `step`, `exp_avg`, `exp_avg_sq`, `beta1_prod`) and the way back from such a
-dict into buckets. Loading checks everything before it changes anything: loaded_groups and
-loaded_buckets build new groups and buckets, commit makes them the optimizer's.
+parameter index `step`, `exp_avg`, `exp_avg_sq`, `beta1_prod`; with master weights
+`master_param`, with stochastic rounding each group's `rounding_seed`) and the way back from
+such a dict into buckets. Loading checks everything before it changes anything:
+loaded_groups, loaded_seed and loaded_buckets build new groups, seed and buckets, commit
+makes them the optimizer's.
 
 Free functions of an Adai optimizer (adai_kernels/optimizer.py), whose param groups, buckets
 and backends they read; only commit changes it."""
@@ -11,12 +13,16 @@ from collections import defaultdict
 
 import torch
 
-from . import sharding
-from .buckets import BUFFER_KEYS, Bucket
-from .validation import check_has_lr, validate_hyperparameters
+from . import precision, sharding
+from .buckets import BUFFER_KEYS, MASTER, Bucket
+from .validation import check_has_lr, check_seed, validate_hyperparameters
 
 # A parameter's state, as opt.state and state_dict() show it.
 STATE_KEYS = ("step", *BUFFER_KEYS)
+# With master_weights, each bf16 / fp16 parameter's state has its fp32 master weights too.
+MASTER_KEY = "master_param"
+# With stochastic_rounding, every param group of state_dict() carries the optimizer's seed.
+SEED_KEY = "rounding_seed"
 
 
 def index(key) -> int | str:
@@ -57,11 +63,16 @@ def pack_state(opt) -> dict:
             for k in BUFFER_KEYS:
                 entry[k] = sharding.like_param(
                     views[k].clone(memory_format=torch.contiguous_format), p)
+            if MASTER in views:
+                entry[MASTER_KEY] = sharding.like_param(
+                    views[MASTER].clone(memory_format=torch.contiguous_format), p)
             state[position[id(p)]] = entry
     groups = []
     for group in opt.param_groups:
         packed = {k: v for k, v in group.items() if k != "params"}
         packed["params"] = [position[id(p)] for p in group["params"]]
+        if opt.stochastic_rounding:
+            packed[SEED_KEY] = opt.seed
         groups.append(packed)
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
@@ -81,7 +92,7 @@ def loaded_groups(opt, saved_groups: list) -> tuple[list[dict], dict]:
                              f"{len(group['params'])}")
         check_has_lr(opt, saved, f"param group {gi} of the loaded state dict")
         merged = dict(opt.defaults)
-        merged.update({k: v for k, v in saved.items() if k != "params"})
+        merged.update({k: v for k, v in saved.items() if k not in ("params", SEED_KEY)})
         merged["betas"] = tuple(merged["betas"])
         merged["params"] = group["params"]
         if "param_names" in group and "param_names" not in saved:
@@ -94,6 +105,22 @@ def loaded_groups(opt, saved_groups: list) -> tuple[list[dict], dict]:
         for saved_index, p in zip(saved["params"], group["params"]):
             by_saved_index[index(saved_index)] = (gi, p)
     return new_groups, by_saved_index
+
+
+def loaded_seed(saved_groups: list) -> int | None:
+    """The stochastic rounding seed a checkpoint's param groups carry (one value, in every
+    group that has it), or None when none has it."""
+    seeds = set()
+    for gi, saved in enumerate(saved_groups):
+        if SEED_KEY in saved:
+            seed = saved[SEED_KEY]
+            seed = seed.item() if isinstance(seed, torch.Tensor) else seed
+            check_seed(seed, f"{SEED_KEY} of param group {gi} of the loaded state dict")
+            seeds.add(seed)
+    if len(seeds) > 1:
+        raise ValueError(f"the param groups of the loaded state dict have different "
+                         f"{SEED_KEY} values {sorted(seeds)}; the optimizer has one seed")
+    return seeds.pop() if seeds else None
 
 
 def loaded_buckets(opt, saved_state: dict, by_index: dict) -> dict[tuple, Bucket]:
@@ -112,16 +139,24 @@ def loaded_buckets(opt, saved_state: dict, by_index: dict) -> dict[tuple, Bucket
     for device in {key[1] for key in initial}:
         opt._backend_for(device)
     buckets = {}
+    live = numbering(opt)  # the rounding indices number the parameters as state_dict() does
     for key, items in initial.items():
-        bucket = buckets[key] = Bucket(key[1], key[2])
-        bucket.add([p for p, _ in items], [e for _, e in items])
+        bucket = buckets[key] = precision.new_bucket(opt, key[1], key[2])
+        params = [p for p, _ in items]
+        bucket.add(params, [e for _, e in items],
+                   precision.first_indices(opt, key[2], live, params))
         opt._backend_for(key[1]).v_sum(bucket)
     return buckets
 
 
-def commit(opt, groups: list[dict], buckets: dict[tuple, Bucket]) -> None:
-    """Make `groups` and `buckets` the optimizer's. A bucket of the same parameters as
-    one already there keeps its buffers (a captured CUDA graph holds their addresses)."""
+def commit(opt, groups: list[dict], buckets: dict[tuple, Bucket],
+           seed: int | None = None) -> None:
+    """Make `groups` and `buckets` (and, when given and the optimizer rounds
+    stochastically, `seed`) the optimizer's. A bucket of the same parameters as one already
+    there keeps its buffers (a captured CUDA graph holds their addresses), and the seed
+    keeps its tensors."""
+    if seed is not None and opt.stochastic_rounding:
+        opt._set_seed(seed)
     for key, bucket in buckets.items():
         old = opt._buckets.get(key)
         if old is not None and set(old.position) == set(bucket.position):
@@ -147,12 +182,16 @@ def loaded_entry(entry: dict, p: torch.Tensor, key) -> dict:
     if not (step >= 0 and step == int(step)):
         raise ValueError(f"loaded state of parameter {key}: step must be an integer "
                          f">= 0, got {step}")
-    return {"step": step, **{k: _loaded_buffer(entry[k], k, p, key) for k in BUFFER_KEYS}}
+    out = {"step": step, **{k: _loaded_buffer(entry[k], k, p, key) for k in BUFFER_KEYS}}
+    if entry.get(MASTER_KEY) is not None:  # absent: the master is made from the parameter
+        out[MASTER_KEY] = _loaded_buffer(entry[MASTER_KEY], MASTER_KEY, p, key)
+    return out
 
 
 def _loaded_buffer(t, name: str, p: torch.Tensor, key) -> torch.Tensor:
-    """A loaded exp_avg / exp_avg_sq / beta1_prod of parameter `p` (state-dict index `key`),
-    checked against the parameter (sharded as it is, of its shape, floating point)."""
+    """A loaded exp_avg / exp_avg_sq / beta1_prod / master_param of parameter `p` (state-dict
+    index `key`), checked against the parameter (sharded as it is, of its shape, floating
+    point)."""
     if sharding.is_dtensor(t) and sharding.is_dtensor(p):
         if t.placements != p.placements or t.shape != p.shape:
             raise ValueError(f"loaded state of parameter {key}: {name} is sharded as "

@@ -11,11 +11,12 @@ from collections import defaultdict
 import torch
 from torch.optim.optimizer import Optimizer, required
 
-from . import backends, checkpoint, plan
+from . import backends, checkpoint, plan, precision
 from .backends.base import GRAD_NORM_SQ, STATS_COLUMNS
-from .buckets import Bucket
-from .checkpoint import STATE_KEYS
-from .validation import check_has_lr, check_max_grad_norm, validate_hyperparameters
+from .buckets import MASTER, Bucket
+from .checkpoint import MASTER_KEY, STATE_KEYS
+from .validation import (check_has_lr, check_max_grad_norm, check_precision_options,
+                         validate_hyperparameters)
 from .work import Control, Work
 
 
@@ -52,6 +53,21 @@ class Adai(Optimizer):
             keeps the tensors it captured; load_state_dict copies into them when the same
             parameters have state, but when a new parameter gets its first gradient,
             capture again.
+        master_weights: keep an fp32 copy of every bfloat16 / float16 parameter (created
+            from the parameter at its first step): the step reads and writes the copy and
+            writes the parameter as the copy rounded to nearest, so the weights follow an
+            fp32 run. The state gains `master_param` (4 bytes per element). The copy is the
+            weights the optimizer steps: a parameter changed by hand is overwritten by its
+            copy at the next step (load the optimizer's state after the model's, or give the
+            optimizer a checkpoint without `master_param`). float32 parameters ignore it.
+        stochastic_rounding: round each step's fp32 result into a bfloat16 parameter
+            stochastically (up with probability the dropped fraction of an ulp) instead of
+            to nearest, so that updates smaller than half an ulp move the weights on
+            average; reproducible from `seed`, and a sharded run rounds as an unsharded one.
+            Not with master_weights; float16 parameters are refused; float32 ignore it.
+        seed: the stochastic rounding seed, an int in [0, 2**32). Saved in every param group
+            of the state dict as `rounding_seed` (when stochastic_rounding is on) and set by
+            loading one.
 
     With torch.amp.GradScaler, gradients are unscaled inside the step and a step with inf/NaN
     gradients is skipped, without a device-to-host synchronisation.
@@ -62,21 +78,29 @@ class Adai(Optimizer):
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
                  decoupled=False, dampening=1.0, *, backend: str = "auto",
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 process_group=None, capturable: bool = False):
+                 process_group=None, capturable: bool = False, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening, capturable=capturable)
         validate_hyperparameters(defaults)
         check_max_grad_norm(max_grad_norm)
+        check_precision_options(master_weights, stochastic_rounding, seed)
         backends.check_name(backend)
-        self._set_options(backend, max_grad_norm, skip_nonfinite, process_group)
+        self._set_options(backend, max_grad_norm, skip_nonfinite, process_group,
+                          master_weights, stochastic_rounding, seed)
         super().__init__(params, defaults)  # add_param_group checks each group's backend
 
-    def _set_options(self, backend, max_grad_norm, skip_nonfinite, process_group) -> None:
+    def _set_options(self, backend, max_grad_norm, skip_nonfinite, process_group,
+                     master_weights=False, stochastic_rounding=False, seed=0) -> None:
         """The keyword options (already checked), and no run-time structures yet: buckets
         come with the first gradients or with loaded state, backends with each device."""
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.process_group = process_group
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self._seeds: dict[torch.device, torch.Tensor] = {}  # the seed on each device
         self._requested_backend = backend
         self._last_stats: list[torch.Tensor] = []
         self._mesh_group = None  # the DTensor parameters' group, found at step time
@@ -89,7 +113,9 @@ class Adai(Optimizer):
     def _options(self) -> dict:
         """The keyword options as the constructor takes them (capturable is a group's)."""
         return dict(backend=self._requested_backend, max_grad_norm=self.max_grad_norm,
-                    skip_nonfinite=self.skip_nonfinite, process_group=self.process_group)
+                    skip_nonfinite=self.skip_nonfinite, process_group=self.process_group,
+                    master_weights=self.master_weights,
+                    stochastic_rounding=self.stochastic_rounding, seed=self.seed)
 
     def __repr__(self) -> str:
         # torch's text lists each group's settings (capturable among them); the keyword
@@ -148,6 +174,7 @@ class Adai(Optimizer):
             validate_hyperparameters(group)
             for device in {p.device for p in group["params"]}:
                 self._backend_for(device)  # an explicit backend that cannot run fails here
+            precision.check_group(self, group, len(self.param_groups) - 1)
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
@@ -246,7 +273,25 @@ class Adai(Optimizer):
             return None if t is None else t.to(device=device, dtype=torch.float32).reshape(())
         return Control(grad_scale=here(getattr(self, "grad_scale", None)),
                        found_inf=here(getattr(self, "found_inf", None)),
-                       max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite)
+                       max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite,
+                       rounding_seed=self._seed_on(device))
+
+    def _seed_on(self, device: torch.device) -> torch.Tensor | None:
+        """With stochastic_rounding, the seed as the kernels read it: an int64 tensor on
+        `device`, made once (a fill, not a copy from the host) and kept, so that a captured
+        graph reads it and a loaded seed reaches the graph (_set_seed fills it)."""
+        if not self.stochastic_rounding:
+            return None
+        seed = self._seeds.get(device)
+        if seed is None:
+            seed = self._seeds[device] = torch.full((), self.seed, dtype=torch.int64,
+                                                    device=device)
+        return seed
+
+    def _set_seed(self, seed: int) -> None:
+        self.seed = seed
+        for t in self._seeds.values():
+            t.fill_(seed)
 
     def _global_stats(self, stats: dict) -> dict:
         """Make every device's statistics global: one row per bucket on a single device in a
@@ -296,11 +341,15 @@ class Adai(Optimizer):
         for p in bucket.params:
             views = bucket.state_of(p)
             self.state[p] = {k: views[k] for k in STATE_KEYS}
+            if MASTER in views:
+                self.state[p][MASTER_KEY] = views[MASTER]
 
     # -- state dict -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The authors' format: per parameter index, `step` (int), `exp_avg`, `exp_avg_sq`,
         `beta1_prod` (float32, the parameter's shape); copies, never views of a bucket.
+        With master_weights, `master_param` (float32) too for bf16 / fp16 parameters; with
+        stochastic_rounding, every param group has `rounding_seed`.
 
         Hooks run as in torch.optim: those registered with register_state_dict_pre_hook
         before, then those of register_state_dict_post_hook, each given the dict the previous
@@ -317,7 +366,9 @@ class Adai(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint of this optimizer or of the authors' `Adai` (missing group keys
         take this optimizer's defaults; a group saved without `param_names` keeps this
-        optimizer's). On any error the optimizer is left as it was.
+        optimizer's). With master_weights, a parameter without `master_param` takes its
+        master weights from the parameter; with stochastic_rounding, a `rounding_seed`
+        sets the seed. On any error the optimizer is left as it was.
 
         Hooks run as in torch.optim: those registered with register_load_state_dict_pre_hook
         first, each given a shallow copy of `state_dict` (or what the previous one returned)
@@ -332,8 +383,9 @@ class Adai(Optimizer):
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
             raise ValueError("state_dict must have 'state' (dict) and 'param_groups' (list)")
         groups, by_saved_index = checkpoint.loaded_groups(self, saved_groups)
+        seed = checkpoint.loaded_seed(saved_groups)
         checkpoint.commit(self, groups, checkpoint.loaded_buckets(self, saved_state,
-                                                                  by_saved_index))
+                                                                  by_saved_index), seed)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -351,7 +403,7 @@ class AdaiW(Adai):
         weight_decay: decoupled decay coefficient. Default 0.
         dampening: d in [0, 1], as for Adai (1: Adai's update, < 1: AdaiV2's). Default 1.
         **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
-            process_group, capturable).
+            process_group, capturable, master_weights, stochastic_rounding, seed).
     """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,
@@ -378,7 +430,7 @@ class AdaiV2(Adai):
         dampening: d. Default 1.
         decoupled: decoupled (AdaiW) instead of L2 weight decay. Default True.
         **options: Adai's keyword-only options (backend, max_grad_norm, skip_nonfinite,
-            process_group, capturable).
+            process_group, capturable, master_weights, stochastic_rounding, seed).
     """
 
     def __init__(self, params, lr=required, betas=(0.1, 0.99), eps=1e-3, weight_decay=0.0,

@@ -10,13 +10,14 @@ Free functions of an Adai optimizer (adai_kernels/optimizer.py): they read its p
 and create its buckets, its backends and its plan."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from . import sharding
-from .buckets import BUFFER_KEYS, Bucket, state_strides
+from . import checkpoint, precision, sharding
+from .buckets import BUFFER_KEYS, MASTER, state_strides
 from .op_checks import PARAM_DTYPES, dtype_names, is_dense
 from .work import Work
 
@@ -118,8 +119,7 @@ class Plan:
 
 
 def _with_grads(w: Work, grads: list) -> Work:
-    return Work(w.group, w.device, w.dtype, w.params, grads, w.exp_avg, w.exp_avg_sq,
-                w.beta1_prod, w.steps, w.v_sums, w.bucket, w.segments)
+    return dataclasses.replace(w, grads=grads, write_back=[], scratch={})
 
 
 def plan_step(opt, grads: list, capturing: bool = False) -> list[Work]:
@@ -146,6 +146,7 @@ def _select(opt, grads: list) -> list[tuple]:
             g = grads[flat]
             if g is not None:
                 check_param(p, g, gi, pi)
+                precision.check_param(opt, opt._backend_for(p.device), p, gi, pi)
                 selected.append((gi, flat, p, g))
             flat += 1
     return selected
@@ -169,9 +170,14 @@ def _give_state(opt, selected: list[tuple], capturing: bool) -> None:
                            f"has no optimizer state yet, and creating it cannot be "
                            f"captured in a CUDA graph: run at least one eager step "
                            f"before capturing")
+    numbering = checkpoint.numbering(opt) if joining else {}
+    firsts = {key: precision.first_indices(opt, key[2], numbering, params)
+              for key, params in joining.items()}  # may raise: before any bucket changes
     for key, params in joining.items():
-        bucket = opt._buckets.setdefault(key, Bucket(key[1], key[2]))
-        bucket.add(params)
+        bucket = opt._buckets.get(key)
+        if bucket is None:
+            bucket = opt._buckets[key] = precision.new_bucket(opt, key[1], key[2])
+        bucket.add(params, first_index=firsts[key])
         opt._publish_state(bucket)
 
 
@@ -193,6 +199,8 @@ def _build_works(opt, selected: list[tuple]):
         replayable &= _append(w, p, g)
     for key, w in works.items():
         w.segments = w.bucket.segments(members[key])
+        if w.bucket.rounding:
+            w.rounding_index = w.bucket.rounding_index(members[key])
     return works, positions, replayable
 
 
@@ -201,7 +209,7 @@ def _append(w: Work, p: torch.Tensor, g: torch.Tensor) -> bool:
     DTensor, a dense stand-in for a parameter that is not dense (copied back after the
     step), a gradient with the parameter's strides. Returns whether `w` still holds `p` and
     `g` themselves."""
-    views = w.bucket.state_of(p)
+    views, param = w.bucket.state_of(p), p
     own = not sharding.is_dtensor(p)
     p, g = sharding.local(p), sharding.local(g)
     dense_p = p if is_dense(p) else p.contiguous()
@@ -214,6 +222,9 @@ def _append(w: Work, p: torch.Tensor, g: torch.Tensor) -> bool:
         own = False
     w.params.append(dense_p)
     w.grads.append(g)
+    w.first_index.append(w.bucket.first_index_of(param))
+    if MASTER in views:
+        w.master.append(views[MASTER])
     for k in BUFFER_KEYS:
         getattr(w, k).append(views[k])
     w.steps.append(views["step"])

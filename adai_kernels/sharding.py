@@ -44,3 +44,43 @@ def like_param(state: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return state
     return DTensor.from_local(state, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+def first_position(param: torch.Tensor, where: str) -> int:
+    """The position, in the full parameter's memory order, of the first element of this
+    process's shard (0 for a tensor that is not a DTensor), for the stochastic rounding index
+    (docs/design.md, "Stochastic rounding"). The shard's elements must follow one another in
+    the full parameter: a row-major full parameter and a row-major shard that is a run of
+    whole rows of its trailing dimensions (dim-0 sharding, as fully_shard does); anything
+    else is refused with a RuntimeError naming `where`, as the index would not be the
+    unsharded run's."""
+    if not is_dtensor(param):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(param.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements)
+    shard = param.to_local()
+    row_major = torch.empty(shape, device="meta").stride()
+    if shard.numel() == 0:
+        return 0
+    span = _is_run_of_rows(shape, tuple(local_shape), tuple(offset))
+    if not (span and tuple(param.stride()) == row_major and shard.is_contiguous()):
+        raise RuntimeError(
+            f"stochastic_rounding: {where} is a DTensor sharded as {param.placements} (local "
+            f"shape {tuple(local_shape)} at offset {tuple(offset)} of {shape}, strides "
+            f"{tuple(param.stride())}); its shard must be one contiguous run of the full "
+            f"row-major parameter, as dim-0 sharding (fully_shard) makes it")
+    return sum(o * s for o, s in zip(offset, row_major))
+
+
+def _is_run_of_rows(shape: tuple, local_shape: tuple, offset: tuple) -> bool:
+    """Whether the box `local_shape` at `offset` of `shape` is one contiguous run in
+    row-major order: size 1 in the dims before some dim k, whole in the dims after it."""
+    partial = [d for d, (n, ln, o) in enumerate(zip(shape, local_shape, offset))
+               if ln != n or o != 0]
+    if not partial:
+        return True
+    k = partial[-1]
+    return all(ln == 1 for ln in local_shape[:k])

@@ -70,3 +70,23 @@ def check_has_lr(optimizer, group: dict, where: str) -> None:
         name = type(optimizer).__name__
         raise ValueError(f"{where} has no lr and {name}() was given no default lr (give "
                          f"lr= to {name}() or an 'lr' to every param group)")
+
+
+def check_precision_options(master_weights, stochastic_rounding, seed) -> None:
+    """The low-precision options (docs/design.md, "Master weights" and "Stochastic
+    rounding"): two bools that exclude each other, and a 32-bit seed."""
+    for name, value in (("master_weights", master_weights),
+                        ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
+    if master_weights and stochastic_rounding:
+        raise ValueError("master_weights=True and stochastic_rounding=True exclude each "
+                         "other: with an fp32 master the parameter is rounded to nearest "
+                         "from it, and there is no rounding error left to randomise")
+    check_seed(seed)
+
+
+def check_seed(seed, where: str = "seed") -> None:
+    """The stochastic rounding seed: an int in [0, 2^32)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"Invalid {where}: {seed!r} (must be an int in [0, 2**32))")

@@ -14,6 +14,8 @@ class Control:
     found_inf: torch.Tensor | None = None   # nonzero: skip the step (GradScaler)
     max_grad_norm: float | None = None      # clip the global gradient norm to this
     skip_nonfinite: bool = False            # skip the step when the gradient norm is not finite
+    # stochastic_rounding: the seed (int64, one element, on the device) the kernels read
+    rounding_seed: torch.Tensor | None = None
 
 
 @dataclass
@@ -21,9 +23,11 @@ class Work:
     """One (group, device, dtype) bucket's participating tensors for one step.
 
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
-    non-overlapping and dense; states are float32 views with the same shape and strides;
-    `steps[i]` and `v_sums[i]` are 0-dim float64 views. The same state as
-    the compiled ops take it: `bucket`'s flat buffers and `segments` (csrc/op_schemas.h).
+    non-overlapping and dense; states are float32 views with the same shape and strides (and
+    so are the masters, when the bucket keeps them); `steps[i]` and `v_sums[i]` are 0-dim
+    float64 views; `first_index[i]` is the rounding index of tensor i's first element. The
+    same state as the compiled ops take it: `bucket`'s flat buffers, `segments` and
+    `rounding_index` (csrc/op_schemas.h).
     """
 
     group: dict
@@ -36,8 +40,12 @@ class Work:
     beta1_prod: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     v_sums: list[torch.Tensor] = field(default_factory=list)
+    master: list[torch.Tensor] = field(default_factory=list)  # fp32 master weights, if kept
+    first_index: list[int] = field(default_factory=list)  # rounding index of element 0
     bucket: object = None                   # the Bucket that owns the states
     segments: torch.Tensor | None = None    # (offset, numel, slot) per tensor, int64 CPU
+    # stochastic rounding: first_index as the ops take it, int64 CPU (n,); else None
+    rounding_index: torch.Tensor | None = None
     # (param, dense stand-in) pairs: the stand-in is stepped, then copied into the param.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # a backend's data between its two phases
@@ -58,6 +66,10 @@ class Work:
         if isinstance(lr, torch.Tensor):
             return lr.to(device=self.device, dtype=torch.float32).reshape(())
         return None
+
+    def rounding_seed(self, ctl: Control) -> torch.Tensor | None:
+        """The seed when this bucket's parameters are rounded stochastically, else None."""
+        return ctl.rounding_seed if self.bucket.rounding else None
 
     @property
     def l2(self) -> float:

@@ -13,11 +13,23 @@ if TYPE_CHECKING:  # adai_kernels.ops needs this module's STATS_COLUMNS
 STATS_COLUMNS = 7  # csrc/adai_math.h, StatsColumn
 GRAD_NORM_SQ = 5   # the column with the squared gradient norm
 
+# Options that change what a step writes, which a backend's kernels implement or not
+# (docs/design.md, "Master weights" and "Stochastic rounding").
+MASTER_WEIGHTS = "master_weights"
+STOCHASTIC_ROUNDING = "stochastic_rounding"
+FEATURES = (MASTER_WEIGHTS, STOCHASTIC_ROUNDING)
+
 
 class Backend:
     """A way to run the fused step. Subclasses implement the methods below."""
 
     name: str = "?"
+    features: frozenset[str] = frozenset()  # of FEATURES, those this backend implements
+
+    def supports(self, feature: str) -> bool:
+        """Whether this backend's kernels implement `feature` (one of FEATURES)."""
+        assert feature in FEATURES, feature
+        return feature in self.features
 
     def unavailable(self, device: torch.device) -> str | None:
         """None if this backend can step parameters on `device`, else the reason why not."""
@@ -46,8 +58,10 @@ class OpsBackend(Backend):
     C++ CPU and CUDA kernels and the Triton kernels all share that schema, so they share
     this wrapper."""
 
-    def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load):
+    def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load,
+                 features: frozenset[str] = frozenset()):
         self.name = name
+        self.features = frozenset(features)
         self._calls = ops
         self._device_types = device_types
         self._load = load  # () -> str | None: imports the ops, returns why they are missing
@@ -66,7 +80,7 @@ class OpsBackend(Backend):
         b = work.bucket
         self._ops.stats(params=work.params, grads=work.grads, segments=work.segments,
                         steps=b.steps, v_sums=b.v_sums, grad_scale=ctl.grad_scale,
-                        beta2=work.beta2, l2=work.l2, out=out)
+                        beta2=work.beta2, l2=work.l2, out=out, master=b.master)
 
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g, b = work.group, work.bucket
@@ -79,7 +93,9 @@ class OpsBackend(Backend):
             lr=0.0 if lr_tensor is not None else g["lr"], beta0=g["betas"][0],
             beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
             decoupled=g["decoupled"], dampening=g["dampening"],
-            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite)
+            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite,
+            master=b.master, rounding_seed=work.rounding_seed(ctl),
+            rounding_index=work.rounding_index)
 
     def v_sum(self, bucket) -> None:
         self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=bucket.segments(),

@@ -6,13 +6,17 @@ temporaries the size of the parameters and launches many small kernels. Math is 
 state dtype) for every parameter dtype; global sums are float64 where the device has it.
 Like the kernels, it never synchronises with the host (a skipped step is a device-side
 select, not a Python branch) and never copies from the host, so a CUDA graph can capture it.
+With master weights, theta is read from and written to the fp32 master and the parameter is
+its rounding to nearest; with stochastic rounding, the bf16 parameter is rounded with the
+bits of adai_kernels/rounding.py, the hash the kernels use.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import rounding
 from ..work import Control, Work
-from .base import STATS_COLUMNS, Backend
+from .base import FEATURES, STATS_COLUMNS, Backend
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
@@ -21,13 +25,16 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    features = frozenset(FEATURES)
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         acc = _acc_dtype(work.device)
-        params = [p.float() for p in work.params]  # copies unless already float32
+        # theta: the fp32 master weights when kept, else the parameters (copies unless
+        # already float32)
+        params = list(work.master) if work.master else [p.float() for p in work.params]
         grads = [g.float() for g in work.grads]    # likewise: the caller's grads stay as they are
         if ctl.grad_scale is not None:
             grads = torch._foreach_mul(grads, ctl.grad_scale.double().reciprocal().float())
@@ -67,7 +74,7 @@ class ReferenceBackend(Backend):
             grads = torch._foreach_add(grads, params, alpha=work.l2)
         v, beta1, beta3 = _second_moment_and_inertia(work, grads, bc2, inv_vbar)
         m, b, new_params = _momentum_and_params(work, params, grads, beta1, beta3)
-        _commit(work, skip, new_params, v, m, b)
+        _commit(work, skip, new_params, v, m, b, work.rounding_seed(ctl))
         work.scratch.clear()
 
     def v_sum(self, bucket) -> None:
@@ -142,20 +149,38 @@ def _momentum_and_params(work: Work, params, grads, beta1, beta3):
     return m, b, new_params
 
 
-def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b) -> None:
+def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b, seed) -> None:
     """Write the new values, or (skip, decided on the device) keep the old ones and take
-    the step increments back."""
+    the step increments back. theta goes to the master weights when there are, and to the
+    parameters rounded to nearest (the cast) or, with a rounding `seed`, stochastically."""
     v_sums = [x.sum(dtype=_acc_dtype(work.device)) for x in v]
 
     def commit(dst, src):
         torch._foreach_copy_(dst, [torch.where(skip, d_, s_) for d_, s_ in zip(dst, src)])
 
+    if work.master:
+        commit(work.master, new_params)
+    if seed is not None:
+        new_params = _rounded_stochastically(work, new_params, seed)
     commit(work.params, new_params)
     commit(work.exp_avg_sq, v)
     commit(work.exp_avg, m)
     commit(work.beta1_prod, b)
     commit(work.v_sums, v_sums)
     torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
+
+
+def _rounded_stochastically(work: Work, thetas, seed: torch.Tensor) -> list[torch.Tensor]:
+    """thetas (float32) rounded to bfloat16 with the bits of each element's rounding index:
+    stream (seed, the tensor's incremented step), index first_index + memory position."""
+    steps = torch.stack(work.steps).to(torch.int64) & rounding.MASK32
+    streams = rounding.rounding_stream(seed.reshape(()), steps)
+    out = []
+    for i, (p, theta) in enumerate(zip(work.params, thetas)):
+        index = rounding.element_index(p.shape, p.stride(), work.first_index[i], p.device)
+        out.append(rounding.bf16_round_stochastic(
+            theta, rounding.rounding_bits(streams[i], index)))
+    return out
 
 
 REFERENCE = ReferenceBackend()
