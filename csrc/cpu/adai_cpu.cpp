@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "adai_math.h"
+#include "adai_random.h"
 #include "op_prologue.h"
 #include "param_dtype.h"
 #include "cpu/vec_pow.h"
@@ -190,14 +191,14 @@ inline void blocked_sums(int64_t n, double* s, const VecBody& vec, const TailBod
 // Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32), in the order of
 // adai_math.h's StatsSum: s[kSumGg] = sum g^2; with kL2 also s[kSumGradSq] =
 // sum (g + l2 theta)^2, s[kSumGt] = sum g theta, s[kSumTt] = sum theta^2 (theta is read only
-// when kL2).
+// when kL2: from the param, theta_t = scalar_t, or from the fp32 master copy, float).
 using adai::kSumGg;
 using adai::kSumGradSq;
 using adai::kSumGt;
 using adai::kSumTt;
 
-template <typename scalar_t, bool kL2>
-void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scale,
+template <typename scalar_t, typename theta_t, bool kL2>
+void stats_chunk(const scalar_t* g, const theta_t* p, int64_t n, float inv_scale,
                  const adai::Consts& c, double* s) {
   const fVec scale(inv_scale);
   if constexpr (kL2) {
@@ -206,7 +207,7 @@ void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scal
         [&](int64_t i, fVec* x0, fVec* x1) {
           fVec g0, g1, p0, p1;
           IO<scalar_t>::load(g + i, g0, g1);
-          IO<scalar_t>::load(p + i, p0, p1);
+          IO<theta_t>::load(p + i, p0, p1);
           g0 = g0 * scale;
           g1 = g1 * scale;
           x0[kSumGg] = g0 * g0;
@@ -244,62 +245,125 @@ void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scal
   }
 }
 
-// One vector block of the update: kBlock elements at p, g, m, v, b; returns the new v.
-template <typename scalar_t>
+// Where theta comes from and goes to: the param (rounded to nearest when it is bf16/fp16),
+// the fp32 master copy (then the param gets master rounded to nearest), or the param with
+// stochastic rounding (bf16 only; csrc/adai_random.h).
+enum class Theta { kParam, kMaster, kStochastic };
+
+// What update_block needs besides the element pointers: the per-call vector constants and
+// the tensor's rounding stream (kStochastic).
+struct BlockArgs {
+  fVec gmul, inv_bc2, inv_vbar;
+  const adai::Consts* c;
+  uint32_t stream;
+};
+
+// One vector block of the update: kBlock elements at p, g, m, v, b (kB: the tensor's b is
+// not done) and w (kMaster); returns the new v in v0, v1. kMax: bmax = the NaN-propagating
+// lane max of |b new|. index: the first element's rounding index (kStochastic).
+template <typename scalar_t, bool kB, bool kMax, Theta kT>
 inline void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, float* b,
-                         const fVec& gmul, const fVec& inv_bc2, const fVec& inv_vbar,
-                         const adai::Consts& c, fVec& v0, fVec& v1) {
+                         float* w, uint64_t index, const BlockArgs& u, fVec& v0, fVec& v1,
+                         fVec& bmax) {
   fVec p0, p1, g0, g1;
-  IO<scalar_t>::load(p, p0, p1);
+  if constexpr (kT == Theta::kMaster) {
+    p0 = fVec::loadu(w);
+    p1 = fVec::loadu(w + kW);
+  } else {
+    IO<scalar_t>::load(p, p0, p1);
+  }
   IO<scalar_t>::load(g, g0, g1);
-  g0 = g0 * gmul;  // unscaling and clipping: one multiply, before the L2 term
-  g1 = g1 * gmul;
+  g0 = g0 * u.gmul;  // unscaling and clipping: one multiply, before the L2 term
+  g1 = g1 * u.gmul;
   fVec m0 = fVec::loadu(m), m1 = fVec::loadu(m + kW);
   v0 = fVec::loadu(v);
   v1 = fVec::loadu(v + kW);
-  fVec b0 = fVec::loadu(b), b1 = fVec::loadu(b + kW);
-  adai::update(p0, g0, m0, v0, b0, inv_bc2, inv_vbar, c);
-  adai::update(p1, g1, m1, v1, b1, inv_bc2, inv_vbar, c);
-  IO<scalar_t>::store(p, p0, p1);
+  if constexpr (kB) {
+    fVec b0 = fVec::loadu(b), b1 = fVec::loadu(b + kW);
+    adai::update(p0, g0, m0, v0, b0, u.inv_bc2, u.inv_vbar, *u.c);
+    adai::update(p1, g1, m1, v1, b1, u.inv_bc2, u.inv_vbar, *u.c);
+    b0.store(b);
+    b1.store(b + kW);
+    if constexpr (kMax) {  // at::vec::maximum propagates NaN
+      bmax = at::vec::maximum(bmax, at::vec::maximum(b0.abs(), b1.abs()));
+    }
+  } else {
+    adai::update_b_done(p0, g0, m0, v0, u.inv_bc2, u.inv_vbar, *u.c);
+    adai::update_b_done(p1, g1, m1, v1, u.inv_bc2, u.inv_vbar, *u.c);
+  }
+  if constexpr (kT == Theta::kMaster) {
+    p0.store(w);
+    p1.store(w + kW);
+  }
+  if constexpr (kT == Theta::kStochastic && std::is_same_v<scalar_t, c10::BFloat16>) {
+    __at_align__ float t[kBlock];
+    p0.store(t);
+    p1.store(t + kW);
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const uint32_t bits = adai::rounding_bits(u.stream, index + static_cast<uint64_t>(j));
+      p[j] = c10::BFloat16(adai::bf16_round_stochastic(t[j], bits), c10::BFloat16::from_bits());
+    }
+  } else {
+    IO<scalar_t>::store(p, p0, p1);
+  }
   m0.store(m);
   m1.store(m + kW);
   v0.store(v);
   v1.store(v + kW);
-  b0.store(b);
-  b1.store(b + kW);
 }
 
-// One fused pass over n elements; returns the sum of the new v. The last n % kBlock elements
-// go through update_block on zero-padded copies (the padding lanes are computed and dropped).
-template <typename scalar_t>
-double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b, int64_t n,
-                    float gmul, float inv_bc2, float inv_vbar, const adai::Consts& c) {
-  const fVec gmul_v(gmul), inv_bc2_v(inv_bc2), inv_vbar_v(inv_vbar);
+// The NaN-propagating max of a vector's lanes (all >= 0 or NaN), in lane order.
+inline float hmax(const fVec& x) {
+  __at_align__ float buf[kW];
+  x.store(buf);
+  float acc = 0.0f;
+  for (int64_t k = 0; k < kW; ++k) acc = adai::max_abs_nan(acc, buf[k]);
+  return acc;
+}
+
+// One fused pass over n elements; returns the sum of the new v and (kMax) *bmax_out = the
+// max |b new|. The last n % kBlock elements go through update_block on zero-padded copies
+// (the padding lanes are computed and dropped).
+template <typename scalar_t, bool kB, bool kMax, Theta kT>
+double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b, float* w,
+                    uint64_t index, int64_t n, const BlockArgs& u, float* bmax_out) {
   const int64_t n_vec = n - n % kBlock;
+  fVec bmax(0.0f);
+  float tail_max = 0.0f;
   if (n_vec < n) {
     const int64_t r = n - n_vec;
     scalar_t pb[kBlock] = {}, gb[kBlock] = {};
-    __at_align__ float mb[kBlock] = {}, vb[kBlock] = {}, bb[kBlock] = {};
+    __at_align__ float mb[kBlock] = {}, vb[kBlock] = {}, bb[kBlock] = {}, wb[kBlock] = {};
     std::copy(p + n_vec, p + n, pb);
     std::copy(g + n_vec, g + n, gb);
     std::copy(m + n_vec, m + n, mb);
     std::copy(v + n_vec, v + n, vb);
-    std::copy(b + n_vec, b + n, bb);
-    fVec v0, v1;
-    update_block(pb, gb, mb, vb, bb, gmul_v, inv_bc2_v, inv_vbar_v, c, v0, v1);
+    if constexpr (kB) std::copy(b + n_vec, b + n, bb);
+    if constexpr (kT == Theta::kMaster) std::copy(w + n_vec, w + n, wb);
+    fVec v0, v1, unused(0.0f);
+    update_block<scalar_t, kB, false, kT>(pb, gb, mb, vb, bb, wb,
+                                          index + static_cast<uint64_t>(n_vec), u, v0, v1,
+                                          unused);
     std::copy(pb, pb + r, p + n_vec);
     std::copy(mb, mb + r, m + n_vec);
     std::copy(vb, vb + r, v + n_vec);
-    std::copy(bb, bb + r, b + n_vec);
+    if constexpr (kB) std::copy(bb, bb + r, b + n_vec);
+    if constexpr (kT == Theta::kMaster) std::copy(wb, wb + r, w + n_vec);
+    if constexpr (kMax) {  // the real lanes only
+      for (int64_t j = 0; j < r; ++j) tail_max = adai::max_abs_nan(tail_max, bb[j]);
+    }
   }
   double s;
   blocked_sums<1>(
       n, &s,
       [&](int64_t i, fVec* x0, fVec* x1) {
-        update_block(p + i, g + i, m + i, v + i, b + i, gmul_v, inv_bc2_v, inv_vbar_v, c,
-                     x0[0], x1[0]);
+        update_block<scalar_t, kB, kMax, kT>(p + i, g + i, m + i, v + i, kB ? b + i : nullptr,
+                                             kT == Theta::kMaster ? w + i : nullptr,
+                                             index + static_cast<uint64_t>(i), u, x0[0],
+                                             x1[0], bmax);
       },
       [&](int64_t i, float* t) { t[0] = v[i]; });  // updated above
+  if constexpr (kMax) *bmax_out = adai::max_abs_nan(hmax(bmax), tail_max);
   return s;
 }
 
@@ -413,7 +477,8 @@ std::vector<int64_t> numels(at::TensorList ts) {
 // decay, else 1: kSumGg), its chunks' sums added in chunk order.
 std::vector<double> stats_tensor_sums(at::TensorList params, at::TensorList grads,
                                       const std::vector<int64_t>& numel, bool use_l2, int K,
-                                      float inv_scale, const adai::Consts& c) {
+                                      float inv_scale, const adai::Consts& c,
+                                      const adai::OpArgs& a) {
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   const std::vector<const void*> pp = data_ptrs<const void>(params);
   std::vector<int64_t> first;
@@ -427,11 +492,14 @@ std::vector<double> stats_tensor_sums(at::TensorList params, at::TensorList grad
       adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         const scalar_t* g = static_cast<const scalar_t*>(gp[i]) + ch.begin;
-        if (use_l2) {
+        if (use_l2 && a.master != nullptr) {  // theta from the master copy at the span
+          const float* w = a.master + adai::segment(a, static_cast<size_t>(i), adai::kOffset);
+          stats_chunk<scalar_t, float, true>(g, w + ch.begin, ch.len, inv_scale, c, s);
+        } else if (use_l2) {
           const scalar_t* p = static_cast<const scalar_t*>(pp[i]) + ch.begin;
-          stats_chunk<scalar_t, true>(g, p, ch.len, inv_scale, c, s);
+          stats_chunk<scalar_t, scalar_t, true>(g, p, ch.len, inv_scale, c, s);
         } else {
-          stats_chunk<scalar_t, false>(g, nullptr, ch.len, inv_scale, c, s);
+          stats_chunk<scalar_t, scalar_t, false>(g, nullptr, ch.len, inv_scale, c, s);
         }
       });
     });
@@ -448,7 +516,6 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
                                               master, grad_scale, out, kCpu,
                                               /*one_dtype=*/false);
-  adai::refuse_optionals(op, a, "CPU kernels");
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
   // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
   // adai::effective_grad adds the term), and the row's expanded columns use the same value.
@@ -456,7 +523,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   const int K = use_l2 ? adai::kStatsSums : 1;
   const std::vector<int64_t> numel = numels(params);
   const std::vector<double> sums = stats_tensor_sums(
-      params, grads, numel, use_l2, K, adai::inv_grad_scale(a.grad_scale), c);
+      params, grads, numel, use_l2, K, adai::inv_grad_scale(a.grad_scale), c, a);
 
   // The bucket's row: the tensors' terms added in list order, each straight into its column
   // (the compiler may fuse a term's multiply with that add, so this is not the CUDA kernels'
@@ -492,36 +559,106 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   for (int j = 0; j < adai::kStatsColumns; ++j) o[j * os] = row[j];
 }
 
+// Calls f(std::integral_constant<Theta, ...>) for the theta handling of a tensor of `dtype`
+// (only the combinations the prologue lets through are instantiated).
+template <typename scalar_t, typename F>
+void dispatch_theta(const adai::OpArgs& a, const F& f) {
+  using K = Theta;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (a.master != nullptr) return f(std::integral_constant<K, K::kMaster>{});
+  }
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (a.rounding_seed != nullptr) return f(std::integral_constant<K, K::kStochastic>{});
+  }
+  f(std::integral_constant<K, K::kParam>{});
+}
+
+// Which tensors of the call are done (their b is neither read nor written): all of them when
+// `beta1_prod` is freed, none without `beta1_prod_max`, else by the flag rule.
+std::vector<char> done_tensors(const adai::OpArgs& a) {
+  std::vector<char> done(a.n, 0);
+  for (size_t i = 0; i < a.n; ++i) {
+    done[i] = !a.has_beta1_prod ||
+              (a.beta1_prod_max != nullptr &&
+               adai::beta1_prod_done(a.beta1_prod_max[adai::segment(a, i, adai::kSlot)]));
+  }
+  return done;
+}
+
 // update's fused pass over every element of the call (g = grad * gmul); returns each
-// tensor's sum of its new v, its chunks' sums added in chunk order.
+// tensor's sum of its new v, its chunks' sums added in chunk order. With `beta1_prod_max`,
+// the not-done tensors' slots get their max |b new| (chunk maxima in chunk order).
 std::vector<double> update_tensors(at::TensorList params, at::TensorList grads,
                                    const adai::OpArgs& a, const at::Tensor& exp_avg,
                                    const at::Tensor& exp_avg_sq, const at::Tensor& beta1_prod,
                                    float gmul, const std::vector<float>& inv_bc2,
-                                   float inv_vbar, const adai::Consts& c) {
+                                   float inv_vbar, const adai::Consts& c,
+                                   const std::vector<uint32_t>& streams) {
   const std::vector<void*> pp = data_ptrs<void>(params);
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   float* const m_base = exp_avg.mutable_data_ptr<float>();
   float* const v_base = exp_avg_sq.mutable_data_ptr<float>();
-  float* const b_base = beta1_prod.mutable_data_ptr<float>();
+  float* const b_base = a.has_beta1_prod ? beta1_prod.mutable_data_ptr<float>() : nullptr;
+  const std::vector<char> done = done_tensors(a);
+  const bool with_max = a.beta1_prod_max != nullptr;
   const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
   const std::vector<Chunk> chunks = make_chunks(numel, first);
   std::vector<double> partial(chunks.size(), 0.0);
+  std::vector<float> partial_max(chunks.size(), 0.0f);
   if (!chunks.empty()) {
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t i = ch.tensor;
       const int64_t o = ch.begin;
       const int64_t so = adai::segment(a, static_cast<size_t>(i), adai::kOffset) + o;
+      const BlockArgs u{fVec(gmul), fVec(inv_bc2[i]), fVec(inv_vbar), &c,
+                        streams.empty() ? 0u : streams[i]};
+      const uint64_t index =
+          a.rounding_index != nullptr ? static_cast<uint64_t>(a.rounding_index[i] + o) : 0;
+      float* const w = a.master != nullptr ? a.master + so : nullptr;
       adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
-        partial[k] = update_chunk<scalar_t>(
-            static_cast<scalar_t*>(pp[i]) + o, static_cast<const scalar_t*>(gp[i]) + o,
-            m_base + so, v_base + so, b_base + so, ch.len, gmul, inv_bc2[i], inv_vbar, c);
+        scalar_t* const p = static_cast<scalar_t*>(pp[i]) + o;
+        const scalar_t* const g = static_cast<const scalar_t*>(gp[i]) + o;
+        dispatch_theta<scalar_t>(a, [&](auto theta) {
+          constexpr Theta kT = decltype(theta)::value;
+          float* const mx = &partial_max[k];
+          if (done[i]) {
+            partial[k] = update_chunk<scalar_t, false, false, kT>(
+                p, g, m_base + so, v_base + so, nullptr, w, index, ch.len, u, mx);
+          } else if (with_max) {
+            partial[k] = update_chunk<scalar_t, true, true, kT>(
+                p, g, m_base + so, v_base + so, b_base + so, w, index, ch.len, u, mx);
+          } else {
+            partial[k] = update_chunk<scalar_t, true, false, kT>(
+                p, g, m_base + so, v_base + so, b_base + so, w, index, ch.len, u, mx);
+          }
+        });
       });
     });
   }
+  if (with_max) {  // not-done tensors: the max over their chunks (0 when empty)
+    for (size_t i = 0; i < a.n; ++i) {
+      if (done[i]) continue;
+      float mx = 0.0f;
+      for (int64_t j = first[i]; j < first[i + 1]; ++j) mx = adai::max_abs_nan(mx, partial_max[j]);
+      a.beta1_prod_max[adai::segment(a, i, adai::kSlot)] = mx;
+    }
+  }
   return tensor_sums(partial, first, a.n, 1);
+}
+
+// Each tensor's rounding stream (its step after this step's increment), or none.
+std::vector<uint32_t> rounding_streams(const adai::OpArgs& a, const double* step_p) {
+  std::vector<uint32_t> streams;
+  if (a.rounding_seed == nullptr) return streams;
+  const uint32_t seed = static_cast<uint32_t>(*a.rounding_seed);
+  for (size_t i = 0; i < a.n; ++i) {
+    const double k = step_p[adai::segment(a, i, adai::kSlot)];
+    // k holds an integer < 2^53: its low 32 bits
+    streams.push_back(adai::rounding_stream(seed, static_cast<uint32_t>(static_cast<uint64_t>(k))));
+  }
+  return streams;
 }
 
 // v_sums[slot_i] = V[i] for every tensor of the call.
@@ -549,7 +686,6 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
       grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
       kCpu, /*one_dtype=*/false);
-  adai::refuse_optionals(op, a, "CPU kernels");
   double totals[adai::kStatsColumns];
   adai::sum_stats_rows(stats.const_data_ptr<double>(), stats.size(0), stats.stride(0),
                        stats.stride(1), totals);
@@ -571,7 +707,7 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
   const float gmul = adai::inv_grad_scale(a.grad_scale) * gl.clip;
   write_v_sums(a,
                update_tensors(params, grads, a, exp_avg, exp_avg_sq, beta1_prod, gmul, inv_bc2,
-                              gl.inv_vbar, c),
+                              gl.inv_vbar, c, rounding_streams(a, step_p)),
                v_sums);
 }
 
