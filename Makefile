@@ -39,7 +39,7 @@ test: install
 
 test-emu: install
 	@echo "==> the CUDA kernels on the CPU emulator (builds build/emu and build/emu-asan first)"
-	ADAI_GPU_TEST_DEVICE=emu $(PY) -m pytest -q tests/test_cuda_gpu.py tests/test_cuda_emu.py
+	ADAI_GPU_TEST_DEVICE=emu $(PY) -m pytest -q tests/test_cuda_gpu.py tests/test_cuda_emu.py tests/test_cuda_options.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info adai_kernels/*.so

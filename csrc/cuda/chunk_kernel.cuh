@@ -5,17 +5,18 @@
 //   2. locate the chunk: block b takes global chunk b (multi_tensor.h); thread 0 finds its
 //      tensor and hands it to body.load_chunk(meta, begin, len, s), which fills s, the
 //      block's shared Body::Shared;
-//   3. per-thread body: body.thread(s, tid, sums) writes this thread's Body::kSums float sums
-//      over its share of the chunk (elementwise.h);
-//   4. block sum: each column in a fixed tree (reduce.cuh), stored as the chunk's partial
-//      (column k of chunk c at partials[k * total_chunks + c]);
+//   3. per-thread body: body.thread(s, tid, vals) writes this thread's Body::kSums float sums
+//      and then its Body::kMaxes maxima (of values >= 0 or NaN, NaN propagating) over its
+//      share of the chunk (elementwise.h);
+//   4. block reduction: each column in a fixed tree (reduce.cuh: a sum, or max_nan), stored
+//      as the chunk's partial (column k of chunk c at partials[k * total_chunks + c]);
 //   5. last-block finish: the block that finishes last sums each tensor's partials in chunk
 //      order (one warp per tensor) and hands them to body.finish_tensor(t, i, sums) in lane
 //      0; then every thread of it calls body.finish_launch(t, s_red).
 //
 // Every sum has a fixed shape over fixed inputs, so the results do not depend on the order in
 // which blocks run (tests/test_cuda_emu.py runs five orders and schedules). A Body provides:
-//   static constexpr int kSums;  struct Shared (trivial: it lives in shared memory);
+//   static constexpr int kSums, kMaxes;  struct Shared (trivial: it lives in shared memory);
 //   __device__ bool begin_block(const LaunchTable&, Shared&) const;
 //   __device__ void load_chunk(const TensorMeta&, int64_t begin, int64_t len, Shared&) const;
 //   __device__ void thread(const Shared&, int tid, float* sums) const;
@@ -50,12 +51,13 @@ __device__ __forceinline__ void run_chunk_kernel(const LaunchTable& t, const Bod
       body.load_chunk(m, r.begin, chunk_len(m.numel, r.begin, kChunk), s_block);
     }
     __syncthreads();
-    float sums[Body::kSums];
-    body.thread(s_block, static_cast<int>(threadIdx.x), sums);
+    float vals[Body::kSums + Body::kMaxes];
+    body.thread(s_block, static_cast<int>(threadIdx.x), vals);
 #pragma unroll
-    for (int k = 0; k < Body::kSums; ++k) {
-      const double sum = block_sum(static_cast<double>(sums[k]), s_red);
-      if (threadIdx.x == 0) t.partials[k * t.total_chunks + chunk] = sum;
+    for (int k = 0; k < Body::kSums + Body::kMaxes; ++k) {
+      const double x = static_cast<double>(vals[k]);
+      const double r = k < Body::kSums ? block_sum(x, s_red) : block_max(x, s_red);
+      if (threadIdx.x == 0) t.partials[k * t.total_chunks + chunk] = r;
     }
   }
   if (!finish_block(t.counter, &s_last)) return;
@@ -65,9 +67,12 @@ __device__ __forceinline__ void run_chunk_kernel(const LaunchTable& t, const Bod
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   for (int64_t i = warp; i < t.n; i += kBlock / 32) {
-    double sums[Body::kSums];
+    double sums[Body::kSums + Body::kMaxes];
 #pragma unroll
-    for (int k = 0; k < Body::kSums; ++k) sums[k] = tensor_partials_sum(t, i, lane, k);
+    for (int k = 0; k < Body::kSums + Body::kMaxes; ++k) {
+      sums[k] = k < Body::kSums ? tensor_partials_sum(t, i, lane, k)
+                                : tensor_partials_max(t, i, lane, k);
+    }
     if (lane == 0) body.finish_tensor(t, i, sums);
   }
   body.finish_launch(t, s_red);

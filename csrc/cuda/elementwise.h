@@ -13,7 +13,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+
 #include "../adai_math.h"
+#include "../adai_random.h"
 
 #if defined(__CUDA_ARCH__)
 #define ADAI_UNROLL _Pragma("unroll")
@@ -174,14 +179,14 @@ ADAI_HD void stats_element(float g, float theta, const Consts& c, StatsSums& s) 
 }
 
 // sum_groups' terms of stats: g = float(grad) * inv_scale, theta (p) read only when kL2.
-template <typename T, bool kL2>
+template <typename T, bool kL2, typename P = T>
 struct StatsTerms {
   struct Group {
     T g[kGroup];
-    T p[kGroup];
+    P p[kGroup];
   };
   const T* g;
-  const T* p;
+  const P* p;
   float inv_scale;
   const Consts& c;
 
@@ -194,7 +199,7 @@ struct StatsTerms {
     for (int k = 0; k < kGroup; ++k) {
       const bool in = k < n;
       r.g[k] = in ? load1(g + e0 + k) : static_cast<T>(0.0f);
-      if constexpr (kL2) r.p[k] = in ? load1(p + e0 + k) : static_cast<T>(0.0f);
+      if constexpr (kL2) r.p[k] = in ? load1(p + e0 + k) : static_cast<P>(0.0f);
     }
   }
   ADAI_HD void add(const Group& r, int k, StatsSums& acc) const {
@@ -205,12 +210,12 @@ struct StatsTerms {
 };
 
 // Phase 1: this thread's StatsSums over one chunk of `len` elements. Two groups (16 elements)
-// in flight per thread.
-template <typename T, bool kL2>
-ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, int64_t len,
+// in flight per thread. theta is read as P (T, or float from a master copy).
+template <typename T, bool kL2, typename P = T>
+ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const P* p, int64_t len,
                                bool aligned, float inv_scale, const Consts& c) {
   StatsSums acc = {{0.0f, 0.0f, 0.0f, 0.0f}};
-  sum_groups<2>(tid, nthreads, len, aligned, StatsTerms<T, kL2>{g, p, inv_scale, c}, acc);
+  sum_groups<2>(tid, nthreads, len, aligned, StatsTerms<T, kL2, P>{g, p, inv_scale, c}, acc);
   return acc;
 }
 
@@ -279,83 +284,185 @@ ADAI_HD UpdateArgs update_args(const UpdateInputs& in) {
   return a;
 }
 
-// update_thread's two ways through one group of kGroup elements at e0: adai::update on every
-// element in place, the new v added to vacc in element order.
+// Where update_thread reads theta and how it writes the param (UpdateSpans::theta):
+//   kParam       theta = float(param), param = (T) theta (round to nearest);
+//   kMaster      theta read from and written to the fp32 master copy, param = (T) theta;
+//   kStochastic  theta = float(param) (bf16), param = bf16_round_stochastic(theta, bits of the
+//                element's rounding index; adai_random.h).
+enum class Theta { kParam, kMaster, kStochastic };
+
+// One thread's view of a chunk for update_thread: the element arrays at the chunk's start.
 template <typename T>
-ADAI_HD void update_group_vector(T* p, const T* g, float* m, float* v, float* b, int64_t e0,
-                                 float inv_bc2, const UpdateArgs& a, float& vacc) {
+struct UpdateSpans {
+  T* p;
+  const T* g;
+  float* m;
+  float* v;
+  float* b;       // null when the tensor is done (b neither read nor written)
+  float* master;  // kMaster: the master copy, else null
+  uint64_t index;   // kStochastic: the rounding index of the chunk's first element
+  uint32_t stream;  // kStochastic: rounding_stream(seed, step)
+};
+
+// What one thread's update of its elements sums: the new v, and max |b'| (max_abs_nan; 0 when
+// the tensor is done).
+struct UpdateSums {
+  float v = 0.0f;
+  float b_max = 0.0f;
+};
+
+// The param's new value from theta (fp32), as `kTheta` writes it; `index` is the element's
+// rounding index.
+template <typename T, Theta kTheta>
+ADAI_HD T param_value(float theta, uint32_t stream, uint64_t index) {
+  if constexpr (kTheta == Theta::kStochastic) {
+    static_assert(sizeof(T) == 2, "stochastic rounding writes bfloat16");
+    return T(bf16_round_stochastic(theta, rounding_bits(stream, index)), T::from_bits());
+  } else {
+    (void)stream;
+    (void)index;
+    return static_cast<T>(theta);
+  }
+}
+
+// adai::update (or update_b_done when kDone) on element k's registers, its sums into `acc`.
+template <bool kDone>
+ADAI_HD void update_element(float& p, float g, float& m, float& v, float& b, float inv_bc2,
+                            const UpdateArgs& a, UpdateSums& acc) {
+  if constexpr (kDone) {
+    acc.v += adai::update_b_done(p, g, m, v, inv_bc2, a.inv_vbar, a.c);
+  } else {
+    acc.v += adai::update(p, g, m, v, b, inv_bc2, a.inv_vbar, a.c);
+    acc.b_max = max_abs_nan(acc.b_max, b);
+  }
+}
+
+// update_thread's two ways through one group of kGroup elements at e0: the update on every
+// element in place, the new v added to acc in element order.
+template <typename T, bool kDone, Theta kTheta>
+ADAI_HD void update_group_vector(const UpdateSpans<T>& s, int64_t e0, float inv_bc2,
+                                 const UpdateArgs& a, UpdateSums& acc) {
   float rp[kGroup], rg[kGroup], rm[kGroup], rv[kGroup], rb[kGroup];
   T tp[kGroup], tg[kGroup];
-  load_group(p + e0, tp);
-  load_group(g + e0, tg);
-  load_group(m + e0, rm);
-  load_group(v + e0, rv);
-  load_group(b + e0, rb);
+  if constexpr (kTheta == Theta::kMaster) {
+    load_group(s.master + e0, rp);
+  } else {
+    load_group(s.p + e0, tp);
+  }
+  load_group(s.g + e0, tg);
+  load_group(s.m + e0, rm);
+  load_group(s.v + e0, rv);
+  if constexpr (!kDone) load_group(s.b + e0, rb);
   ADAI_UNROLL
   for (int k = 0; k < kGroup; ++k) {
-    rp[k] = static_cast<float>(tp[k]);
+    if constexpr (kTheta != Theta::kMaster) rp[k] = static_cast<float>(tp[k]);
     rg[k] = static_cast<float>(tg[k]) * a.grad_mul;
   }
   ADAI_UNROLL
   for (int k = 0; k < kGroup; ++k) {
-    vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a.inv_vbar, a.c);
-    tp[k] = static_cast<T>(rp[k]);
+    update_element<kDone>(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a, acc);
+    tp[k] = param_value<T, kTheta>(rp[k], s.stream, s.index + static_cast<uint64_t>(e0 + k));
   }
-  store_group(p + e0, tp);
-  store_group(m + e0, rm);
-  store_group(v + e0, rv);
-  store_group(b + e0, rb);
+  store_group(s.p + e0, tp);
+  if constexpr (kTheta == Theta::kMaster) store_group(s.master + e0, rp);
+  store_group(s.m + e0, rm);
+  store_group(s.v + e0, rv);
+  if constexpr (!kDone) store_group(s.b + e0, rb);
 }
 
 // The first n (<= kGroup) elements at e0, element by element.
-template <typename T>
-ADAI_HD void update_group_scalar(T* p, const T* g, float* m, float* v, float* b, int64_t e0,
-                                 int64_t n, float inv_bc2, const UpdateArgs& a, float& vacc) {
+template <typename T, bool kDone, Theta kTheta>
+ADAI_HD void update_group_scalar(const UpdateSpans<T>& s, int64_t e0, int64_t n, float inv_bc2,
+                                 const UpdateArgs& a, UpdateSums& acc) {
   float rp[kGroup], rg[kGroup], rm[kGroup], rv[kGroup], rb[kGroup];
   ADAI_UNROLL
   for (int k = 0; k < kGroup; ++k) {
     rp[k] = rg[k] = rm[k] = rv[k] = rb[k] = 0.0f;
     if (k < n) {
-      rp[k] = static_cast<float>(load1(p + e0 + k));
-      rg[k] = static_cast<float>(load1(g + e0 + k)) * a.grad_mul;
-      rm[k] = load1(m + e0 + k);
-      rv[k] = load1(v + e0 + k);
-      rb[k] = load1(b + e0 + k);
+      if constexpr (kTheta == Theta::kMaster) {
+        rp[k] = load1(s.master + e0 + k);
+      } else {
+        rp[k] = static_cast<float>(load1(s.p + e0 + k));
+      }
+      rg[k] = static_cast<float>(load1(s.g + e0 + k)) * a.grad_mul;
+      rm[k] = load1(s.m + e0 + k);
+      rv[k] = load1(s.v + e0 + k);
+      if constexpr (!kDone) rb[k] = load1(s.b + e0 + k);
     }
   }
   ADAI_UNROLL
   for (int k = 0; k < kGroup; ++k) {
     if (k < n) {
-      vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a.inv_vbar, a.c);
-      store1(p + e0 + k, static_cast<T>(rp[k]));
-      store1(m + e0 + k, rm[k]);
-      store1(v + e0 + k, rv[k]);
-      store1(b + e0 + k, rb[k]);
+      update_element<kDone>(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a, acc);
+      store1(s.p + e0 + k, param_value<T, kTheta>(rp[k], s.stream,
+                                                  s.index + static_cast<uint64_t>(e0 + k)));
+      if constexpr (kTheta == Theta::kMaster) store1(s.master + e0 + k, rp[k]);
+      store1(s.m + e0 + k, rm[k]);
+      store1(s.v + e0 + k, rv[k]);
+      if constexpr (!kDone) store1(s.b + e0 + k, rb[k]);
     }
   }
 }
 
-// Phase 2: updates this thread's elements of one chunk in place (theta, m, v, b; g is read)
-// with g = float(grad) * a.grad_mul, and returns the sum of their new v, in the canonical
-// order. Writes nothing (and returns 0) when a.skip.
-template <typename T>
-ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, float* v,
-                            float* b, int64_t len, bool aligned, float inv_bc2,
-                            const UpdateArgs& a) {
-  float vacc = 0.0f;
-  if (a.skip) return vacc;
+// Phase 2 on this thread's elements of one chunk of `len` elements, in the canonical order.
+template <typename T, bool kDone, Theta kTheta>
+ADAI_HD void update_elements(int tid, int nthreads, const UpdateSpans<T>& s, int64_t len,
+                             bool aligned, float inv_bc2, const UpdateArgs& a, UpdateSums& acc) {
   const int64_t ngroups = (len + kGroup - 1) / kGroup;
   const int64_t nvector = aligned ? len / kGroup : 0;  // groups moved as vectors
   for (int64_t q = tid; q < ngroups; q += nthreads) {
     const int64_t e0 = q * kGroup;
     if (q < nvector) {
-      update_group_vector(p, g, m, v, b, e0, inv_bc2, a, vacc);
+      update_group_vector<T, kDone, kTheta>(s, e0, inv_bc2, a, acc);
     } else {
       const int64_t n = len - e0 < kGroup ? len - e0 : kGroup;
-      update_group_scalar(p, g, m, v, b, e0, n, inv_bc2, a, vacc);
+      update_group_scalar<T, kDone, kTheta>(s, e0, n, inv_bc2, a, acc);
     }
   }
-  return vacc;
+}
+
+template <typename T, Theta kTheta>
+ADAI_HD void update_elements(int tid, int nthreads, const UpdateSpans<T>& s, int64_t len,
+                             bool aligned, float inv_bc2, const UpdateArgs& a, UpdateSums& acc) {
+  if (s.b == nullptr) {
+    update_elements<T, true, kTheta>(tid, nthreads, s, len, aligned, inv_bc2, a, acc);
+  } else {
+    update_elements<T, false, kTheta>(tid, nthreads, s, len, aligned, inv_bc2, a, acc);
+  }
+}
+
+// Phase 2: updates this thread's elements of one chunk in place (theta, m, v and b unless
+// done; g is read) with g = float(grad) * a.grad_mul, theta as `theta` says (kMaster only for
+// 16-bit T, kStochastic only for bfloat16), and returns its sums. Writes nothing (and returns
+// zeros) when a.skip.
+template <typename T>
+ADAI_HD UpdateSums update_thread(int tid, int nthreads, const UpdateSpans<T>& s, int64_t len,
+                                 bool aligned, float inv_bc2, const UpdateArgs& a, Theta theta) {
+  UpdateSums acc;
+  if (a.skip) return acc;
+  if constexpr (sizeof(T) == 2) {
+    if (theta == Theta::kMaster) {
+      update_elements<T, Theta::kMaster>(tid, nthreads, s, len, aligned, inv_bc2, a, acc);
+      return acc;
+    }
+    if constexpr (std::is_same<T, c10::BFloat16>::value) {
+      if (theta == Theta::kStochastic) {
+        update_elements<T, Theta::kStochastic>(tid, nthreads, s, len, aligned, inv_bc2, a, acc);
+        return acc;
+      }
+    }
+  }
+  update_elements<T, Theta::kParam>(tid, nthreads, s, len, aligned, inv_bc2, a, acc);
+  return acc;
+}
+
+// The default update (theta in the param, b read and written): the sum of the new v.
+template <typename T>
+ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, float* v,
+                            float* b, int64_t len, bool aligned, float inv_bc2,
+                            const UpdateArgs& a) {
+  const UpdateSpans<T> s{p, g, m, v, b, nullptr, 0, 0};
+  return update_thread<T>(tid, nthreads, s, len, aligned, inv_bc2, a, Theta::kParam).v;
 }
 
 // sum_groups' terms of v_sum: the v values themselves.

@@ -15,17 +15,23 @@ namespace cuda {
 
 // Phase 1: per tensor the sums of adai_math.h's StatsSum (g = grad * inv_grad_scale);
 // the last block increments every step and writes the statistics row (adai_math.h,
-// StatsColumn; out[k * out_stride] for column k, kN = numel). Reads params only when use_l2.
+// StatsColumn; out[k * out_stride] for column k, kN = numel). Reads theta only when use_l2:
+// from the params, or (master) from the fp32 master copy TensorMeta::param points into.
 // grad_scale: a device pointer, or null.
-void launch_stats(const LaunchTable& t, c10::ScalarType dtype, bool use_l2, const Consts& c,
+void launch_stats(const LaunchTable& t, c10::ScalarType dtype, bool use_l2, bool master,
+                  const Consts& c,
                   double beta2, const float* grad_scale, double numel, double* out,
                   int64_t out_stride, cudaStream_t stream);
 
 // Phase 2: every block derives update_args(in) (elementwise.h): skipped, only the steps are
 // decremented; otherwise inv_bc2 per tensor from its step, then adai::update on every
-// element with g = grad * grad_mul; the last block writes v_sum_i.
+// element with g = grad * grad_mul (update_b_done for a done tensor, TensorMeta::b_max);
+// the last block writes v_sum_i and, for a tensor not done, beta1_prod_max_i = max |b'|.
+// master: theta from / to TensorMeta::master; rounding_seed (device pointer, or null): the
+// params written by stochastic rounding from TensorMeta::round_index.
 void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInputs& in,
-                   double beta2, cudaStream_t stream);
+                   double beta2, bool master, const int64_t* rounding_seed,
+                   cudaStream_t stream);
 
 // v_sum: v_sum_i = sum of exp_avg_sq_i (TensorMeta::exp_avg_sq), summed exactly as
 // launch_update sums the new v.

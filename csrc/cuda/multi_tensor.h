@@ -34,14 +34,21 @@ constexpr int64_t kMaxChunks = 2147483647;  // grid.x limit
 // Per tensor pointers. Unused pointers are null (stats has no states). `aligned` = 1 when
 // every pointer the kernel dereferences is 16-byte aligned: then the vector path is taken
 // (chunk starts are multiples of kChunk elements, so every chunk is aligned as well).
+// update's optional ones: beta1_prod null when `beta1_prod` is freed (every tensor done);
+// b_max the tensor's beta1_prod_max slot (null: no elision); master its span of the master
+// copy (null: none; stats with L2 decay reads theta from `param` = that span); round_index
+// the rounding index of its first element (stochastic rounding).
 struct TensorMeta {
   void* param;
   void* grad;
   float* exp_avg;
   float* exp_avg_sq;
   float* beta1_prod;
+  float* b_max;
+  float* master;
   double* step;
   double* v_sum;
+  int64_t round_index;
   int64_t numel;
   int32_t aligned;
   int32_t reserved;

@@ -140,7 +140,6 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
                                               master, grad_scale, out, device,
                                               /*one_dtype=*/true);
-  adai::refuse_optionals(op, a, "CUDA kernels");
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
@@ -151,7 +150,11 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   for (size_t i = 0; i < a.n; ++i) {
     TensorMeta& m = metas[i] = slot_meta(a.rows + kSegmentColumns * i, step_base, v_sum_base);
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
-    m.param = use_l2 ? const_cast<void*>(params[i].const_data_ptr()) : nullptr;
+    // With a master copy theta is read from it (the tensor's span, as update's).
+    if (use_l2) {
+      m.param = a.master != nullptr ? static_cast<void*>(a.master + a.rows[kSegmentColumns * i + kOffset])
+                                    : const_cast<void*>(params[i].const_data_ptr());
+    }
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
     numel += static_cast<double>(m.numel);
@@ -162,7 +165,7 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   launch_with_table(
       op, metas, device,
       [&](const LaunchTable& t, cudaStream_t stream) {
-        launch_stats(t, a.dtype, use_l2, c, beta2, a.grad_scale, numel, row, out.stride(0),
+        launch_stats(t, a.dtype, use_l2, a.master != nullptr, c, beta2, a.grad_scale, numel, row, out.stride(0),
                      stream);
       },
       use_l2 ? kStatsSums : 1, kStatsColumns - 1);
@@ -187,7 +190,6 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
       grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
       device, /*one_dtype=*/true);
-  adai::refuse_optionals(op, a, "CUDA kernels");
   if (a.n == 0) return;
 
   double* step_base = steps.mutable_data_ptr<double>();
@@ -200,10 +202,15 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     m.exp_avg = at_offset(exp_avg, row);
     m.exp_avg_sq = at_offset(exp_avg_sq, row);
-    m.beta1_prod = at_offset(beta1_prod, row);
+    // A freed beta1_prod (every tensor done) is never indexed: null.
+    m.beta1_prod = a.has_beta1_prod ? at_offset(beta1_prod, row) : nullptr;
+    m.b_max = a.beta1_prod_max != nullptr ? a.beta1_prod_max + row[kSlot] : nullptr;
+    m.master = a.master != nullptr ? a.master + row[kOffset] : nullptr;
+    m.round_index = a.rounding_index != nullptr ? a.rounding_index[i] : 0;
     m.numel = params[i].numel();
     m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
-                        aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod)
+                        aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod) &&
+                        aligned16(m.master)
                     ? 1
                     : 0;
   }
@@ -221,9 +228,12 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   in.max_grad_norm = max_grad_norm;
   in.skip_nonfinite = skip_nonfinite;
 
-  launch_with_table(op, metas, device, [&](const LaunchTable& t, cudaStream_t stream) {
-    launch_update(t, a.dtype, in, beta2, stream);
-  });
+  launch_with_table(
+      op, metas, device,
+      [&](const LaunchTable& t, cudaStream_t stream) {
+        launch_update(t, a.dtype, in, beta2, a.master != nullptr, a.rounding_seed, stream);
+      },
+      /*partial_cols=*/2);
 }
 
 void v_sum_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,

@@ -64,6 +64,46 @@ __device__ __forceinline__ double tensor_partials_sum(const LaunchTable& t, int6
   return warp_sum(s);
 }
 
+// The NaN-propagating max of two values >= 0 (or NaN), adai::max_abs_nan's combine: the
+// result is NaN when either is, else the larger, so every tree over fixed inputs gives the
+// same value.
+__device__ __forceinline__ double max_nan(double a, double b) { return (b > a || b != b) ? b : a; }
+
+__device__ __forceinline__ double warp_max(double x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = max_nan(x, __shfl_down_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// block_sum's shape with max_nan (values >= 0 or NaN); complete in thread 0.
+__device__ __forceinline__ double block_max(double x, double* shared) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  x = warp_max(x);
+  if (lane == 0) shared[warp] = x;
+  __syncthreads();
+  double r = 0.0;
+  if (warp == 0) {
+    r = lane < kBlock / 32 ? shared[lane] : 0.0;
+    r = warp_max(r);
+  }
+  __syncthreads();
+  return r;
+}
+
+// tensor_partials_sum's shape with max_nan: the max of tensor i's chunk partials (column
+// `col`); 0 for an empty tensor. Complete in lane 0.
+__device__ __forceinline__ double tensor_partials_max(const LaunchTable& t, int64_t i,
+                                                      int lane, int col) {
+  const double* partials = t.partials + static_cast<int64_t>(col) * t.total_chunks;
+  const int64_t end = t.prefix[i + 1];
+  double s = 0.0;
+  for (int64_t c = t.prefix[i] + lane; c < end; c += 32) s = max_nan(s, __ldcg(partials + c));
+  return warp_max(s);
+}
+
 // In the last block: the sum over tensors of column `col` of tensor_sums, in a fixed order
 // (thread j adds tensors j, j + kBlock, ... in order, then block_sum). Complete in thread 0;
 // every thread of the block must call it.

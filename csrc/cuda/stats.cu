@@ -19,13 +19,15 @@ namespace {
 constexpr int kTensorCols = kGn + 1;
 static_assert(kTensorCols == kStatsColumns - 1 && kN == kStatsColumns - 1, "stats columns");
 
-// Reads params only when kL2 (then every StatsSum is summed, else only kSumGg).
-template <typename T, bool kL2>
+// Reads theta only when kL2 (then every StatsSum is summed, else only kSumGg), as P: the
+// param type T, or float from the master copy (TensorMeta::param points into it then).
+template <typename T, bool kL2, typename P = T>
 struct StatsBody {
   static constexpr int kSums = kL2 ? kStatsSums : 1;
+  static constexpr int kMaxes = 0;
   struct Shared {
     const T* grad;
-    const T* param;
+    const P* param;
     int64_t len;
     int aligned;
     float inv_scale;
@@ -42,7 +44,7 @@ struct StatsBody {
 
   __device__ void load_chunk(const TensorMeta& m, int64_t begin, int64_t len, Shared& s) const {
     s.grad = static_cast<const T*>(m.grad) + begin;
-    s.param = kL2 ? static_cast<const T*>(m.param) + begin : nullptr;
+    s.param = kL2 ? static_cast<const P*>(m.param) + begin : nullptr;
     s.len = len;
     s.aligned = m.aligned;
     s.inv_scale = inv_grad_scale(grad_scale);
@@ -50,7 +52,7 @@ struct StatsBody {
 
   __device__ void thread(const Shared& s, int tid, float* sums) const {
     const StatsSums acc =
-        stats_thread<T, kL2>(tid, kBlock, s.grad, s.param, s.len, s.aligned != 0, s.inv_scale, c);
+        stats_thread<T, kL2, P>(tid, kBlock, s.grad, s.param, s.len, s.aligned != 0, s.inv_scale, c);
 #pragma unroll
     for (int k = 0; k < kSums; ++k) sums[k] = acc.v[k];
   }
@@ -84,14 +86,26 @@ __global__ void __launch_bounds__(kBlock) stats_kernel(LaunchTable t, StatsBody<
   run_chunk_kernel(t, body);
 }
 
+// With L2 decay and fp32 master weights: theta from the master copy.
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    stats_master_kernel(LaunchTable t, StatsBody<T, true, float> body) {
+  run_chunk_kernel(t, body);
+}
+
 }  // namespace
 
-void launch_stats(const LaunchTable& t, c10::ScalarType dtype, bool use_l2, const Consts& c,
+void launch_stats(const LaunchTable& t, c10::ScalarType dtype, bool use_l2, bool master,
+                  const Consts& c,
                   double beta2, const float* grad_scale, double numel, double* out,
                   int64_t out_stride, cudaStream_t stream) {
   dispatch_param_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (use_l2) {
+    if (use_l2 && master) {
+      launch_chunk_kernel(stats_master_kernel<T>, t,
+                          StatsBody<T, true, float>{c, beta2, grad_scale, numel, out, out_stride},
+                          stream);
+    } else if (use_l2) {
       launch_chunk_kernel(stats_kernel<T, true>, t,
                           StatsBody<T, true>{c, beta2, grad_scale, numel, out, out_stride},
                           stream);

@@ -32,18 +32,21 @@ __device__ __forceinline__ void write_v_sum(const LaunchTable& t, int64_t i, dou
   *t.metas[i].v_sum = sum;
 }
 
+// Whether tensor m's b is done (csrc/adai_math.h): always when `beta1_prod` is freed, never
+// without beta1_prod_max. Read on the device, so a captured graph follows the flags.
+__device__ __forceinline__ bool b_done(const TensorMeta& m) {
+  return m.beta1_prod == nullptr || (m.b_max != nullptr && beta1_prod_done(*m.b_max));
+}
+
 template <typename T>
 struct UpdateBody {
-  static constexpr int kSums = 1;  // the new v
+  static constexpr int kSums = 1;   // the new v
+  static constexpr int kMaxes = 1;  // max |b'| (beta1_prod_max)
   struct Shared {
     // What update_args derived for the whole launch (the rest of UpdateArgs::c is in.c).
     float lr, lr_wd, grad_mul, inv_vbar;
     int skip;
-    T* param;
-    const T* grad;
-    float* exp_avg;
-    float* exp_avg_sq;
-    float* beta1_prod;
+    UpdateSpans<T> spans;
     int64_t len;
     int aligned;
     float inv_bc2;
@@ -51,11 +54,13 @@ struct UpdateBody {
 
   UpdateInputs in;
   double beta2;
+  Theta theta;
+  const int64_t* rounding_seed;  // device pointer (Theta::kStochastic), else null
 
   // Every block derives the same globals from the rows (they are few), so the skip decision
-  // needs no grid-wide handshake. Skipped step: parameters, states and v_sums stay as they
-  // are; block 0 alone takes back the step increments of adai::stats (no other block reads
-  // the steps on this path).
+  // needs no grid-wide handshake. Skipped step: parameters, states, v_sums and
+  // beta1_prod_max stay as they are; block 0 alone takes back the step increments of
+  // adai::stats (no other block reads the steps on this path).
   __device__ bool begin_block(const LaunchTable& t, Shared& s) const {
     if (threadIdx.x == 0) {
       const UpdateArgs a = update_args(in);
@@ -76,18 +81,28 @@ struct UpdateBody {
     return false;
   }
 
+  // Every block reads the done flag before any block finishes (finish_block), and only the
+  // last block writes beta1_prod_max, so the flag is the same for all chunks of a tensor.
   __device__ void load_chunk(const TensorMeta& m, int64_t begin, int64_t len, Shared& s) const {
-    s.param = static_cast<T*>(m.param) + begin;
-    s.grad = static_cast<const T*>(m.grad) + begin;
-    s.exp_avg = m.exp_avg + begin;
-    s.exp_avg_sq = m.exp_avg_sq + begin;
-    s.beta1_prod = m.beta1_prod + begin;
+    UpdateSpans<T>& p = s.spans;
+    p.p = static_cast<T*>(m.param) + begin;
+    p.g = static_cast<const T*>(m.grad) + begin;
+    p.m = m.exp_avg + begin;
+    p.v = m.exp_avg_sq + begin;
+    p.b = b_done(m) ? nullptr : m.beta1_prod + begin;
+    p.master = m.master != nullptr ? m.master + begin : nullptr;
+    const double k = *m.step;
+    p.index = static_cast<uint64_t>(m.round_index + begin);
+    p.stream = rounding_seed != nullptr
+                   ? rounding_stream(static_cast<uint32_t>(*rounding_seed),
+                                     static_cast<uint32_t>(static_cast<int64_t>(k)))
+                   : 0u;
     s.len = len;
     s.aligned = m.aligned;
-    s.inv_bc2 = static_cast<float>(1.0 / bias_correction2(beta2, *m.step));
+    s.inv_bc2 = static_cast<float>(1.0 / bias_correction2(beta2, k));
   }
 
-  __device__ void thread(const Shared& s, int tid, float* sums) const {
+  __device__ void thread(const Shared& s, int tid, float* vals) const {
     // The constants from the kernel parameters (constant bank operands, no registers), only
     // what update_args derived on the device from shared memory.
     UpdateArgs args;
@@ -97,18 +112,24 @@ struct UpdateBody {
     args.grad_mul = s.grad_mul;
     args.inv_vbar = s.inv_vbar;
     args.skip = false;
-    sums[0] = update_thread<T>(tid, kBlock, s.param, s.grad, s.exp_avg, s.exp_avg_sq,
-                               s.beta1_prod, s.len, s.aligned != 0, s.inv_bc2, args);
+    const UpdateSums r =
+        update_thread<T>(tid, kBlock, s.spans, s.len, s.aligned != 0, s.inv_bc2, args, theta);
+    vals[0] = r.v;
+    vals[1] = r.b_max;
   }
 
+  // A done tensor keeps its beta1_prod_max (its chunks wrote no b).
   __device__ void finish_tensor(const LaunchTable& t, int64_t i, const double* sums) const {
     write_v_sum(t, i, sums[0]);
+    const TensorMeta& m = t.metas[i];
+    if (m.b_max != nullptr && !b_done(m)) *m.b_max = static_cast<float>(sums[1]);
   }
   __device__ void finish_launch(const LaunchTable&, double*) const {}
 };
 
 struct VSumBody {
   static constexpr int kSums = 1;  // v
+  static constexpr int kMaxes = 0;
   struct Shared {
     const float* exp_avg_sq;
     int64_t len;
@@ -143,10 +164,15 @@ __global__ void __launch_bounds__(kBlock) v_sum_kernel(LaunchTable t, VSumBody b
 }  // namespace
 
 void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInputs& in,
-                   double beta2, cudaStream_t stream) {
+                   double beta2, bool master, const int64_t* rounding_seed,
+                   cudaStream_t stream) {
+  const Theta theta = master                    ? Theta::kMaster
+                      : rounding_seed != nullptr ? Theta::kStochastic
+                                                 : Theta::kParam;
   dispatch_param_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_chunk_kernel(update_kernel<T>, t, UpdateBody<T>{in, beta2}, stream);
+    launch_chunk_kernel(update_kernel<T>, t, UpdateBody<T>{in, beta2, theta, rounding_seed},
+                        stream);
   });
 }
 
