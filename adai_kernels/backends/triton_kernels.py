@@ -311,11 +311,13 @@ U_NCOL = tl.constexpr(11)
 # B_MODE: how b is handled. B_FULL: read and written everywhere (no beta1_prod_max);
 # B_FLAGS: per tensor, by its beta1_prod_max flag read on the device; B_DONE: every tensor
 # done (an empty beta1_prod, never indexed)
-B_FULL, B_FLAGS, B_DONE = 0, 1, 2
+B_FULL, B_FLAGS, B_DONE = 0, 1, 2  # the launcher's values; the kernels' constexprs below
+_B_FULL, _B_FLAGS, _B_DONE = (tl.constexpr(x) for x in (B_FULL, B_FLAGS, B_DONE))
 # THETA: where theta comes from and how the param is written. TH_PARAM: the param, rounded
 # to nearest; TH_MASTER: the fp32 master copy, written too, the param = master rounded to
 # nearest; TH_STOCHASTIC: the (bf16) param, written rounded stochastically
 TH_PARAM, TH_MASTER, TH_STOCHASTIC = 0, 1, 2
+_TH_MASTER, _TH_STOCHASTIC = tl.constexpr(TH_MASTER), tl.constexpr(TH_STOCHASTIC)
 # adai_math.h::kBeta1ProdDone
 B_DONE_MAX = tl.constexpr(2.98023223876953125e-08)  # 2^-25
 
@@ -389,7 +391,7 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
     """adai_math.h::update (ELIDED: update_b_done, b neither read nor written) of one chunk;
     returns the chunk's sum of the new v and its max |b'| (0 when ELIDED). w_ptr: the master
     span (TH_MASTER)."""
-    if THETA == TH_MASTER:
+    if THETA == _TH_MASTER:
         theta = _ld(w_ptr + offs, mask, MASKED, 0.0)
     else:
         theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
@@ -430,10 +432,10 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
         mhat = mhat * mhat_scale
     theta = theta - lr_wd * theta - lr * mhat
 
-    if THETA == TH_MASTER:
+    if THETA == _TH_MASTER:
         _st(w_ptr + offs, theta, mask, MASKED)
         _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
-    elif THETA == TH_STOCHASTIC and CODE == 2:
+    elif THETA == _TH_STOCHASTIC and CODE == 2:
         bits = rounding_bits(stream, first_index + offs)
         rounded = bf16_round_stochastic(theta, bits).to(tl.int16, bitcast=True)
         _st(p_ptr + offs, rounded, mask, MASKED)
@@ -454,13 +456,13 @@ def _update_part(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2, 
     """_update_chunk with b handled as B_MODE says (`done`: the tensor's flag, B_FLAGS);
     stores the chunk's sum of v in partials[pid] and, when b was written under B_FLAGS, its
     max |b'| in partials[P + pid]."""
-    if B_MODE == B_FULL:
+    if B_MODE == _B_FULL:
         part, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
                                 inv_vbar, mult, stream, first_index, lr, beta0, beta2,
                                 one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
                                 mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, False, THETA, MASKED)
         tl.store(partials + pid, part.to(tl.float64))
-    elif B_MODE == B_DONE:
+    elif B_MODE == _B_DONE:
         part, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
                                 inv_vbar, mult, stream, first_index, lr, beta0, beta2,
                                 one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
@@ -517,17 +519,17 @@ def update_kernel(meta, stats, n_rows, partials, P, T, gs_ptr, fi_ptr, lr_ptr, s
             lr = tl.load(lr_ptr)
             wd = tl.load(meta + 2).to(tl.float64, bitcast=True)  # 0 unless decoupled
             lr_wd = (lr.to(tl.float64) * wd).to(tl.float32)
-        if THETA == TH_STOCHASTIC:  # seed and step as uint32 (adai_random.h)
+        if THETA == _TH_STOCHASTIC:  # seed and step as uint32 (adai_random.h)
             seed = tl.load(seed_ptr).to(tl.uint32)
             stream = rounding_stream(seed, k.to(tl.int64).to(tl.uint32))
         else:
             stream = tl.zeros([], dtype=tl.uint32)
         first_index = _col(meta, T, t, U_RIDX, U_NC)
-        if B_MODE == B_FLAGS:  # the tensor's flag, on the device
+        if B_MODE == _B_FLAGS:  # the tensor's flag, on the device
             b_max_ptr = _col(meta, T, t, U_BMAX, U_NC).to(tl.pointer_type(tl.float32))
             done = tl.load(b_max_ptr) <= B_DONE_MAX
         else:
-            done = B_MODE == B_DONE
+            done = B_MODE == _B_DONE
 
         numel = _col(meta, T, t, U_NUMEL, U_NC)
         offs = _offsets(local, BLOCK, VEC)
@@ -585,7 +587,7 @@ def update_finalize_kernel(meta, stats, n_rows, partials, P, T, fi_ptr,
     else:
         total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
         tl.store(_col(meta, T, t, U_V_SUM, U_NC).to(tl.pointer_type(tl.float64)), total)
-        if B_MODE == B_FLAGS:  # the flag update_kernel read: this kernel runs after it
+        if B_MODE == _B_FLAGS:  # the flag update_kernel read: this kernel runs after it
             b_max_ptr = _col(meta, T, t, U_BMAX, U_NC).to(tl.pointer_type(tl.float32))
             if not tl.load(b_max_ptr) <= B_DONE_MAX:
                 tl.store(b_max_ptr, _segment_max(meta, T, t, partials + P, U_NC, U_NCOL, FB))
