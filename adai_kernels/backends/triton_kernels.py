@@ -372,13 +372,14 @@ def _v_sum(v, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _max_abs_nan(b, mask, MASKED: tl.constexpr):
-    """A chunk's max |b| (adai_math.h::max_abs_nan): NaN when any b is NaN, 0 for none."""
-    a = tl.abs(b)
+def _abs_bits(b, mask, MASKED: tl.constexpr):
+    """|b| as int32 bits (0 where masked off): for non-negative floats the bits order as the
+    values do, and every NaN's lie above inf's, so their max is adai_math.h::max_abs_nan
+    (a NaN when any b is NaN)."""
+    bits = b.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if MASKED:
-        a = tl.where(mask, a, 0.0)
-    has_nan = tl.max((a != a).to(tl.int32), axis=0)
-    return tl.where(has_nan != 0, float("nan"), tl.max(a, axis=0))
+        bits = tl.where(mask, bits, 0)
+    return bits
 
 
 @triton.jit
@@ -389,8 +390,8 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
                   MULT: tl.constexpr, ELIDED: tl.constexpr, THETA: tl.constexpr,
                   MASKED: tl.constexpr):
     """adai_math.h::update (ELIDED: update_b_done, b neither read nor written) of one chunk;
-    returns the chunk's sum of the new v and its max |b'| (0 when ELIDED). w_ptr: the master
-    span (TH_MASTER)."""
+    returns the new v and |b'| as _abs_bits (0 when ELIDED). w_ptr: the master span
+    (TH_MASTER)."""
     if THETA == _TH_MASTER:
         theta = _ld(w_ptr + offs, mask, MASKED, 0.0)
     else:
@@ -422,12 +423,12 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
     m = beta1 * m + beta3 * ge
     if ELIDED:  # 1 - b == 1 exactly: mhat = m bitwise
         mhat = m
-        b_max = tl.zeros([], dtype=tl.float32)
+        b_bits = tl.zeros(offs.shape, dtype=tl.int32)
     else:
         b = _ld(b_ptr + offs, mask, MASKED, 0.0) * beta1
         mhat = tl.math.div_rn(m, 1.0 - b)
         _st(b_ptr + offs, b, mask, MASKED)
-        b_max = _max_abs_nan(b, mask, MASKED)
+        b_bits = _abs_bits(b, mask, MASKED)
     if not ADAI_V1:
         mhat = mhat * mhat_scale
     theta = theta - lr_wd * theta - lr * mhat
@@ -443,7 +444,7 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
         _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
     _st(m_ptr + offs, m, mask, MASKED)
     _st(v_ptr + offs, v, mask, MASKED)
-    return _v_sum(v, mask, MASKED), b_max
+    return v, b_bits
 
 
 @triton.jit
@@ -454,36 +455,30 @@ def _update_part(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2, 
                  MULT: tl.constexpr, B_MODE: tl.constexpr, THETA: tl.constexpr,
                  MASKED: tl.constexpr):
     """_update_chunk with b handled as B_MODE says (`done`: the tensor's flag, B_FLAGS);
-    stores the chunk's sum of v in partials[pid] and, when b was written under B_FLAGS, its
-    max |b'| in partials[P + pid]."""
-    if B_MODE == _B_FULL:
-        part, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
-                                inv_vbar, mult, stream, first_index, lr, beta0, beta2,
-                                one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
-                                mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, False, THETA, MASKED)
-        tl.store(partials + pid, part.to(tl.float64))
-    elif B_MODE == _B_DONE:
-        part, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
-                                inv_vbar, mult, stream, first_index, lr, beta0, beta2,
-                                one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
-                                mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, True, THETA, MASKED)
-        tl.store(partials + pid, part.to(tl.float64))
-    else:
+    stores the chunk's sum of v in partials[pid] (one reduction after the branch, in
+    v_sum's layout) and, under B_FLAGS, its max |b'| (0 when done) in partials[P + pid]."""
+    if B_MODE == _B_FLAGS:
         if done:
-            part, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
-                                    inv_bc2, inv_vbar, mult, stream, first_index, lr, beta0,
-                                    beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
-                                    exponent, mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, True,
-                                    THETA, MASKED)
-            tl.store(partials + pid, part.to(tl.float64))
+            v, b_bits = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
+                                      inv_bc2, inv_vbar, mult, stream, first_index, lr, beta0,
+                                      beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                                      exponent, mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, True,
+                                      THETA, MASKED)
         else:
-            part, b_max = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
-                                        inv_bc2, inv_vbar, mult, stream, first_index, lr,
-                                        beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd,
-                                        dampening, exponent, mhat_scale, CODE, ADAI_V1,
-                                        HAS_L2, MULT, False, THETA, MASKED)
-            tl.store(partials + pid, part.to(tl.float64))
-            tl.store(partials + P + pid, b_max.to(tl.float64))
+            v, b_bits = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
+                                      inv_bc2, inv_vbar, mult, stream, first_index, lr, beta0,
+                                      beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                                      exponent, mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, False,
+                                      THETA, MASKED)
+        b_max = tl.max(b_bits, axis=0).to(tl.float32, bitcast=True)
+        tl.store(partials + P + pid, b_max.to(tl.float64))
+    else:
+        v, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
+                             inv_vbar, mult, stream, first_index, lr, beta0, beta2,
+                             one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
+                             mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, B_MODE == _B_DONE,
+                             THETA, MASKED)
+    tl.store(partials + pid, _v_sum(v, mask, MASKED).to(tl.float64))
 
 
 @triton.jit
