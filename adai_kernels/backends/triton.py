@@ -148,16 +148,16 @@ def _rows(segments):
     return segments.t().tolist()
 
 
-_ABSENT: dict = {}  # device -> float32 tensor passed for an absent optional pointer
+_ABSENT: dict = {}  # (device, dtype) -> tensor passed for an absent optional pointer
 
 
-def _absent(device: torch.device) -> torch.Tensor:
-    """What a kernel gets for an absent grad_scale / found_inf / lr_tensor (never read: its
-    flag is off); one float32 tensor per device, so the argument types do not depend on the
-    flags."""
-    t = _ABSENT.get(device)
+def _absent(device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """What a kernel gets for an absent grad_scale / found_inf / lr_tensor (float32) or
+    rounding_seed (int64), never read: its flag is off. One tensor per device and dtype, so
+    the argument types do not depend on the flags."""
+    t = _ABSENT.get((device, dtype))
     if t is None:
-        t = _ABSENT[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        t = _ABSENT[(device, dtype)] = torch.zeros(1, dtype=dtype, device=device)
     return t
 
 
@@ -195,28 +195,33 @@ def launch_specs(K) -> dict:
     flag = (False, True)
     aligned = (True, False)
     codes = tuple(_DTYPE_CODES.values())
+    # the per-tensor flags last: bench/triton_aot.py compiles the last choice of each option
+    b_modes = (K.B_FULL, K.B_DONE, K.B_FLAGS)
+    thetas = (K.TH_PARAM, K.TH_MASTER, K.TH_STOCHASTIC)
     scalars = " ".join(f"{f}:fp32" for f in ("lr beta0 beta2 one_minus_beta2 beta1_max l2 "
                                              "lr_wd dampening exponent mhat_scale").split())
     return {
         "stats_partials_kernel": LaunchSpec(
             _signature("meta:*i64 partials:*fp64 P:i32 T:i32 gs_ptr:*fp32 l2:fp32"),
             elementwise, K.NUM_WARPS,
-            dict(CODE=codes, HAS_SCALE=flag, HAS_L2=flag, P_ALIGNED=aligned)),
+            dict(CODE=codes, HAS_SCALE=flag, HAS_L2=flag, THETA_F32=flag, P_ALIGNED=aligned)),
         "stats_finalize_kernel": LaunchSpec(
             _signature("meta:*i64 partials:*fp64 P:i32 contrib:*fp64 T:i32"), finalize, 4,
             dict(HAS_L2=flag)),
         "row_sum_kernel": LaunchSpec(
             _signature("contrib:*fp64 T:i32 out:*fp64 out_stride:i32"), finalize, 4, {}),
         "update_kernel": LaunchSpec(
-            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 T:i32 gs_ptr:*fp32 "
-                       "fi_ptr:*fp32 lr_ptr:*fp32 " + scalars),
+            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 P:i32 T:i32 "
+                       "gs_ptr:*fp32 fi_ptr:*fp32 lr_ptr:*fp32 seed_ptr:*i64 " + scalars),
             elementwise, K.NUM_WARPS,
             dict(CODE=codes, ADAI_V1=(True, False), HAS_L2=flag, P_ALIGNED=aligned,
                  S_ALIGNED=aligned, HAS_SCALE=flag, HAS_FOUND_INF=flag, HAS_LR=flag,
-                 CLIP=flag, SKIP_NONFINITE=flag)),
+                 CLIP=flag, SKIP_NONFINITE=flag, B_MODE=b_modes, THETA=thetas)),
         "update_finalize_kernel": LaunchSpec(
-            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 T:i32 fi_ptr:*fp32"),
-            finalize, 4, dict(HAS_FOUND_INF=flag, CLIP=flag, SKIP_NONFINITE=flag)),
+            _signature("meta:*i64 stats:*fp64 n_rows:i32 partials:*fp64 P:i32 T:i32 "
+                       "fi_ptr:*fp32"),
+            finalize, 4, dict(HAS_FOUND_INF=flag, CLIP=flag, SKIP_NONFINITE=flag,
+                              B_MODE=b_modes)),
         "v_sum_partials_kernel": LaunchSpec(
             _signature("meta:*i64 partials:*fp64 T:i32"), elementwise, K.NUM_WARPS,
             dict(S_ALIGNED=aligned)),
@@ -233,21 +238,18 @@ def _launch(name: str, grid: tuple, *args, **chosen) -> None:
 
 
 # --------------------------------------------------------------------------- op bodies
-def _refuse(op: str, dtype, **given) -> None:
-    """What the Triton kernels do not implement (yet): say so rather than ignore it."""
+def _refuse(op: str, dtype) -> None:
+    """What the Triton kernels do not implement: say so rather than ignore it."""
     if dtype is torch.float64:
         checks.fail(op, "the Triton kernels step float32, bfloat16 and float16 params, not "
                         "float64")
-    for name, t in given.items():
-        if t is not None:
-            checks.fail(op, f"`{name}` is not supported by the Triton kernels")
 
 
 def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out, master):
     op = f"{NAMESPACE}::stats"
     dtype = checks.check_stats(op, params, grads, segments, steps, v_sums, master, grad_scale,
                                out)
-    _refuse(op, dtype, master=master)
+    _refuse(op, dtype)
     n = len(params)
     if n == 0:
         out.zero_()
@@ -260,7 +262,12 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
     has_l2 = l2f != 0.0  # as adai_math.h::effective_grad: params are read only then
     has_scale = grad_scale is not None
     g_col = [g.data_ptr() for g in grads]
-    p_col = [p.data_ptr() for p in params] if has_l2 else [0] * n
+    if not has_l2:
+        p_col = [0] * n
+    elif master is not None:  # theta from the fp32 master copy
+        p_col = [master.data_ptr() + 4 * o for o in offsets]
+    else:
+        p_col = [p.data_ptr() for p in params]
     k_col, s_col = _slot_columns(steps, v_sums, slots)
     meta, n_chunks = _table([beta2, 1.0 - beta2, _ln(beta2), 2.0 * l2f, l2f * l2f],
                             [g_col, p_col, k_col, s_col, numels], numels, device, K.BLOCK)
@@ -273,7 +280,8 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
             aligned = _aligned(g_col, numels) and (not has_l2 or _aligned(p_col, numels))
             _launch("stats_partials_kernel", (n_chunks,), meta, partials, P, n,
                     grad_scale if has_scale else _absent(device), l2f, CODE=_DTYPE_CODES[dtype],
-                    HAS_SCALE=has_scale, HAS_L2=has_l2, P_ALIGNED=aligned)
+                    HAS_SCALE=has_scale, HAS_L2=has_l2, THETA_F32=master is not None,
+                    P_ALIGNED=aligned)
         _launch("stats_finalize_kernel", (n,), meta, partials, P, contrib, n, HAS_L2=has_l2)
         _launch("row_sum_kernel", (1,), contrib, n, out, out.stride(0))
 
@@ -287,10 +295,7 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                                            beta1_prod, v_sums, steps, beta1_prod_max, master,
                                            stats, grad_scale, found_inf, lr_tensor,
                                            rounding_seed, rounding_index)
-    _refuse(op, dtype, beta1_prod_max=beta1_prod_max, master=master,
-            rounding_seed=rounding_seed)
-    if beta1_prod.numel() != state_len:
-        checks.fail(op, "an empty (freed) `beta1_prod` is not supported by the Triton kernels")
+    _refuse(op, dtype)
     n = len(params)
     if n == 0:
         return
@@ -300,36 +305,61 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
     K, device = _state["kernels"], stats.device
     if not stats.is_contiguous():
         stats = stats.contiguous()
-    bases = (exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1_prod.data_ptr())
+    # b: everywhere; per tensor by its flag; or nowhere (a freed, empty beta1_prod)
+    if beta1_prod.numel() != state_len:
+        b_mode = K.B_DONE
+    else:
+        b_mode = K.B_FULL if beta1_prod_max is None else K.B_FLAGS
+    if master is not None:
+        theta = K.TH_MASTER
+    else:
+        theta = K.TH_PARAM if rounding_seed is None else K.TH_STOCHASTIC
+    bases = [exp_avg.data_ptr(), exp_avg_sq.data_ptr()]
+    b_base = beta1_prod.data_ptr() if b_mode != K.B_DONE else None
+    w_base = master.data_ptr() if master is not None else None
+    zeros = [0] * n
     p_col = [p.data_ptr() for p in params]
     g_col = [g.data_ptr() for g in grads]
-    columns = [p_col, g_col, *([b + 4 * o for o in offsets] for b in bases),
-               *_slot_columns(steps, v_sums, slots), numels]
+
+    def span(base):
+        return zeros if base is None else [base + 4 * o for o in offsets]
+
+    b_max_col = (zeros if b_mode != K.B_FLAGS
+                 else [beta1_prod_max.data_ptr() + 4 * s for s in slots])
+    first_index = zeros if rounding_index is None else rounding_index.tolist()
+    columns = [p_col, g_col, *(span(b) for b in bases), span(b_base),
+               *_slot_columns(steps, v_sums, slots), numels, b_max_col, span(w_base),
+               first_index]
     clip = max_grad_norm > 0.0
     decay = float(weight_decay) if decoupled else 0.0
     meta, n_chunks = _table([_ln(beta2), max_grad_norm if clip else 0.0, decay, 1e-6],
                             columns, numels, device, K.BLOCK)
-    partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
+    P = max(n_chunks, 1)
+    # per chunk: the sum of v and, under B_FLAGS, the max |b'|
+    partials = torch.empty((2 if b_mode == K.B_FLAGS else 1) * P, dtype=torch.float64,
+                           device=device)
     flags = dict(HAS_FOUND_INF=found_inf is not None, CLIP=clip,
-                 SKIP_NONFINITE=bool(skip_nonfinite))
+                 SKIP_NONFINITE=bool(skip_nonfinite), B_MODE=b_mode)
     fi_ptr = found_inf if found_inf is not None else _absent(device)
     with _on(device):
         if n_chunks:
             # alignment hints: vector accesses where every pointer allows them. Params count
             # only with aligned states, so that the chunk sums reduce in the same register
             # layout as v_sum's (which sees the states only).
-            s_aligned = _states_aligned(bases, offsets, numels)
+            state_bases = bases + [x for x in (b_base, w_base) if x is not None]
+            s_aligned = _states_aligned(state_bases, offsets, numels)
             p_aligned = s_aligned and _aligned(p_col, numels) and _aligned(g_col, numels)
             _launch(
-                "update_kernel", (n_chunks,), meta, stats, stats.size(0), partials, n,
+                "update_kernel", (n_chunks,), meta, stats, stats.size(0), partials, P, n,
                 grad_scale if grad_scale is not None else _absent(device), fi_ptr,
                 lr_tensor if lr_tensor is not None else _absent(device),
+                rounding_seed if rounding_seed is not None else _absent(device, torch.int64),
                 *_update_scalars(lr, beta0, beta2, eps, weight_decay, decoupled, dampening),
                 CODE=_DTYPE_CODES[dtype], ADAI_V1=(float(dampening) == 1.0),
                 HAS_L2=not decoupled and _f32(weight_decay) != 0.0, P_ALIGNED=p_aligned,
                 S_ALIGNED=s_aligned, HAS_SCALE=grad_scale is not None,
-                HAS_LR=lr_tensor is not None, **flags)
-        _launch("update_finalize_kernel", (n,), meta, stats, stats.size(0), partials, n,
+                HAS_LR=lr_tensor is not None, THETA=theta, **flags)
+        _launch("update_finalize_kernel", (n,), meta, stats, stats.size(0), partials, P, n,
                 fi_ptr, **flags)
 
 
@@ -357,7 +387,7 @@ def _v_sum_impl(exp_avg_sq, segments, v_sums):
     zeros = [0] * n
     v0 = v_sums.data_ptr()
     columns = [zeros, zeros, zeros, [base + 4 * o for o in offsets], zeros, zeros,
-               [v0 + 8 * s for s in slots], numels]
+               [v0 + 8 * s for s in slots], numels, zeros, zeros, zeros]
     meta, n_chunks = _table([0.0] * 4, columns, numels, device, K.BLOCK)
     partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)
     with _on(device):

@@ -57,6 +57,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_random import bf16_round_stochastic, rounding_bits, rounding_stream
+
 BLOCK = 1024  # elements per program (one chunk) in the element-wise kernels
 VEC = 4  # elements per thread and vector access (see _offsets)
 NUM_WARPS = 4  # of every element-wise kernel (the same for update and v_sum)
@@ -162,14 +164,6 @@ def _col(meta, T, t, j, NC: tl.constexpr):
 
 
 @triton.jit
-def _bc2(meta, T, t, col_step, ln_beta2, NC: tl.constexpr):
-    """1 - beta2^k (float64) for tensor t, with k read from its float64 step counter."""
-    step_ptr = _col(meta, T, t, col_step, NC).to(tl.pointer_type(tl.float64))
-    k = tl.load(step_ptr)
-    return 1.0 - tl.exp(k * ln_beta2)
-
-
-@triton.jit
 def _segment_sum(meta, T, t, partials, NC: tl.constexpr, NCOL: tl.constexpr,
                  FB: tl.constexpr):
     """sum of partials[cs[t] : cs[t+1]] in float64, in a fixed order."""
@@ -209,7 +203,7 @@ def _masked_sum(x, mask, MASKED: tl.constexpr):
 @triton.jit
 def _stats_chunk(g_ptr, p_ptr, offs, mask, inv_scale, l2, partials, P, pid,
                  CODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_L2: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 THETA_F32: tl.constexpr, MASKED: tl.constexpr):
     """A chunk's fp32 sums (adai_math.h StatsSum, g unscaled): gg = g^2 and, with L2,
     grad_sq = (g + l2 theta)^2, gt = g theta and tt = theta^2, stored as float64 in
     partials[q * P + pid], q = 0, 1, 2, 3."""
@@ -218,7 +212,10 @@ def _stats_chunk(g_ptr, p_ptr, offs, mask, inv_scale, l2, partials, P, pid,
         g = g * inv_scale
     tl.store(partials + pid, _masked_sum(g * g, mask, MASKED).to(tl.float64))
     if HAS_L2:
-        theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
+        if THETA_F32:  # theta from the fp32 master copy
+            theta = _ld(p_ptr + offs, mask, MASKED, 0.0)
+        else:
+            theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
         ge = g + l2 * theta  # adai_math.h::grad_sq
         tl.store(partials + P + pid, _masked_sum(ge * ge, mask, MASKED).to(tl.float64))
         tl.store(partials + 2 * P + pid, _masked_sum(g * theta, mask, MASKED).to(tl.float64))
@@ -229,24 +226,29 @@ def _stats_chunk(g_ptr, p_ptr, offs, mask, inv_scale, l2, partials, P, pid,
 @triton.jit
 def stats_partials_kernel(meta, partials, P, T, gs_ptr, l2, CODE: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_L2: tl.constexpr,
-                          P_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """Per chunk c: partials[q * P + c] (see _stats_chunk)."""
+                          THETA_F32: tl.constexpr, P_ALIGNED: tl.constexpr,
+                          BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Per chunk c: partials[q * P + c] (see _stats_chunk). THETA_F32: the S_P column
+    points into the fp32 master copy (read only with L2)."""
     pid = tl.program_id(0)
     t, local = _chunk(meta, pid, T, S_NC, S_NCOL)
     numel = _col(meta, T, t, S_NUMEL, S_NC)
     offs = _offsets(local, BLOCK, VEC)
     g_ptr = _param_ptr(meta, T, t, S_G, S_NC, CODE, P_ALIGNED)
-    p_ptr = _param_ptr(meta, T, t, S_P, S_NC, CODE, P_ALIGNED)
+    if THETA_F32:
+        p_ptr = _ptr(meta, T, t, S_P, S_NC, tl.float32, P_ALIGNED)
+    else:
+        p_ptr = _param_ptr(meta, T, t, S_P, S_NC, CODE, P_ALIGNED)
     if HAS_SCALE:
         inv_scale = _inv_scale(gs_ptr)
     else:
         inv_scale = 1.0
     if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
         _stats_chunk(g_ptr, p_ptr, offs, offs < numel, inv_scale, l2, partials, P, pid,
-                     CODE, HAS_SCALE, HAS_L2, False)
+                     CODE, HAS_SCALE, HAS_L2, THETA_F32, False)
     else:
         _stats_chunk(g_ptr, p_ptr, offs, offs < numel, inv_scale, l2, partials, P, pid,
-                     CODE, HAS_SCALE, HAS_L2, True)
+                     CODE, HAS_SCALE, HAS_L2, THETA_F32, True)
 
 
 @triton.jit
@@ -302,7 +304,22 @@ def row_sum_kernel(contrib, T, out, out_stride, FB: tl.constexpr):
 # the update (and v_sum) table: U_NC float64 constants, then these columns
 U_NC = tl.constexpr(4)  # ln(beta2), max_grad_norm, weight decay when decoupled, 1e-6
 U_P, U_G, U_M, U_V, U_B, U_STEP, U_V_SUM, U_NUMEL = (tl.constexpr(i) for i in range(8))
-U_NCOL = tl.constexpr(8)
+# the optional columns: beta1_prod_max[slot] (pointer), the master span (pointer), the
+# tensor's first rounding index (0 where the option is off)
+U_BMAX, U_MASTER, U_RIDX = (tl.constexpr(i) for i in range(8, 11))
+U_NCOL = tl.constexpr(11)
+# B_MODE: how b is handled. B_FULL: read and written everywhere (no beta1_prod_max);
+# B_FLAGS: per tensor, by its beta1_prod_max flag read on the device; B_DONE: every tensor
+# done (an empty beta1_prod, never indexed)
+B_FULL, B_FLAGS, B_DONE = 0, 1, 2  # the launcher's values; the kernels' constexprs below
+_B_FULL, _B_FLAGS, _B_DONE = (tl.constexpr(x) for x in (B_FULL, B_FLAGS, B_DONE))
+# THETA: where theta comes from and how the param is written. TH_PARAM: the param, rounded
+# to nearest; TH_MASTER: the fp32 master copy, written too, the param = master rounded to
+# nearest; TH_STOCHASTIC: the (bf16) param, written rounded stochastically
+TH_PARAM, TH_MASTER, TH_STOCHASTIC = 0, 1, 2
+_TH_MASTER, _TH_STOCHASTIC = tl.constexpr(TH_MASTER), tl.constexpr(TH_STOCHASTIC)
+# adai_math.h::kBeta1ProdDone
+B_DONE_MAX = tl.constexpr(2.98023223876953125e-08)  # 2^-25
 
 
 @triton.jit
@@ -355,16 +372,33 @@ def _v_sum(v, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vbar, mult,
-                  lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
-                  exponent, mhat_scale,
+def _abs_bits(b, mask, MASKED: tl.constexpr):
+    """|b| as int32 bits (0 where masked off): for non-negative floats the bits order as the
+    values do, and every NaN's lie above inf's, so their max is adai_math.h::max_abs_nan
+    (a NaN when any b is NaN)."""
+    bits = b.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if MASKED:
+        bits = tl.where(mask, bits, 0)
+    return bits
+
+
+@triton.jit
+def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2, inv_vbar,
+                  mult, stream, first_index, lr, beta0, beta2, one_minus_beta2, beta1_max, l2,
+                  lr_wd, dampening, exponent, mhat_scale,
                   CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
-                  MULT: tl.constexpr, MASKED: tl.constexpr):
-    theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
+                  MULT: tl.constexpr, ELIDED: tl.constexpr, THETA: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """adai_math.h::update (ELIDED: update_b_done, b neither read nor written) of one chunk;
+    returns the new v and |b'| as _abs_bits (0 when ELIDED). w_ptr: the master span
+    (TH_MASTER)."""
+    if THETA == _TH_MASTER:
+        theta = _ld(w_ptr + offs, mask, MASKED, 0.0)
+    else:
+        theta = _load_param(p_ptr, offs, mask, CODE, MASKED)
     g = _load_param(g_ptr, offs, mask, CODE, MASKED)
     m = _ld(m_ptr + offs, mask, MASKED, 0.0)
     v = _ld(v_ptr + offs, mask, MASKED, 0.0)
-    b = _ld(b_ptr + offs, mask, MASKED, 0.0)
 
     if MULT:  # unscaling and clipping: g * (1 / grad_scale) * c, the product as fp32
         g = g * mult
@@ -386,30 +420,79 @@ def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, mask, inv_bc2, inv_vb
         beta3 = one_minus_beta1
     else:
         beta3 = _powf(one_minus_beta1, dampening)
-    b = b * beta1
     m = beta1 * m + beta3 * ge
-    mhat = tl.math.div_rn(m, 1.0 - b)
+    if ELIDED:  # 1 - b == 1 exactly: mhat = m bitwise
+        mhat = m
+        b_bits = tl.zeros(offs.shape, dtype=tl.int32)
+    else:
+        b = _ld(b_ptr + offs, mask, MASKED, 0.0) * beta1
+        mhat = tl.math.div_rn(m, 1.0 - b)
+        _st(b_ptr + offs, b, mask, MASKED)
+        b_bits = _abs_bits(b, mask, MASKED)
     if not ADAI_V1:
         mhat = mhat * mhat_scale
     theta = theta - lr_wd * theta - lr * mhat
 
-    _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
+    if THETA == _TH_MASTER:
+        _st(w_ptr + offs, theta, mask, MASKED)
+        _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
+    elif THETA == _TH_STOCHASTIC and CODE == 2:
+        bits = rounding_bits(stream, first_index + offs)
+        rounded = bf16_round_stochastic(theta, bits).to(tl.int16, bitcast=True)
+        _st(p_ptr + offs, rounded, mask, MASKED)
+    else:
+        _store_param(p_ptr, offs, theta, mask, CODE, MASKED)
     _st(m_ptr + offs, m, mask, MASKED)
     _st(v_ptr + offs, v, mask, MASKED)
-    _st(b_ptr + offs, b, mask, MASKED)
-    return _v_sum(v, mask, MASKED)
+    return v, b_bits
 
 
 @triton.jit
-def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
+def _update_part(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2, inv_vbar,
+                 mult, stream, first_index, done, partials, P, pid, lr, beta0, beta2,
+                 one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
+                 CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
+                 MULT: tl.constexpr, B_MODE: tl.constexpr, THETA: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """_update_chunk with b handled as B_MODE says (`done`: the tensor's flag, B_FLAGS);
+    stores the chunk's sum of v in partials[pid] (one reduction after the branch, in
+    v_sum's layout) and, under B_FLAGS, its max |b'| (0 when done) in partials[P + pid]."""
+    if B_MODE == _B_FLAGS:
+        if done:
+            v, b_bits = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
+                                      inv_bc2, inv_vbar, mult, stream, first_index, lr, beta0,
+                                      beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                                      exponent, mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, True,
+                                      THETA, MASKED)
+        else:
+            v, b_bits = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask,
+                                      inv_bc2, inv_vbar, mult, stream, first_index, lr, beta0,
+                                      beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
+                                      exponent, mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, False,
+                                      THETA, MASKED)
+        b_max = tl.max(b_bits, axis=0).to(tl.float32, bitcast=True)
+        tl.store(partials + P + pid, b_max.to(tl.float64))
+    else:
+        v, _ = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2,
+                             inv_vbar, mult, stream, first_index, lr, beta0, beta2,
+                             one_minus_beta2, beta1_max, l2, lr_wd, dampening, exponent,
+                             mhat_scale, CODE, ADAI_V1, HAS_L2, MULT, B_MODE == _B_DONE,
+                             THETA, MASKED)
+    tl.store(partials + pid, _v_sum(v, mask, MASKED).to(tl.float64))
+
+
+@triton.jit
+def update_kernel(meta, stats, n_rows, partials, P, T, gs_ptr, fi_ptr, lr_ptr, seed_ptr,
                   lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd, dampening,
                   exponent, mhat_scale,
                   CODE: tl.constexpr, ADAI_V1: tl.constexpr, HAS_L2: tl.constexpr,
                   P_ALIGNED: tl.constexpr, S_ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr, HAS_LR: tl.constexpr, CLIP: tl.constexpr,
-                  SKIP_NONFINITE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v. When the
-    step is skipped, nothing is read or written."""
+                  SKIP_NONFINITE: tl.constexpr, B_MODE: tl.constexpr, THETA: tl.constexpr,
+                  BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """One chunk of adai_math.h::update; partials[c] = the chunk's sum of the new v (and
+    partials[P + c] its max |b'|, see _update_part). When the step is skipped, nothing is
+    read or written. Over 50 lines: the per-tensor values every chunk derives alike."""
     pid = tl.program_id(0)
     inv_vbar, clip, skip = _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF, CLIP,
                                     SKIP_NONFINITE)
@@ -417,7 +500,9 @@ def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
         t, local = _chunk(meta, pid, T, U_NC, U_NCOL)
         ln_beta2 = tl.load(meta + 0).to(tl.float64, bitcast=True)
         # inv_bc2 per tensor: float64, then fp32 (adai_math.h)
-        inv_bc2 = (1.0 / _bc2(meta, T, t, U_STEP, ln_beta2, U_NC)).to(tl.float32)
+        step_ptr = _col(meta, T, t, U_STEP, U_NC).to(tl.pointer_type(tl.float64))
+        k = tl.load(step_ptr)
+        inv_bc2 = (1.0 / (1.0 - tl.exp(k * ln_beta2))).to(tl.float32)
         if HAS_SCALE:
             if CLIP:
                 mult = _inv_scale(gs_ptr) * clip
@@ -429,6 +514,17 @@ def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
             lr = tl.load(lr_ptr)
             wd = tl.load(meta + 2).to(tl.float64, bitcast=True)  # 0 unless decoupled
             lr_wd = (lr.to(tl.float64) * wd).to(tl.float32)
+        if THETA == _TH_STOCHASTIC:  # seed and step as uint32 (adai_random.h)
+            seed = tl.load(seed_ptr).to(tl.uint32)
+            stream = rounding_stream(seed, k.to(tl.int64).to(tl.uint32))
+        else:
+            stream = tl.zeros([], dtype=tl.uint32)
+        first_index = _col(meta, T, t, U_RIDX, U_NC)
+        if B_MODE == _B_FLAGS:  # the tensor's flag, on the device
+            b_max_ptr = _col(meta, T, t, U_BMAX, U_NC).to(tl.pointer_type(tl.float32))
+            done = tl.load(b_max_ptr) <= B_DONE_MAX
+        else:
+            done = B_MODE == _B_DONE
 
         numel = _col(meta, T, t, U_NUMEL, U_NC)
         offs = _offsets(local, BLOCK, VEC)
@@ -437,25 +533,47 @@ def update_kernel(meta, stats, n_rows, partials, T, gs_ptr, fi_ptr, lr_ptr,
         m_ptr = _ptr(meta, T, t, U_M, U_NC, tl.float32, S_ALIGNED)
         v_ptr = _ptr(meta, T, t, U_V, U_NC, tl.float32, S_ALIGNED)
         b_ptr = _ptr(meta, T, t, U_B, U_NC, tl.float32, S_ALIGNED)
+        w_ptr = _ptr(meta, T, t, U_MASTER, U_NC, tl.float32, S_ALIGNED)
         if (local + 1) * BLOCK <= numel:  # a whole chunk: unmasked, vector accesses
-            part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
-                                 inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
-                                 beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, False)
+            _update_part(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, offs < numel,
+                         inv_bc2, inv_vbar, mult, stream, first_index, done, partials, P,
+                         pid, lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd,
+                         dampening, exponent, mhat_scale, CODE, ADAI_V1, HAS_L2,
+                         HAS_SCALE or CLIP, B_MODE, THETA, False)
         else:
-            part = _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, offs, offs < numel,
-                                 inv_bc2, inv_vbar, mult, lr, beta0, beta2, one_minus_beta2,
-                                 beta1_max, l2, lr_wd, dampening, exponent, mhat_scale,
-                                 CODE, ADAI_V1, HAS_L2, HAS_SCALE or CLIP, True)
-        tl.store(partials + pid, part.to(tl.float64))
+            _update_part(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, offs < numel,
+                         inv_bc2, inv_vbar, mult, stream, first_index, done, partials, P,
+                         pid, lr, beta0, beta2, one_minus_beta2, beta1_max, l2, lr_wd,
+                         dampening, exponent, mhat_scale, CODE, ADAI_V1, HAS_L2,
+                         HAS_SCALE or CLIP, B_MODE, THETA, True)
 
 
 @triton.jit
-def update_finalize_kernel(meta, stats, n_rows, partials, T, fi_ptr,
+def _segment_max(meta, T, t, partials, NC: tl.constexpr, NCOL: tl.constexpr,
+                 FB: tl.constexpr):
+    """The NaN-propagating max of partials[cs[t] : cs[t+1]] (0 for none), as fp32."""
+    cs = meta + (NC + NCOL * T)
+    c0 = tl.load(cs + t)
+    c1 = tl.load(cs + t + 1)
+    acc = tl.zeros([FB], dtype=tl.float64)
+    nan = tl.zeros([FB], dtype=tl.int32)
+    for start in range(c0, c1, FB):
+        idx = start + tl.arange(0, FB)
+        x = tl.load(partials + idx, mask=idx < c1, other=0.0)
+        acc = tl.where(x > acc, x, acc)
+        nan = nan | (x != x).to(tl.int32)
+    has_nan = tl.max(nan, axis=0)
+    return tl.where(has_nan != 0, float("nan"), tl.max(acc, axis=0)).to(tl.float32)
+
+
+@triton.jit
+def update_finalize_kernel(meta, stats, n_rows, partials, P, T, fi_ptr,
                            HAS_FOUND_INF: tl.constexpr, CLIP: tl.constexpr,
-                           SKIP_NONFINITE: tl.constexpr, FB: tl.constexpr):
-    """One program per tensor t: v_sums[t] = sum of its chunks' partials (float64, in order);
-    on a skipped step instead steps[t] -= 1 (the increment of `stats` taken back)."""
+                           SKIP_NONFINITE: tl.constexpr, B_MODE: tl.constexpr,
+                           FB: tl.constexpr):
+    """One program per tensor t: v_sums[t] = sum of its chunks' partials (float64, in order)
+    and, under B_FLAGS for a tensor not done, beta1_prod_max[t] = the max of its chunks' max
+    |b'|; on a skipped step instead steps[t] -= 1 (the increment of `stats` taken back)."""
     t = tl.program_id(0).to(tl.int64)
     _, _, skip = _globals(meta, stats, n_rows, fi_ptr, HAS_FOUND_INF, CLIP, SKIP_NONFINITE)
     if skip:
@@ -464,6 +582,10 @@ def update_finalize_kernel(meta, stats, n_rows, partials, T, fi_ptr,
     else:
         total = _segment_sum(meta, T, t, partials, U_NC, U_NCOL, FB)
         tl.store(_col(meta, T, t, U_V_SUM, U_NC).to(tl.pointer_type(tl.float64)), total)
+        if B_MODE == _B_FLAGS:  # the flag update_kernel read: this kernel runs after it
+            b_max_ptr = _col(meta, T, t, U_BMAX, U_NC).to(tl.pointer_type(tl.float32))
+            if not tl.load(b_max_ptr) <= B_DONE_MAX:
+                tl.store(b_max_ptr, _segment_max(meta, T, t, partials + P, U_NC, U_NCOL, FB))
 
 
 @triton.jit
