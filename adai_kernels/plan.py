@@ -10,15 +10,20 @@ Free functions of an Adai optimizer (adai_kernels/optimizer.py): they read its p
 and create its buckets, its backends and its plan."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from . import sharding
-from .buckets import BUFFER_KEYS, Bucket, state_strides
+from .buckets import BUFFER_KEYS, state_strides
 from .op_checks import PARAM_DTYPES, dtype_names, is_dense
 from .work import Work
+
+# The parameter dtypes the optimizer steps: those of the kernels, and float64 (float64 state,
+# stepped by the backends that support it: Backend.unsupported).
+STEP_DTYPES = tuple(dict.fromkeys((*PARAM_DTYPES, torch.float64)))
 
 
 def capturing() -> bool:
@@ -56,13 +61,24 @@ def check_param(p: torch.Tensor, g: torch.Tensor, gi: int, pi: int) -> None:
         raise RuntimeError(f"Adai does not support sparse gradients: {where}")
     if p.is_complex():
         raise RuntimeError(f"Adai does not support complex parameters: {where} is {p.dtype}")
-    if p.dtype not in PARAM_DTYPES:
-        raise RuntimeError(f"Adai supports {dtype_names(last='and')} parameters: {where} is "
-                           f"{p.dtype}")
+    if p.dtype not in STEP_DTYPES:
+        raise RuntimeError(f"Adai supports {dtype_names(STEP_DTYPES, last='and')} parameters: "
+                           f"{where} is {p.dtype}")
     if g.dtype != p.dtype:
         raise RuntimeError(f"gradient of {where} is {g.dtype}, expected {p.dtype}")
     if g.device != p.device:
         raise RuntimeError(f"gradient of {where} is on {g.device}, expected {p.device}")
+
+
+def check_backend(opt, gi: int, p: torch.Tensor) -> None:
+    """The backend of `p`'s device and dtype exists: an explicit backend that refuses the
+    dtype raises RuntimeError naming the parameter (of param group `gi`) and the dtype."""
+    try:
+        opt._backend_for(p.device, p.dtype)
+    except RuntimeError as e:
+        pi = next(i for i, q in enumerate(opt.param_groups[gi]["params"]) if q is p)
+        raise RuntimeError(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)}, "
+                           f"{p.dtype}): {e}") from None
 
 
 def prepare(opt, capturing: bool = False) -> list[Work]:
@@ -118,16 +134,15 @@ class Plan:
 
 
 def _with_grads(w: Work, grads: list) -> Work:
-    return Work(w.group, w.device, w.dtype, w.params, grads, w.exp_avg, w.exp_avg_sq,
-                w.beta1_prod, w.steps, w.v_sums, w.bucket, w.segments)
+    return dataclasses.replace(w, grads=grads, write_back=[], scratch={})
 
 
 def plan_step(opt, grads: list, capturing: bool = False) -> list[Work]:
     """Check every gradient, give the parameters without state their state, and build the
     per-bucket work lists; keep them as opt._plan when they can be replayed."""
     selected = _select(opt, grads)
-    for device in {p.device for _, _, p, _ in selected}:
-        opt._backend_for(device)
+    for gi, _, p, _ in selected:
+        check_backend(opt, gi, p)
     if opt.process_group is None:
         opt._mesh_group = sharding.reduce_group([p for _, _, p, _ in selected])
     _give_state(opt, selected, capturing)
@@ -170,7 +185,9 @@ def _give_state(opt, selected: list[tuple], capturing: bool) -> None:
                            f"captured in a CUDA graph: run at least one eager step "
                            f"before capturing")
     for key, params in joining.items():
-        bucket = opt._buckets.setdefault(key, Bucket(key[1], key[2]))
+        bucket = opt._buckets.get(key)
+        if bucket is None:
+            bucket = opt._buckets[key] = opt._new_bucket(key)
         bucket.add(params)
         opt._publish_state(bucket)
 
@@ -218,4 +235,6 @@ def _append(w: Work, p: torch.Tensor, g: torch.Tensor) -> bool:
         getattr(w, k).append(views[k])
     w.steps.append(views["step"])
     w.v_sums.append(views["v_sum"])
+    if "beta1_prod_max" in views:
+        w.beta1_prod_max.append(views["beta1_prod_max"])
     return own

@@ -21,7 +21,8 @@ class Work:
     """One (group, device, dtype) bucket's participating tensors for one step.
 
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
-    non-overlapping and dense; states are float32 views with the same shape and strides;
+    non-overlapping and dense; states are views (float32, float64 for float64 parameters) with
+    the same shape and strides;
     `steps[i]` and `v_sums[i]` are 0-dim float64 views. The same state as
     the compiled ops take it: `bucket`'s flat buffers and `segments` (csrc/op_schemas.h).
     """
@@ -36,6 +37,8 @@ class Work:
     beta1_prod: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     v_sums: list[torch.Tensor] = field(default_factory=list)
+    # 0-dim float32 views of the bucket's beta1_prod_max; empty when the elision is off
+    beta1_prod_max: list[torch.Tensor] = field(default_factory=list)
     bucket: object = None                   # the Bucket that owns the states
     segments: torch.Tensor | None = None    # (offset, numel, slot) per tensor, int64 CPU
     # (param, dense stand-in) pairs: the stand-in is stepped, then copied into the param.

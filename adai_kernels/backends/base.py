@@ -12,6 +12,17 @@ if TYPE_CHECKING:  # adai_kernels.ops needs this module's STATS_COLUMNS
 
 STATS_COLUMNS = 7  # csrc/adai_math.h, StatsColumn
 GRAD_NORM_SQ = 5   # the column with the squared gradient norm
+# The parameter dtypes of the kernels with float32 state (adai_kernels/op_checks.py).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dtype_refused(name: str, dtype: torch.dtype, dtypes) -> str | None:
+    """None when `dtype` is among `dtypes`, else the reason backend `name` gives."""
+    if dtype in dtypes:
+        return None
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    return f"backend {name!r} steps {listed} parameters only"
 
 
 class Backend:
@@ -22,6 +33,11 @@ class Backend:
     def unavailable(self, device: torch.device) -> str | None:
         """None if this backend can step parameters on `device`, else the reason why not."""
         raise NotImplementedError
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        """None if this backend steps parameters of `dtype` (on the devices it runs on),
+        else the reason why not."""
+        return dtype_refused(self.name, dtype, KERNEL_DTYPES)
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         """Phase 1: increment `work.steps` and write the bucket's row of statistics into the
@@ -46,17 +62,22 @@ class OpsBackend(Backend):
     C++ CPU and CUDA kernels and the Triton kernels all share that schema, so they share
     this wrapper."""
 
-    def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load):
+    def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load,
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
         self.name = name
         self._calls = ops
         self._device_types = device_types
         self._load = load  # () -> str | None: imports the ops, returns why they are missing
+        self._dtypes = dtypes  # the parameter dtypes its ops step
 
     def unavailable(self, device: torch.device) -> str | None:
         if device.type not in self._device_types:
             return (f"backend {self.name!r} runs on {'/'.join(self._device_types)} tensors, "
                     f"not {device.type}")
         return self._load()
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        return dtype_refused(self.name, dtype, self._dtypes)
 
     @property
     def _ops(self) -> Ops:
