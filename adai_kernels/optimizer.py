@@ -305,6 +305,8 @@ class Adai(Optimizer):
         for a capturable group (a graph holds the buffer's address). The plan's lists hold
         views of the buffer: the next step plans anew."""
         for w in works:
+            if not self._backend_for(w.device, w.dtype).elides_beta1_prod:
+                continue
             if elision.ready_to_free(w.bucket, w.group["capturable"]):
                 w.bucket.free_beta1_prod()
                 self._publish_state(w.bucket)

@@ -29,6 +29,10 @@ class Backend:
     """A way to run the fused step. Subclasses implement the methods below."""
 
     name: str = "?"
+    # whether `update` takes the buckets' done flags (beta1_prod_max) and a freed, empty
+    # beta1_prod (adai_kernels/elision.py); a bucket stepped by a backend that does not is
+    # never freed
+    elides_beta1_prod: bool = False
 
     def unavailable(self, device: torch.device) -> str | None:
         """None if this backend can step parameters on `device`, else the reason why not."""

@@ -25,6 +25,7 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    elides_beta1_prod = True
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
