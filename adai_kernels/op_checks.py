@@ -15,8 +15,14 @@ import torch
 
 from .backends.base import STATS_COLUMNS
 
-# The parameter (and gradient) dtypes the kernels step; the optimizer's state is float32.
+# The parameter (and gradient) dtypes the ops step; the state is float32 (state_dtype).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes that may have a master copy
+
+
+def state_dtype(param_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the optimizer state of parameters of `param_dtype`."""
+    return torch.float64 if param_dtype is torch.float64 else torch.float32
 
 
 def dtype_names(dtypes=PARAM_DTYPES, last: str = "or") -> str:
@@ -111,11 +117,11 @@ def check_slots(op: str, steps, v_sums, device) -> None:
         fail(op, f"`steps` has {steps.numel()} slots but `v_sums` has {v_sums.numel()}")
 
 
-def check_states(op: str, states, device) -> int:
-    """The float32 state buffers ((name, tensor) pairs), all of one length; returns it."""
+def check_states(op: str, states, device, dtype: torch.dtype = torch.float32) -> int:
+    """The state buffers ((name, tensor) pairs) of `dtype`, all of one length; returns it."""
     first_name, first = states[0]
     for name, t in states:
-        check_flat(op, name, t, torch.float32, device)
+        check_flat(op, name, t, dtype, device)
         if t.numel() != first.numel():
             fail(op, f"`{name}` has {t.numel()} elements but `{first_name}` has "
                      f"{first.numel()}; the state buffers must have one length")
@@ -161,32 +167,98 @@ def check_segments(op: str, segments, n: int | None) -> None:
         fail(op, f"`segments` has {segments.size(0)} rows but `params` has {n} tensors")
 
 
+# --------------------------------------------------------------------------- the options
+def check_master(op: str, master, dtype, state_len: int | None, device) -> None:
+    """An optional fp32 master copy of bf16/fp16 params: a flat float32 buffer laid out as
+    the state buffers (`state_len` None: stats, which has no state buffer to compare)."""
+    if master is None:
+        return
+    check_flat(op, "master", master, torch.float32, device)
+    if dtype is not None and dtype not in LOW_PRECISION:
+        fail(op, f"`master` is given but params are {dtype}; a master copy is kept only for "
+                 f"{dtype_names(LOW_PRECISION)} params")
+    if state_len is not None and master.numel() != state_len:
+        fail(op, f"`master` has {master.numel()} elements but `exp_avg` has {state_len}; "
+                 f"the state buffers must have one length")
+
+
+def check_beta1_prod(op: str, beta1_prod, beta1_prod_max, steps, state_len: int,
+                     dtype: torch.dtype, device) -> None:
+    """`beta1_prod`: the state buffers' length, or empty (freed: every tensor is done);
+    `beta1_prod_max` (optional): float32, one slot per tensor."""
+    check_flat(op, "beta1_prod", beta1_prod, dtype, device)
+    if beta1_prod.numel() not in (0, state_len):
+        fail(op, f"`beta1_prod` has {beta1_prod.numel()} elements but `exp_avg` has "
+                 f"{state_len}; the state buffers must have one length (or `beta1_prod` none: "
+                 f"freed)")
+    if beta1_prod_max is not None:
+        check_flat(op, "beta1_prod_max", beta1_prod_max, torch.float32, device)
+        if beta1_prod_max.numel() != steps.numel():
+            fail(op, f"`beta1_prod_max` has {beta1_prod_max.numel()} slots but `steps` has "
+                     f"{steps.numel()}")
+
+
+def check_rounding(op: str, rounding_seed, rounding_index, master, dtype, n: int,
+                   device) -> None:
+    """Stochastic rounding: `rounding_seed` (int64, one element, on the device) and
+    `rounding_index` (int64 CPU, one entry per tensor) come together, for bf16 params
+    without a master copy."""
+    if rounding_seed is None and rounding_index is None:
+        return
+    if rounding_seed is None or rounding_index is None:
+        fail(op, "`rounding_seed` and `rounding_index` must be given together")
+    if not (rounding_seed.dtype is torch.int64 and rounding_seed.numel() == 1
+            and rounding_seed.dim() <= 1):
+        fail(op, f"`rounding_seed` must be an int64 tensor of one element, got "
+                 f"{rounding_seed.dtype} of shape {tuple(rounding_seed.shape)}")
+    if rounding_seed.device != device:
+        fail(op, f"`rounding_seed` is on {rounding_seed.device} but the op runs on {device}")
+    if not (rounding_index.dtype is torch.int64 and rounding_index.dim() == 1
+            and rounding_index.device.type == "cpu" and rounding_index.numel() == n):
+        fail(op, f"`rounding_index` must be an int64 CPU tensor of shape ({n},) (one first "
+                 f"index per tensor), got {rounding_index.dtype} on {rounding_index.device} "
+                 f"with shape {tuple(rounding_index.shape)}")
+    if dtype is not None and dtype is not torch.bfloat16:
+        fail(op, f"stochastic rounding (`rounding_seed`) is for bfloat16 params, not {dtype}")
+    if master is not None:
+        fail(op, "`rounding_seed` and `master` exclude each other: a master copy is rounded "
+                 "to nearest")
+
+
 # --------------------------------------------------------------------------- the ops
-def check_stats(op: str, params, grads, segments, steps, v_sums, grad_scale, out):
+def check_stats(op: str, params, grads, segments, steps, v_sums, master, grad_scale, out):
     """Every argument of stats but the rows of `segments`; returns the params' dtype."""
     check_len(op, params, grads)
     check_stats_row(op, out)
     check_segments(op, segments, len(params))
     check_slots(op, steps, v_sums, out.device)
     check_control(op, "grad_scale", grad_scale, out.device)
-    return check_tensors(op, params, grads, out.device)
+    dtype = check_tensors(op, params, grads, out.device)
+    check_master(op, master, dtype, None, out.device)
+    return dtype
 
 
 def check_update(op: str, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums,
-                 steps, stats, grad_scale, found_inf, lr_tensor):
+                 steps, beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor,
+                 rounding_seed, rounding_index):
     """Every tensor argument of update but the rows of `segments`; returns the params' dtype
     and the state buffers' length."""
     check_len(op, params, grads)
     check_stats_matrix(op, stats)
     device = stats.device
     check_segments(op, segments, len(params))
-    state_len = check_states(op, (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                                  ("beta1_prod", beta1_prod)), device)
+    sdtype = state_dtype(params[0].dtype if params else None)
+    state_len = check_states(op, (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)), device,
+                             sdtype)
+    check_beta1_prod(op, beta1_prod, beta1_prod_max, steps, state_len, sdtype, device)
     check_slots(op, steps, v_sums, device)
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
                     ("lr_tensor", lr_tensor)):
         check_control(op, name, t, device)
-    return check_tensors(op, params, grads, device), state_len
+    dtype = check_tensors(op, params, grads, device)
+    check_master(op, master, dtype, state_len, device)
+    check_rounding(op, rounding_seed, rounding_index, master, dtype, len(params), device)
+    return dtype, state_len
 
 
 def check_v_sum(op: str, exp_avg_sq, segments, v_sums) -> int:

@@ -30,20 +30,30 @@ class Ops:
 
     def stats(self, *, params: list[Tensor], grads: list[Tensor], segments: Tensor,
               steps: Tensor, v_sums: Tensor, grad_scale: Optional[Tensor], beta2: float,
-              l2: float, out: Tensor) -> None:
-        """Phase 1: increment the step slots, write one statistics row into `out`."""
-        self._lib.stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out)
+              l2: float, out: Tensor, master: Optional[Tensor] = None) -> None:
+        """Phase 1: increment the step slots, write one statistics row into `out` (theta read
+        from `master` when given)."""
+        self._lib.stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out,
+                        master=master)
 
     def update(self, *, params: list[Tensor], grads: list[Tensor], segments: Tensor,
                exp_avg: Tensor, exp_avg_sq: Tensor, beta1_prod: Tensor, v_sums: Tensor,
                steps: Tensor, stats: Tensor, grad_scale: Optional[Tensor],
                found_inf: Optional[Tensor], lr_tensor: Optional[Tensor], lr: float,
                beta0: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-               dampening: float, max_grad_norm: float, skip_nonfinite: bool) -> None:
-        """Phase 2: one pass over every element (or, skipping, take the increments back)."""
+               dampening: float, max_grad_norm: float, skip_nonfinite: bool,
+               beta1_prod_max: Optional[Tensor] = None, master: Optional[Tensor] = None,
+               rounding_seed: Optional[Tensor] = None,
+               rounding_index: Optional[Tensor] = None) -> None:
+        """Phase 2: one pass over every element (or, skipping, take the increments back).
+        Optional: `beta1_prod_max` (the per-tensor max |b|: tensors whose b is done skip it),
+        `master` (fp32 master weights of bf16/fp16 params), `rounding_seed` with
+        `rounding_index` (stochastic rounding of bf16 params)."""
         self._lib.update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums,
                          steps, stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
-                         weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
+                         weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite,
+                         beta1_prod_max=beta1_prod_max, master=master,
+                         rounding_seed=rounding_seed, rounding_index=rounding_index)
 
     def v_sum(self, *, exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:
         """v_sums[slot] = the sum of each row's span of exp_avg_sq, as update sums it."""
@@ -54,16 +64,19 @@ def fake_kernels(namespace: str) -> dict:
     """The fake kernels of `namespace`::stats, ::update and ::v_sum, by op name (they take
     the arguments in schema order, as the dispatcher passes them)."""
 
-    def stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
+    def stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out,
+              master=None):
         checks.check_stats(f"{namespace}::stats", params, grads, segments, steps, v_sums,
-                           grad_scale, out)
+                           master, grad_scale, out)
 
     def update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
                grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
-               decoupled, dampening, max_grad_norm, skip_nonfinite):
+               decoupled, dampening, max_grad_norm, skip_nonfinite, beta1_prod_max=None,
+               master=None, rounding_seed=None, rounding_index=None):
         checks.check_update(f"{namespace}::update", params, grads, segments, exp_avg,
-                            exp_avg_sq, beta1_prod, v_sums, steps, stats, grad_scale,
-                            found_inf, lr_tensor)
+                            exp_avg_sq, beta1_prod, v_sums, steps, beta1_prod_max, master,
+                            stats, grad_scale, found_inf, lr_tensor, rounding_seed,
+                            rounding_index)
 
     def v_sum(exp_avg_sq, segments, v_sums):
         checks.check_v_sum(f"{namespace}::v_sum", exp_avg_sq, segments, v_sums)

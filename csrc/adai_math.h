@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADAI_HD __host__ __device__ __forceinline__
@@ -82,6 +83,27 @@ enum StatsColumn {
   kStatsColumns = 7,
 };
 
+// The sums over one tensor's elements that its share of the row is made of, in the order
+// every backend keeps its partial sums in (g unscaled, theta the parameter). Without L2
+// decay only kSumGg is summed (then B = Bgg and Bgt = Btt = 0).
+enum StatsSum {
+  kSumGg = 0,      // sum_j g^2
+  kSumGradSq = 1,  // sum_j (g + l2 theta)^2, adai::grad_sq: the sum column B weighs
+  kSumGt = 2,      // sum_j g theta
+  kSumTt = 3,      // sum_j theta^2
+  kStatsSums = 4,
+};
+
+// The statistics rows of a step (rows x kStatsColumns, any strides) added column by column in
+// row order: what `update` reads.
+ADAI_HD void sum_stats_rows(const double* stats, int64_t rows, int64_t row_stride,
+                            int64_t col_stride, double* totals) {
+  for (int k = 0; k < kStatsColumns; ++k) totals[k] = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kStatsColumns; ++k) totals[k] += stats[r * row_stride + k * col_stride];
+  }
+}
+
 // What one step needs from the global statistics, computed alike by every block.
 struct Globals {
   float inv_vbar;  // 1 / vbar, 0 when vbar == 0
@@ -106,6 +128,13 @@ ADAI_HD Globals globals(const double* t, double max_grad_norm, bool skip_nonfini
   return out;
 }
 
+// The gradient multiplier of unscaling: float(1 / double(scale)), as GradScaler.unscale_
+// computes it; 1 without a scale (grad_scale null).
+ADAI_HD float inv_grad_scale(const float* grad_scale) {
+  return grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*grad_scale))
+                               : 1.0f;
+}
+
 // The gradient as both phases see it: L2 decay added (never written back to the caller).
 // Without L2 decay theta is not touched, so a non-finite parameter cannot reach v through
 // 0 * inf.
@@ -121,10 +150,14 @@ ADAI_HD T grad_sq(T g, T theta, const Consts& c) {
   return ge * ge;
 }
 
-// Phase 2: one element's whole update. Reads and writes theta, m, v, b in registers; returns
-// the new v (the caller sums it into v_sums). inv_bc2 is per tensor, inv_vbar global.
+// Phase 2 up to the inertia: L2, the new v, beta1 and beta3 (shared by both updates below).
 template <typename T>
-ADAI_HD T update(T& theta, T g, T& m, T& v, T& b, T inv_bc2, T inv_vbar, const Consts& c) {
+struct Inertia {
+  T ge, beta1, beta3;
+};
+
+template <typename T>
+ADAI_HD Inertia<T> inertia(T theta, T g, T& v, T inv_bc2, T inv_vbar, const Consts& c) {
   const T ge = effective_grad(g, theta, c);
   v = T(c.beta2) * v + T(c.one_minus_beta2) * ge * ge;
   const T ratio = v * inv_bc2 * inv_vbar;                       // vhat / vbar
@@ -132,12 +165,48 @@ ADAI_HD T update(T& theta, T g, T& m, T& v, T& b, T inv_bc2, T inv_vbar, const C
   const T beta1 = Ops<T>::clamp(T(1.0f) - T(c.beta0) * scaled, T(0.0f), T(c.beta1_max));
   const T one_minus_beta1 = T(1.0f) - beta1;
   const T beta3 = c.adai_v1 ? one_minus_beta1 : Ops<T>::pow(one_minus_beta1, T(c.dampening));
-  b = b * beta1;
-  m = beta1 * m + beta3 * ge;
-  T mhat = m / (T(1.0f) - b);
+  return {ge, beta1, beta3};
+}
+
+// The momentum and the parameter, from mhat before AdaiV2's scale.
+template <typename T>
+ADAI_HD void step_param(T& theta, T mhat, const Consts& c) {
   if (!c.adai_v1) mhat = mhat * T(c.mhat_scale);
   theta = theta - T(c.lr_wd) * theta - T(c.lr) * mhat;
+}
+
+// Phase 2: one element's whole update. Reads and writes theta, m, v, b in registers; returns
+// the new v (the caller sums it into v_sums). inv_bc2 is per tensor, inv_vbar global.
+template <typename T>
+ADAI_HD T update(T& theta, T g, T& m, T& v, T& b, T inv_bc2, T inv_vbar, const Consts& c) {
+  const Inertia<T> in = inertia(theta, g, v, inv_bc2, inv_vbar, c);
+  b = b * in.beta1;
+  m = in.beta1 * m + in.beta3 * in.ge;
+  step_param(theta, m / (T(1.0f) - b), c);
   return v;
+}
+
+// The same update for a tensor whose b is done (beta1_prod_done): b is neither read nor
+// written, and mhat = m, which is bitwise what update() computes then (1 - b == 1).
+template <typename T>
+ADAI_HD T update_b_done(T& theta, T g, T& m, T& v, T inv_bc2, T inv_vbar, const Consts& c) {
+  const Inertia<T> in = inertia(theta, g, v, inv_bc2, inv_vbar, c);
+  m = in.beta1 * m + in.beta3 * in.ge;
+  step_param(theta, m, c);
+  return v;
+}
+
+// The exact elision rule (ADAI_SPEC.md, "Exactness shortcut"): in float, 1 - b rounds to
+// exactly 1 for every |b| <= 2^-25 (round to nearest even), and b never grows during
+// training. `b_max` is the max |b| over a tensor's elements (NaN when any is NaN: never done).
+constexpr float kBeta1ProdDone = 2.98023223876953125e-08f;  // 2^-25
+
+ADAI_HD bool beta1_prod_done(float b_max) { return b_max <= kBeta1ProdDone; }
+
+// One step of the NaN-propagating max of |b| (start from 0): once NaN, stays NaN.
+ADAI_HD float max_abs_nan(float acc, float b) {
+  const float a = b < 0.0f ? -b : b;
+  return (a > acc || a != a) ? a : acc;
 }
 
 }  // namespace adai

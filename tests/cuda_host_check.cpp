@@ -8,10 +8,10 @@
 //   by element (with g = grad * grad_mul), nothing outside the chunk is touched, the
 //   per-thread sums add up; a skipped step writes nothing; v_sum's per-thread sums equal
 //   update's bitwise (whatever path each takes);
-// - stats: each thread's four sums (g^2, (g + l2 theta)^2, g theta, theta^2, g unscaled) are
-//   bitwise adai_math.h's element values added in the canonical order, equal on the vector
-//   and scalar paths, and add up exactly over threads; a tensor's share of the statistics row
-//   (stats_tensor_row);
+// - stats: each thread's four sums (adai_math.h's StatsSum: g^2, (g + l2 theta)^2, g theta,
+//   theta^2, g unscaled) are bitwise adai_math.h's element values added in the canonical
+//   order, equal on the vector and scalar paths, and add up exactly over threads; a tensor's
+//   share of the statistics row (stats_tensor_row);
 // - update_args: the rows summed in row order, adai::globals, the skip conditions, the
 //   gradient multiplier and the learning rate from lr_tensor;
 // and it checks the chunk table (multi_tensor.h) against a linear search. Built and run by
@@ -94,6 +94,41 @@ UpdateArgs make_args(const Consts& c, float grad_mul, float inv_vbar, bool skip 
   return a;
 }
 
+// A skipped step writes nothing (and sums nothing), on either path.
+template <typename T>
+void check_skipped_update(Buf<T>& p, Buf<T>& g, Buf<float>& m, Buf<float>& v, Buf<float>& b,
+                          int nthreads, bool aligned, float inv_bc2, const UpdateArgs& skip,
+                          int offset) {
+  const int64_t len = p.n;
+  Buf<T> p0(len, offset);
+  Buf<float> m0(len, offset), v0(len, offset), b0(len, offset);
+  copy_buf(p0, p); copy_buf(m0, m); copy_buf(v0, v); copy_buf(b0, b);
+  float total = 0.0f;
+  for (int tid = 0; tid < nthreads; ++tid) {
+    total += update_thread<T>(tid, nthreads, p.data, g.data, m.data, v.data, b.data, len,
+                              aligned, inv_bc2, skip);
+  }
+  CHECK(total == 0.0f && same_bytes(p, p0) && same_bytes(m, m0) && same_bytes(v, v0) &&
+            same_bytes(b, b0),
+        "update<%s> len=%lld offset=%d: a skipped step wrote", type_name<T>(), (long long)len,
+        offset);
+}
+
+// v_sum over the new v, on either path, gives every thread's sum of update bitwise.
+void check_v_sum_matches_update(const Buf<float>& v, const std::vector<float>& per_thread,
+                                const char* tn, int offset) {
+  const int nthreads = static_cast<int>(per_thread.size());
+  for (bool v_aligned : {aligned16(v.data), false}) {
+    bool same = true;
+    for (int tid = 0; tid < nthreads; ++tid) {
+      const float s = v_sum_thread(tid, nthreads, v.data, v.n, v_aligned);
+      same = same && std::memcmp(&s, &per_thread[tid], sizeof(float)) == 0;
+    }
+    CHECK(same, "v_sum<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
+          tn, (long long)v.n, offset, nthreads, (int)v_aligned);
+  }
+}
+
 template <typename T>
 void check_update(int64_t len, int offset, int nthreads, const Consts& c, float grad_mul,
                   uint32_t seed) {
@@ -126,20 +161,8 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
   const bool aligned = aligned16(p.data) && aligned16(g.data) && aligned16(m.data) &&
                        aligned16(v.data) && aligned16(b.data);
   const char* tn = type_name<T>();
-  {  // a skipped step writes nothing, on either path
-    Buf<T> p0(len, offset);
-    Buf<float> m0(len, offset), v0(len, offset), b0(len, offset);
-    copy_buf(p0, p); copy_buf(m0, m); copy_buf(v0, v); copy_buf(b0, b);
-    const UpdateArgs skip = make_args(c, grad_mul, inv_vbar, /*skip=*/true);
-    float total = 0.0f;
-    for (int tid = 0; tid < nthreads; ++tid) {
-      total += update_thread<T>(tid, nthreads, p.data, g.data, m.data, v.data, b.data, len,
-                                aligned, inv_bc2, skip);
-    }
-    CHECK(total == 0.0f && same_bytes(p, p0) && same_bytes(m, m0) && same_bytes(v, v0) &&
-              same_bytes(b, b0),
-          "update<%s> len=%lld offset=%d: a skipped step wrote", tn, (long long)len, offset);
-  }
+  check_skipped_update(p, g, m, v, b, nthreads, aligned, inv_bc2,
+                       make_args(c, grad_mul, inv_vbar, /*skip=*/true), offset);
   const UpdateArgs args = make_args(c, grad_mul, inv_vbar);
   double v_sum = 0.0;
   std::vector<float> per_thread(nthreads);
@@ -148,16 +171,7 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
                                        len, aligned, inv_bc2, args);
     v_sum += per_thread[tid];
   }
-  // v_sum over the new v, on either path, gives every thread's sum bitwise.
-  for (bool v_aligned : {aligned16(v.data), false}) {
-    bool same = true;
-    for (int tid = 0; tid < nthreads; ++tid) {
-      const float s = v_sum_thread(tid, nthreads, v.data, len, v_aligned);
-      same = same && std::memcmp(&s, &per_thread[tid], sizeof(float)) == 0;
-    }
-    CHECK(same, "v_sum<%s> len=%lld offset=%d threads=%d aligned=%d: differs from update's",
-          tn, (long long)len, offset, nthreads, (int)v_aligned);
-  }
+  check_v_sum_matches_update(v, per_thread, tn, offset);
   CHECK(same_bytes(p, pe), "update<%s> len=%lld offset=%d threads=%d mul=%g: params differ",
         tn, (long long)len, offset, nthreads, grad_mul);
   CHECK(same_bytes(g, ge), "update<%s> len=%lld offset=%d: grads were written", tn,
@@ -175,16 +189,16 @@ void check_update(int64_t len, int offset, int nthreads, const Consts& c, float 
 template <typename T, bool kL2>
 StatsSums canonical_stats(int tid, int nthreads, const T* g, const T* p, int64_t len,
                           float inv_scale, const Consts& c) {
-  StatsSums s = {0.0f, 0.0f, 0.0f, 0.0f};
+  StatsSums s = {{0.0f, 0.0f, 0.0f, 0.0f}};
   for (int64_t q = tid; q * kGroup < len; q += nthreads) {
     for (int64_t e = q * kGroup; e < len && e < (q + 1) * kGroup; ++e) {
       const float ge = static_cast<float>(g[e]) * inv_scale;
-      s.gg += ge * ge;
+      s.v[kSumGg] += ge * ge;
       if (kL2) {
         const float th = static_cast<float>(p[e]);
-        s.b += adai::grad_sq(ge, th, c);
-        s.gt += ge * th;
-        s.tt += th * th;
+        s.v[kSumGradSq] += adai::grad_sq(ge, th, c);
+        s.v[kSumGt] += ge * th;
+        s.v[kSumTt] += th * th;
       }
     }
   }
@@ -209,13 +223,13 @@ void check_stats(int64_t len, int offset, int nthreads, uint32_t seed) {
   }
   const float inv_scale = 0.5f;
   const Consts c = adai::make_consts(0.0, 0.0, 0.99, 0.0, kL2 ? 1.0 : 0.0, false, 1.0);
-  double gg = 0.0, bb = 0.0, gt = 0.0, tt = 0.0;
+  double gg = 0.0, grad_sq = 0.0, gt = 0.0, tt = 0.0;
   for (int64_t e = 0; e < len; ++e) {
     const double gd = 0.5 * static_cast<double>(static_cast<float>(g.data[e]));
     const double th = static_cast<double>(static_cast<float>(p.data[e]));
     gg += gd * gd;
     if (kL2) {
-      bb += (gd + th) * (gd + th);
+      grad_sq += (gd + th) * (gd + th);
       gt += gd * th;
       tt += th * th;
     }
@@ -228,16 +242,14 @@ void check_stats(int64_t len, int offset, int nthreads, uint32_t seed) {
         stats_thread<T, kL2>(tid, nthreads, g.data, p.data, len, aligned, inv_scale, c);
     canonical = canonical && same_sums(s, canonical_stats<T, kL2>(tid, nthreads, g.data,
                                                                   p.data, len, inv_scale, c));
-    sum[0] += s.gg;
-    sum[1] += s.b;
-    sum[2] += s.gt;
-    sum[3] += s.tt;
+    for (int k = 0; k < kStatsSums; ++k) sum[k] += s.v[k];
   }
-  CHECK(sum[0] == gg && sum[1] == bb && sum[2] == gt && sum[3] == tt,
+  CHECK(sum[kSumGg] == gg && sum[kSumGradSq] == grad_sq && sum[kSumGt] == gt &&
+            sum[kSumTt] == tt,
         "stats<%s,l2=%d> len=%lld offset=%d threads=%d: (%.17g %.17g %.17g %.17g) != "
         "(%.17g %.17g %.17g %.17g)",
         type_name<T>(), (int)kL2, (long long)len, offset, nthreads, sum[0], sum[1], sum[2],
-        sum[3], gg, bb, gt, tt);
+        sum[3], gg, grad_sq, gt, tt);
   CHECK(canonical, "stats<%s,l2=%d> len=%lld offset=%d threads=%d: not the canonical sums",
         type_name<T>(), (int)kL2, (long long)len, offset, nthreads);
 }
@@ -266,9 +278,11 @@ void check_stats_paths(int64_t len, int nthreads, uint32_t seed) {
     CHECK(same_sums(a, b) && same_sums(a, e),
           "stats<%s,l2=%d> len=%lld thread %d: vector path %.9g, scalar path %.9g, "
           "canonical %.9g (gg)",
-          type_name<T>(), (int)kL2, (long long)len, tid, a.gg, b.gg, e.gg);
+          type_name<T>(), (int)kL2, (long long)len, tid, a.v[kSumGg], b.v[kSumGg],
+          e.v[kSumGg]);
     if (!kL2) {
-      CHECK(a.b == 0.0f && a.gt == 0.0f && a.tt == 0.0f, "stats without L2 summed b/gt/tt");
+      CHECK(a.v[kSumGradSq] == 0.0f && a.v[kSumGt] == 0.0f && a.v[kSumTt] == 0.0f,
+            "stats without L2 summed grad_sq/gt/tt");
     }
   }
 }
@@ -293,7 +307,7 @@ void check_no_l2_ignores_theta() {
 void check_stats_tensor_row() {
   const double beta2 = 0.99, v_sum = 12.5;
   const float k = 3.0f;
-  const double s[kStatsSums] = {7.0, 9.5, -1.25, 4.0};  // gg, b, gt, tt
+  const double s[kStatsSums] = {7.0, 9.5, -1.25, 4.0};  // gg, grad_sq, gt, tt
   const double bc2 = 1.0 - std::pow(beta2, 3.0), w = (1.0 - beta2) / bc2;
   double row[kStatsColumns];
   for (double& x : row) x = -1.0;
@@ -307,7 +321,7 @@ void check_stats_tensor_row() {
             row[kBgt] == w * (-1.25 * 0.5) && row[kBtt] == w * (4.0 * 0.0625) &&
             row[kGn] == 7.0 && row[kN] == -1.0,
         "stats row with L2");
-  // Consistency: unclipped, A + B == A + Bgg + Bgt + Btt when b = gg + 2 l2 gt + l2^2 tt.
+  // Consistency: unclipped, A + B == A + Bgg + Bgt + Btt when grad_sq = gg + 2 l2 gt + l2^2 tt.
   const double s2[kStatsSums] = {3.0, 3.0 + 2 * 0.25 * 2.0 + 0.0625 * 8.0, 2.0, 8.0};
   stats_tensor_row(beta2, l2, 0.0, 1.0f, s2, row);
   CHECK(row[kB] == row[kBgg] + row[kBgt] + row[kBtt], "expanded B");
@@ -356,7 +370,12 @@ void check_update_args() {
     const UpdateArgs a = update_args(in);
     CHECK(a.inv_vbar == 0.0f && !a.skip && a.grad_mul == 1.0f, "update_args without rows");
   }
-  // Clipping, scale, found_inf, non-finite norms, lr_tensor.
+}
+
+// update_args on one row: clipping, scale, found_inf, non-finite norms, lr_tensor. (Long: a
+// table of cases and the one loop that checks each.)
+void check_update_args_controls() {
+  const Consts c = adai::make_consts(1e-2, 0.1, 0.99, 1e-3, 0.0, false, 1.0);
   const double inf = std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const Consts cw = adai::make_consts(1e-2, 0.1, 0.99, 1e-3, 0.05, true, 1.0);
@@ -454,7 +473,10 @@ void check_chunk_table(uint32_t seed) {
     }
     CHECK(c == total, "chunk count");
   }
-  // 64-bit: a tensor of 2^31 + 5 elements after small ones.
+}
+
+// 64-bit chunk indices (a tensor of 2^31 + 5 elements after small ones), and the table layout.
+void check_chunk_table_large() {
   const int64_t big = (int64_t{1} << 31) + 5;
   const int64_t numels[3] = {7, big, 3};
   int64_t prefix[4];
@@ -509,9 +531,11 @@ void check_type(uint32_t seed) {
 
 int main() {
   check_chunk_table(1);
+  check_chunk_table_large();
   check_no_l2_ignores_theta();
   check_stats_tensor_row();
   check_update_args();
+  check_update_args_controls();
   check_type<float>(100);
   check_type<c10::Half>(200000);
   check_type<c10::BFloat16>(400000);

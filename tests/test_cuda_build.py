@@ -1,5 +1,7 @@
 """Checks of the CUDA kernels that need no GPU (they run in CI on a CPU machine).
 
+- Every build declares every op schema of csrc/op_schemas.h (without CUDA, `_chunk_table`
+  and `_upload` have no kernel).
 - When `adai_kernels._C` was built with CUDA: the ops have CUDA kernels, the chunk table the
   kernels use (`adai::_chunk_table`, a CPU test hook) is right, and the module holds cubins
   for sm_80 and sm_90. Skipped when it was built without CUDA.
@@ -64,6 +66,34 @@ def test_upload_op_is_cuda_only():
         "adai::_upload(Tensor src, Tensor(a!) dst) -> ()"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("adai::_upload", "CUDA")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("adai::_upload", "CPU")
+    with pytest.raises(NotImplementedError):
+        torch.ops.adai._upload(torch.zeros(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8))
+
+
+def _declared_schemas() -> list[str]:
+    """Every schema of csrc/op_schemas.h (its string literals joined), read as text."""
+    src = (ROOT / "csrc" / "op_schemas.h").read_text()
+    decls = re.findall(r"constexpr const char\* k\w+ =(.*?);", src, re.S)
+    return ["".join(re.findall(r'"([^"]*)"', d)) for d in decls]
+
+
+@pytest.mark.skipif(_C is None, reason="adai_kernels._C is not importable")
+def test_every_schema_is_declared_in_every_build():
+    """csrc/ops.cpp declares all of op_schemas.h's schemas, with or without the CUDA kernels.
+    Without them, _chunk_table and _upload are schemas without a kernel: a call says so."""
+    schemas = _declared_schemas()
+    names = [s.split("(", 1)[0] for s in schemas]
+    assert set(OPS) | {"_chunk_table", "_upload"} <= set(names), names
+    for name, schema in zip(names, schemas):
+        declared = getattr(torch.ops.adai, name).default._schema
+        assert str(declared) == str(torch._C.parse_schema(f"adai::{schema}")), name
+    if _WHY_NOT is None:
+        return  # the CUDA build: the tests above run the kernels of both
+    for name in ("_chunk_table", "_upload"):
+        for key in ("CPU", "CUDA", "CompositeImplicitAutograd"):
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"adai::{name}", key)
+    with pytest.raises(NotImplementedError):
+        torch.ops.adai._chunk_table([4, 1], 4)
     with pytest.raises(NotImplementedError):
         torch.ops.adai._upload(torch.zeros(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8))
 

@@ -27,7 +27,7 @@ if EMU:
 
 ops = torch.ops.adai_emu
 THREADS = 64  # selftest.cpp's block size
-PAYLOAD = 32 * 1024 - 64  # csrc/cuda/kernels.h, kPayloadBytes
+PAYLOAD = 32 * 1024 - 64  # csrc/cuda/launchers.h, kPayloadBytes
 DEFAULT = ("forward", "random", 0, 0.05)  # scheduler.h's Config
 
 
@@ -94,9 +94,13 @@ def test_random_schedule_exposes_a_missing_barrier():
 
 
 def test_the_kernels_shared_variables_are_found():
+    """The shared variables of every kernel: those of the skeleton (csrc/cuda/chunk_kernel.cuh)
+    for each body, and so each kernel's."""
     names = ops._shared_variables()
-    for kernel in ("12stats_kernel", "13update_kernel", "12v_sum_kernel"):
-        assert any(kernel in n and "5s_red" in n for n in names), kernel
+    for body in ("9StatsBody", "10UpdateBody", "8VSumBody"):
+        for var in ("5s_red", "7s_block", "6s_last"):
+            assert any("16run_chunk_kernel" in n and body in n and var in n for n in names), \
+                (body, var)
 
 
 # (block order, thread policy, seed, chance that a memory built-in yields)

@@ -233,9 +233,21 @@ def _launch(name: str, grid: tuple, *args, **chosen) -> None:
 
 
 # --------------------------------------------------------------------------- op bodies
-def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out):
+def _refuse(op: str, dtype, **given) -> None:
+    """What the Triton kernels do not implement (yet): say so rather than ignore it."""
+    if dtype is torch.float64:
+        checks.fail(op, "the Triton kernels step float32, bfloat16 and float16 params, not "
+                        "float64")
+    for name, t in given.items():
+        if t is not None:
+            checks.fail(op, f"`{name}` is not supported by the Triton kernels")
+
+
+def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out, master):
     op = f"{NAMESPACE}::stats"
-    dtype = checks.check_stats(op, params, grads, segments, steps, v_sums, grad_scale, out)
+    dtype = checks.check_stats(op, params, grads, segments, steps, v_sums, master, grad_scale,
+                               out)
+    _refuse(op, dtype, master=master)
     n = len(params)
     if n == 0:
         out.zero_()
@@ -267,12 +279,18 @@ def _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, o
 
 
 def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
-                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
-                 weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite):
+                 stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
+                 decoupled, dampening, max_grad_norm, skip_nonfinite, beta1_prod_max, master,
+                 rounding_seed, rounding_index):
     op = f"{NAMESPACE}::update"
     dtype, state_len = checks.check_update(op, params, grads, segments, exp_avg, exp_avg_sq,
-                                           beta1_prod, v_sums, steps, stats, grad_scale,
-                                           found_inf, lr_tensor)
+                                           beta1_prod, v_sums, steps, beta1_prod_max, master,
+                                           stats, grad_scale, found_inf, lr_tensor,
+                                           rounding_seed, rounding_index)
+    _refuse(op, dtype, beta1_prod_max=beta1_prod_max, master=master,
+            rounding_seed=rounding_seed)
+    if beta1_prod.numel() != state_len:
+        checks.fail(op, "an empty (freed) `beta1_prod` is not supported by the Triton kernels")
     n = len(params)
     if n == 0:
         return
@@ -357,21 +375,25 @@ def _register() -> None:
     @torch.library.custom_op(f"{NAMESPACE}::stats", mutates_args=("steps", "out"))
     def stats(params: list[Tensor], grads: list[Tensor], segments: Tensor, steps: Tensor,
               v_sums: Tensor, grad_scale: Optional[Tensor], beta2: float, l2: float,
-              out: Tensor) -> None:
-        _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out)
+              out: Tensor, master: Optional[Tensor] = None) -> None:
+        _stats_impl(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out, master)
 
     @torch.library.custom_op(
         f"{NAMESPACE}::update",
-        mutates_args=("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums", "steps"))
+        mutates_args=("params", "exp_avg", "exp_avg_sq", "beta1_prod", "v_sums", "steps",
+                      "beta1_prod_max", "master"))
     def update(params: list[Tensor], grads: list[Tensor], segments: Tensor, exp_avg: Tensor,
                exp_avg_sq: Tensor, beta1_prod: Tensor, v_sums: Tensor, steps: Tensor,
                stats: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                lr_tensor: Optional[Tensor], lr: float, beta0: float, beta2: float, eps: float,
                weight_decay: float, decoupled: bool, dampening: float, max_grad_norm: float,
-               skip_nonfinite: bool) -> None:
+               skip_nonfinite: bool, beta1_prod_max: Optional[Tensor] = None,
+               master: Optional[Tensor] = None, rounding_seed: Optional[Tensor] = None,
+               rounding_index: Optional[Tensor] = None) -> None:
         _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps,
                      stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps,
-                     weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite)
+                     weight_decay, decoupled, dampening, max_grad_norm, skip_nonfinite,
+                     beta1_prod_max, master, rounding_seed, rounding_index)
 
     @torch.library.custom_op(f"{NAMESPACE}::v_sum", mutates_args=("v_sums",))
     def v_sum(exp_avg_sq: Tensor, segments: Tensor, v_sums: Tensor) -> None:

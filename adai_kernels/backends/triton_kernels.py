@@ -210,8 +210,9 @@ def _masked_sum(x, mask, MASKED: tl.constexpr):
 def _stats_chunk(g_ptr, p_ptr, offs, mask, inv_scale, l2, partials, P, pid,
                  CODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_L2: tl.constexpr,
                  MASKED: tl.constexpr):
-    """A chunk's fp32 sums of g^2 and, with L2, of (g + l2 theta)^2, g theta and theta^2
-    (g unscaled), stored as float64 in partials[q * P + pid], q = 0, 1, 2, 3."""
+    """A chunk's fp32 sums (adai_math.h StatsSum, g unscaled): gg = g^2 and, with L2,
+    grad_sq = (g + l2 theta)^2, gt = g theta and tt = theta^2, stored as float64 in
+    partials[q * P + pid], q = 0, 1, 2, 3."""
     g = _load_param(g_ptr, offs, mask, CODE, MASKED)
     if HAS_SCALE:
         g = g * inv_scale
@@ -268,7 +269,8 @@ def stats_finalize_kernel(meta, partials, P, contrib, T, HAS_L2: tl.constexpr,
     if HAS_L2:
         two_l2 = tl.load(meta + 3).to(tl.float64, bitcast=True)
         l2_sq = tl.load(meta + 4).to(tl.float64, bitcast=True)
-        B = w * _segment_sum(meta, T, t, partials + P, S_NC, S_NCOL, FB)
+        grad_sq = _segment_sum(meta, T, t, partials + P, S_NC, S_NCOL, FB)
+        B = w * grad_sq
         Bgt = w * (two_l2 * _segment_sum(meta, T, t, partials + 2 * P, S_NC, S_NCOL, FB))
         Btt = w * (l2_sq * _segment_sum(meta, T, t, partials + 3 * P, S_NC, S_NCOL, FB))
     else:

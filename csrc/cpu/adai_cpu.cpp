@@ -45,7 +45,8 @@
 #include <vector>
 
 #include "adai_math.h"
-#include "op_checks.h"
+#include "op_prologue.h"
+#include "param_dtype.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -186,17 +187,21 @@ inline void blocked_sums(int64_t n, double* s, const VecBody& vec, const TailBod
   }
 }
 
-// Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32):
-//   s[kSgg] = sum g^2; with kL2 also s[kSge] = sum (g + l2 theta)^2, s[kSgt] = sum g theta,
-//   s[kStt] = sum theta^2 (theta is read only when kL2).
-enum ChunkSum { kSgg = 0, kSge = 1, kSgt = 2, kStt = 3, kChunkSums = 4 };
+// Sums of phase 1 over one chunk of n elements, g = grad * inv_scale (fp32), in the order of
+// adai_math.h's StatsSum: s[kSumGg] = sum g^2; with kL2 also s[kSumGradSq] =
+// sum (g + l2 theta)^2, s[kSumGt] = sum g theta, s[kSumTt] = sum theta^2 (theta is read only
+// when kL2).
+using adai::kSumGg;
+using adai::kSumGradSq;
+using adai::kSumGt;
+using adai::kSumTt;
 
 template <typename scalar_t, bool kL2>
 void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scale,
                  const adai::Consts& c, double* s) {
   const fVec scale(inv_scale);
   if constexpr (kL2) {
-    blocked_sums<kChunkSums>(
+    blocked_sums<adai::kStatsSums>(
         n, s,
         [&](int64_t i, fVec* x0, fVec* x1) {
           fVec g0, g1, p0, p1;
@@ -204,22 +209,22 @@ void stats_chunk(const scalar_t* g, const scalar_t* p, int64_t n, float inv_scal
           IO<scalar_t>::load(p + i, p0, p1);
           g0 = g0 * scale;
           g1 = g1 * scale;
-          x0[kSgg] = g0 * g0;
-          x1[kSgg] = g1 * g1;
-          x0[kSge] = adai::grad_sq(g0, p0, c);
-          x1[kSge] = adai::grad_sq(g1, p1, c);
-          x0[kSgt] = g0 * p0;
-          x1[kSgt] = g1 * p1;
-          x0[kStt] = p0 * p0;
-          x1[kStt] = p1 * p1;
+          x0[kSumGg] = g0 * g0;
+          x1[kSumGg] = g1 * g1;
+          x0[kSumGradSq] = adai::grad_sq(g0, p0, c);
+          x1[kSumGradSq] = adai::grad_sq(g1, p1, c);
+          x0[kSumGt] = g0 * p0;
+          x1[kSumGt] = g1 * p1;
+          x0[kSumTt] = p0 * p0;
+          x1[kSumTt] = p1 * p1;
         },
         [&](int64_t i, float* t) {
           const float gi = static_cast<float>(g[i]) * inv_scale;
           const float pi = static_cast<float>(p[i]);
-          t[kSgg] = gi * gi;
-          t[kSge] = adai::grad_sq(gi, pi, c);
-          t[kSgt] = gi * pi;
-          t[kStt] = pi * pi;
+          t[kSumGg] = gi * gi;
+          t[kSumGradSq] = adai::grad_sq(gi, pi, c);
+          t[kSumGt] = gi * pi;
+          t[kSumTt] = pi * pi;
         });
   } else {
     blocked_sums<1>(
@@ -378,76 +383,9 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
-// ---- validation ---------------------------------------------------------------------------
-
-bool is_param_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// Same element -> memory mapping (and so the same memory order): same sizes, and the same
-// strides in every dimension of size > 1 (strides of size-1 dimensions are irrelevant).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  const auto as = a.sizes(), bs = b.sizes();
-  if (as != bs) return false;
-  const auto at_ = a.strides(), bt = b.strides();
-  for (size_t d = 0; d < as.size(); ++d) {
-    if (as[d] > 1 && at_[d] != bt[d]) return false;
-  }
-  return true;
-}
-
-void check_cpu(const char* op, const char* name, size_t i, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
-              ", expected a CPU tensor");
-}
-
-// params[i] and grads[i].
-void check_tensor(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g) {
-  check_cpu(op, "params", i, p);
-  check_cpu(op, "grads", i, g);
-  TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-              p.scalar_type(), "; expected float32, bfloat16 or float16");
-  TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
-              g.scalar_type(), " but params[", i, "] has ", p.scalar_type());
-  TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
-              "] must be non-overlapping and dense");
-  TORCH_CHECK(same_layout(g, p), op, ": grads[", i, "] (sizes ", g.sizes(), ", strides ",
-              g.strides(), ") must have the sizes and strides of params[", i, "] (sizes ",
-              p.sizes(), ", strides ", p.strides(), ")");
-}
+// ---- the ops ------------------------------------------------------------------------------
 
 const at::Device kCpu(at::kCPU);
-
-// An optional control tensor (grad_scale, found_inf, lr_tensor; adai::check_control): its
-// value, or `absent`.
-float optional_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                      float absent) {
-  return adai::check_control(op, name, t, kCpu) ? *t->const_data_ptr<float>() : absent;
-}
-
-// 1 / grad_scale, computed in double and rounded to float (as GradScaler.unscale_).
-float inv_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
-  const float scale = optional_scalar(op, "grad_scale", grad_scale, 1.0f);
-  return static_cast<float>(1.0 / static_cast<double>(scale));
-}
-
-// Calls f(tag) with a value of the parameter's C++ type (float, c10::BFloat16, c10::Half).
-template <typename F>
-void dispatch_param(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "adai: unsupported parameter dtype ", t);
-  }
-}
 
 // Raw pointers of one tensor list, taken once per call (the chunk loops then touch no
 // at::Tensor). Dtypes are checked by the caller; read-only lists use const_data_ptr, so that
@@ -471,48 +409,13 @@ std::vector<int64_t> numels(at::TensorList ts) {
   return out;
 }
 
-// ---- the ops ------------------------------------------------------------------------------
-
-
-// params[i], grads[i] and segments[i] of every tensor; n_slots: the length of steps / v_sums.
-void check_tensors(const char* op, at::TensorList params, at::TensorList grads,
-                   const int64_t* rows, int64_t state_len, int64_t n_slots) {
-  std::vector<char> seen(static_cast<size_t>(n_slots), 0);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_tensor(op, i, params[i], grads[i]);
-    adai::check_segment(op, i, rows + adai::kSegmentColumns * i, params[i].numel(), state_len,
-                        seen);
-  }
-}
-
-inline int64_t seg(const int64_t* rows, size_t i, adai::SegmentColumn col) {
-  return rows[adai::kSegmentColumns * i + col];
-}
-
-void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
-               const at::Tensor& steps, const at::Tensor& v_sums,
-               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
-               const at::Tensor& out) {
-  const char* op = "adai::stats";
-  const size_t n = params.size();
-  adai::check_len(op, "grads", grads.size(), n);
-  const int64_t* rows = adai::segment_rows(op, segments, n);
-  adai::check_slots(op, steps, v_sums, kCpu);
-  TORCH_CHECK(out.device().is_cpu(), op, ": `out` is on ", out.device(),
-              ", expected a CPU tensor");
-  adai::check_stats_row(op, out);
-  check_tensors(op, params, grads, rows, -1, steps.numel());
-  const float inv_scale = inv_grad_scale(op, grad_scale);
-  const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
-  // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
-  // adai::effective_grad adds the term), and the row's expanded columns use the same value.
-  const bool use_l2 = c.l2 != 0.0f;
-  const double l2d = static_cast<double>(c.l2);
-  const int K = use_l2 ? kChunkSums : 1;
-
+// stats' per-tensor sums: sums[i * K + k] = tensor i's StatsSum k (K = kStatsSums with L2
+// decay, else 1: kSumGg), its chunks' sums added in chunk order.
+std::vector<double> stats_tensor_sums(at::TensorList params, at::TensorList grads,
+                                      const std::vector<int64_t>& numel, bool use_l2, int K,
+                                      float inv_scale, const adai::Consts& c) {
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   const std::vector<const void*> pp = data_ptrs<const void>(params);
-  const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
   const std::vector<Chunk> chunks = make_chunks(numel, first);
   std::vector<double> partial(chunks.size() * K, 0.0);
@@ -521,7 +424,7 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t i = ch.tensor;
       double* s = partial.data() + k * K;
-      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+      adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         const scalar_t* g = static_cast<const scalar_t*>(gp[i]) + ch.begin;
         if (use_l2) {
@@ -533,26 +436,50 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
       });
     });
   }
-  const std::vector<double> sums = tensor_sums(partial, first, n, K);
+  return tensor_sums(partial, first, numel.size(), K);
+}
 
+void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+               const at::Tensor& steps, const at::Tensor& v_sums,
+               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
+               const at::Tensor& out,
+               const std::optional<at::Tensor>& master) {
+  const char* op = "adai::stats";
+  const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
+                                              master, grad_scale, out, kCpu,
+                                              /*one_dtype=*/false);
+  adai::refuse_optionals(op, a, "CPU kernels");
+  const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
+  // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
+  // adai::effective_grad adds the term), and the row's expanded columns use the same value.
+  const bool use_l2 = c.l2 != 0.0f;
+  const int K = use_l2 ? adai::kStatsSums : 1;
+  const std::vector<int64_t> numel = numels(params);
+  const std::vector<double> sums = stats_tensor_sums(
+      params, grads, numel, use_l2, K, adai::inv_grad_scale(a.grad_scale), c);
+
+  // The bucket's row: the tensors' terms added in list order, each straight into its column
+  // (the compiler may fuse a term's multiply with that add, so this is not the CUDA kernels'
+  // per-tensor stats_tensor_row; written this way, the CPU row keeps its bits).
   double* step_p = steps.mutable_data_ptr<double>();
   const double* v_sum_p = v_sums.const_data_ptr<double>();
+  const double l2d = static_cast<double>(c.l2);
   double row[adai::kStatsColumns] = {};
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t slot = seg(rows, i, adai::kSlot);
+  for (size_t i = 0; i < a.n; ++i) {
+    const int64_t slot = adai::segment(a, i, adai::kSlot);
     double* k = step_p + slot;
     *k += 1.0;
     const double bc2 = adai::bias_correction2(beta2, *k);
     const double w = (1.0 - beta2) / bc2;
     const double V = v_sum_p[slot];
-    const double gg = sums[i * K + kSgg];
+    const double gg = sums[i * K + kSumGg];
     const double wgg = w * gg;
     row[adai::kA] += beta2 * V / bc2;
     if (use_l2) {
-      row[adai::kB] += w * sums[i * K + kSge];
+      row[adai::kB] += w * sums[i * K + kSumGradSq];
       row[adai::kBgg] += wgg;
-      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSgt]);
-      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kStt]);
+      row[adai::kBgt] += w * (2.0 * l2d * sums[i * K + kSumGt]);
+      row[adai::kBtt] += w * (l2d * l2d * sums[i * K + kSumTt]);
     } else {
       row[adai::kB] += wgg;
       row[adai::kBgg] += wgg;
@@ -565,58 +492,13 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
   for (int j = 0; j < adai::kStatsColumns; ++j) o[j * os] = row[j];
 }
 
-void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
-                const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                const at::Tensor& beta1_prod, const at::Tensor& v_sums, const at::Tensor& steps,
-                const at::Tensor& stats, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
-                double beta2, double eps, double weight_decay, bool decoupled,
-                double dampening, double max_grad_norm, bool skip_nonfinite) {
-  const char* op = "adai::update";
-  const size_t n = params.size();
-  adai::check_len(op, "grads", grads.size(), n);
-  const int64_t* rows = adai::segment_rows(op, segments, n);
-  const int64_t state_len = adai::check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
-                                               {&exp_avg, &exp_avg_sq, &beta1_prod}, kCpu);
-  adai::check_slots(op, steps, v_sums, kCpu);
-  TORCH_CHECK(stats.device().is_cpu(), op, ": `stats` is on ", stats.device(),
-              ", expected a CPU tensor");
-  adai::check_stats_matrix(op, stats);
-  check_tensors(op, params, grads, rows, state_len, steps.numel());
-  adai::check_disjoint(op, rows, n);
-  const float inv_scale = inv_grad_scale(op, grad_scale);
-  const bool inf_found = optional_scalar(op, "found_inf", found_inf, 0.0f) != 0.0f;
-  const bool has_lr_tensor = lr_tensor.has_value() && lr_tensor->defined();
-  const double lr_value =
-      has_lr_tensor ? static_cast<double>(optional_scalar(op, "lr_tensor", lr_tensor, 0.0f))
-                    : lr;
-
-  // The global statistics: the rows of `stats` added in row order.
-  double totals[adai::kStatsColumns] = {};
-  {
-    const double* sp = stats.const_data_ptr<double>();
-    const int64_t rs = stats.stride(0), cs = stats.stride(1);
-    for (int64_t r = 0; r < stats.size(0); ++r) {
-      for (int j = 0; j < adai::kStatsColumns; ++j) totals[j] += sp[r * rs + j * cs];
-    }
-  }
-  double* step_p = steps.mutable_data_ptr<double>();
-  const adai::Globals gl = adai::globals(totals, max_grad_norm, skip_nonfinite, inf_found);
-  if (gl.skip) {  // take back the increments of `stats`; nothing else is written
-    for (size_t i = 0; i < n; ++i) step_p[seg(rows, i, adai::kSlot)] -= 1.0;
-    return;
-  }
-  const float gmul = inv_scale * gl.clip;
-  const adai::Consts c =
-      adai::make_consts(lr_value, beta0, beta2, eps, weight_decay, decoupled, dampening);
-
-  std::vector<float> inv_bc2(n);
-  for (size_t i = 0; i < n; ++i) {
-    const double k = step_p[seg(rows, i, adai::kSlot)];
-    inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
-  }
-
+// update's fused pass over every element of the call (g = grad * gmul); returns each
+// tensor's sum of its new v, its chunks' sums added in chunk order.
+std::vector<double> update_tensors(at::TensorList params, at::TensorList grads,
+                                   const adai::OpArgs& a, const at::Tensor& exp_avg,
+                                   const at::Tensor& exp_avg_sq, const at::Tensor& beta1_prod,
+                                   float gmul, const std::vector<float>& inv_bc2,
+                                   float inv_vbar, const adai::Consts& c) {
   const std::vector<void*> pp = data_ptrs<void>(params);
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   float* const m_base = exp_avg.mutable_data_ptr<float>();
@@ -630,48 +512,85 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
       const int64_t i = ch.tensor;
       const int64_t o = ch.begin;
-      const int64_t so = seg(rows, static_cast<size_t>(i), adai::kOffset) + o;
-      dispatch_param(params[i].scalar_type(), [&](auto tag) {
+      const int64_t so = adai::segment(a, static_cast<size_t>(i), adai::kOffset) + o;
+      adai::dispatch_param_dtype(params[i].scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
         partial[k] = update_chunk<scalar_t>(
             static_cast<scalar_t*>(pp[i]) + o, static_cast<const scalar_t*>(gp[i]) + o,
-            m_base + so, v_base + so, b_base + so, ch.len, gmul, inv_bc2[i], gl.inv_vbar, c);
+            m_base + so, v_base + so, b_base + so, ch.len, gmul, inv_bc2[i], inv_vbar, c);
       });
     });
   }
-  const std::vector<double> V = tensor_sums(partial, first, n, 1);
+  return tensor_sums(partial, first, a.n, 1);
+}
+
+// v_sums[slot_i] = V[i] for every tensor of the call.
+void write_v_sums(const adai::OpArgs& a, const std::vector<double>& V,
+                  const at::Tensor& v_sums) {
   double* v_sum_p = v_sums.mutable_data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) v_sum_p[seg(rows, i, adai::kSlot)] = V[i];
+  for (size_t i = 0; i < a.n; ++i) v_sum_p[adai::segment(a, i, adai::kSlot)] = V[i];
+}
+
+void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                const at::Tensor& beta1_prod, const at::Tensor& v_sums, const at::Tensor& steps,
+                const at::Tensor& stats,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
+                double beta2, double eps, double weight_decay, bool decoupled,
+                double dampening, double max_grad_norm, bool skip_nonfinite,
+                const std::optional<at::Tensor>& beta1_prod_max,
+                const std::optional<at::Tensor>& master,
+                const std::optional<at::Tensor>& rounding_seed,
+                const std::optional<at::Tensor>& rounding_index) {
+  const char* op = "adai::update";
+  const adai::OpArgs a = adai::update_prologue(
+      op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
+      grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
+      kCpu, /*one_dtype=*/false);
+  adai::refuse_optionals(op, a, "CPU kernels");
+  double totals[adai::kStatsColumns];
+  adai::sum_stats_rows(stats.const_data_ptr<double>(), stats.size(0), stats.stride(0),
+                       stats.stride(1), totals);
+  const bool inf_found = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  const adai::Globals gl = adai::globals(totals, max_grad_norm, skip_nonfinite, inf_found);
+  double* step_p = steps.mutable_data_ptr<double>();
+  if (gl.skip) {  // take back the increments of `stats`; nothing else is written
+    for (size_t i = 0; i < a.n; ++i) step_p[adai::segment(a, i, adai::kSlot)] -= 1.0;
+    return;
+  }
+  const double lr_value = a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : lr;
+  const adai::Consts c =
+      adai::make_consts(lr_value, beta0, beta2, eps, weight_decay, decoupled, dampening);
+  std::vector<float> inv_bc2(a.n);
+  for (size_t i = 0; i < a.n; ++i) {
+    const double k = step_p[adai::segment(a, i, adai::kSlot)];
+    inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
+  }
+  const float gmul = adai::inv_grad_scale(a.grad_scale) * gl.clip;
+  write_v_sums(a,
+               update_tensors(params, grads, a, exp_avg, exp_avg_sq, beta1_prod, gmul, inv_bc2,
+                              gl.inv_vbar, c),
+               v_sums);
 }
 
 void v_sum_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                const at::Tensor& v_sums) {
-  const char* op = "adai::v_sum";
-  // the rows name the tensors: n is whatever segments has (its shape is checked first)
-  const size_t n = segments.dim() == 2 ? static_cast<size_t>(segments.size(0)) : 0;
-  const int64_t* rows = adai::segment_rows(op, segments, n);
-  adai::check_flat(op, "exp_avg_sq", exp_avg_sq, at::kFloat, kCpu);
-  adai::check_flat(op, "v_sums", v_sums, at::kDouble, kCpu);
-  std::vector<char> seen(static_cast<size_t>(v_sums.numel()), 0);
-  std::vector<int64_t> numel(n);
-  for (size_t i = 0; i < n; ++i) {
-    adai::check_segment(op, i, rows + adai::kSegmentColumns * i, -1, exp_avg_sq.numel(), seen);
-    numel[i] = seg(rows, i, adai::kNumel);
-  }
-  adai::check_disjoint(op, rows, n);
+  const adai::OpArgs a = adai::v_sum_prologue("adai::v_sum", exp_avg_sq, segments, v_sums, kCpu);
+  std::vector<int64_t> numel(a.n);
+  for (size_t i = 0; i < a.n; ++i) numel[i] = adai::segment(a, i, adai::kNumel);
   const float* const v_base = exp_avg_sq.const_data_ptr<float>();
   std::vector<int64_t> first;
   const std::vector<Chunk> chunks = make_chunks(numel, first);
   std::vector<double> partial(chunks.size(), 0.0);
   if (!chunks.empty()) {
     for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-      const int64_t so = seg(rows, static_cast<size_t>(ch.tensor), adai::kOffset) + ch.begin;
+      const int64_t so = adai::segment(a, static_cast<size_t>(ch.tensor), adai::kOffset) + ch.begin;
       partial[k] = v_sum_chunk(v_base + so, ch.len);
     });
   }
-  const std::vector<double> V = tensor_sums(partial, first, n, 1);
-  double* v_sum_p = v_sums.mutable_data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) v_sum_p[seg(rows, i, adai::kSlot)] = V[i];
+  write_v_sums(a, tensor_sums(partial, first, a.n, 1), v_sums);
 }
 
 }  // namespace

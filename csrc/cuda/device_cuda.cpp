@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../op_schemas.h"
 #include "device.h"
 #include "ops_host.h"
 
@@ -32,9 +31,10 @@ at::Tensor staging(size_t bytes, bool capturing) {
 }  // namespace cuda
 }  // namespace adai
 
-TORCH_LIBRARY_FRAGMENT(adai, m) {
-  m.def(adai::schema::kChunkTable, &adai::cuda::chunk_table);
-  m.def(adai::schema::kUpload);
+// _chunk_table has no tensor argument: a composite kernel serves every call (as the kernel
+// of m.def(schema, fn) would).
+TORCH_LIBRARY_IMPL(adai, CompositeImplicitAutograd, m) {
+  m.impl("_chunk_table", &adai::cuda::chunk_table);
 }
 
 TORCH_LIBRARY_IMPL(adai, CUDA, m) {

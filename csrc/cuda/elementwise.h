@@ -1,8 +1,8 @@
-// What one thread of a block does with one chunk: the element loops of both kernels, as
+// What one thread of a block does with one chunk: the element loops of the kernels, as
 // __host__ __device__ templates over the parameter type T (float, c10::Half, c10::BFloat16),
-// and the small per-tensor / per-launch arithmetic around them (a tensor's share of the
-// statistics row, the update's global inputs). The math is adai_math.h's; this file decides
-// which thread touches which element and what is summed where.
+// and update's global inputs (derived alike by every block). The math is adai_math.h's; this
+// file decides which thread touches which element and what is summed where. The kernels run
+// these loops through csrc/cuda/chunk_kernel.cuh.
 //
 // A chunk is processed by `nthreads` threads; thread `tid` takes a fixed set of its elements
 // that depends only on (tid, nthreads, len): see kGroup below. Because no element is shared
@@ -118,59 +118,28 @@ ADAI_HD void store_group(U* dst, const U* src) {
   for (int k = 0; k < kGroup; k += kPer) store16(dst + k, src + k);
 }
 
-// float(1 / double(scale)), as GradScaler.unscale_ computes it; 1 without a scale.
-ADAI_HD float inv_grad_scale(const float* grad_scale) {
-  return grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*grad_scale))
-                               : 1.0f;
-}
-
-// ---- phase 1 (adai::stats) -------------------------------------------------------------
-
-// One thread's per-element sums over its share of a chunk (float, canonical order), with g
-// the unscaled gradient: gg = sum g^2 always; with L2 decay also b = sum (g + l2 theta)^2
-// (adai::grad_sq), gt = sum g theta and tt = sum theta^2 (0 without L2).
-struct StatsSums {
-  float gg, b, gt, tt;
-};
-constexpr int kStatsSums = 4;  // partial columns of stats: gg, b, gt, tt (in this order)
-
-template <bool kL2>
-ADAI_HD void stats_element(float g, float theta, const Consts& c, StatsSums& s) {
-  s.gg += g * g;
-  if constexpr (kL2) {
-    s.b += adai::grad_sq(g, theta, c);
-    s.gt += g * theta;
-    s.tt += theta * theta;
-  }
-}
-
-// Phase 1: this thread's StatsSums over one chunk of `len` elements, in the canonical order,
-// with g = float(grad) * inv_scale. theta (p) is read only when kL2. Two groups (16
-// elements) in flight per thread.
-template <typename T, bool kL2>
-ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, int64_t len,
-                               bool aligned, float inv_scale, const Consts& c) {
-  constexpr int kIlp = 2;
-  StatsSums acc = {0.0f, 0.0f, 0.0f, 0.0f};
+// One thread's float sums over its share of a chunk of `len` elements, in the canonical order,
+// with kIlp groups loaded before any is added (loads in flight). stats and v_sum are its uses
+// (update stores what it computes, update_thread). `Terms` says what a group holds and adds:
+//   Terms::Group                           the registers of one group;
+//   terms.load(e0, r)                      the aligned whole group at element e0, as vectors;
+//   terms.load_partial(e0, n, r)           its first n elements one by one, zero after them;
+//   terms.add(r, k, acc)                   element k's terms into the thread's sums `acc`.
+template <int kIlp, typename Terms, typename Acc>
+ADAI_HD void sum_groups(int tid, int nthreads, int64_t len, bool aligned, const Terms& terms,
+                        Acc& acc) {
   const int64_t ngroups = (len + kGroup - 1) / kGroup;
-  const int64_t nvector = aligned ? len / kGroup : 0;
+  const int64_t nvector = aligned ? len / kGroup : 0;  // groups moved as vectors
   for (int64_t base = tid; base < ngroups; base += static_cast<int64_t>(kIlp) * nthreads) {
-    T rg[kIlp][kGroup];
-    T rp[kIlp][kGroup];
+    typename Terms::Group r[kIlp];
     ADAI_UNROLL
     for (int j = 0; j < kIlp; ++j) {
       const int64_t q = base + static_cast<int64_t>(j) * nthreads;
       const int64_t e0 = q * kGroup;
       if (q < nvector) {
-        load_group(g + e0, rg[j]);
-        if constexpr (kL2) load_group(p + e0, rp[j]);
+        terms.load(e0, r[j]);
       } else {
-        ADAI_UNROLL
-        for (int k = 0; k < kGroup; ++k) {
-          const bool in = k < len - e0;
-          rg[j][k] = in ? load1(g + e0 + k) : static_cast<T>(0.0f);
-          if constexpr (kL2) rp[j][k] = in ? load1(p + e0 + k) : static_cast<T>(0.0f);
-        }
+        terms.load_partial(e0, len - e0, r[j]);
       }
     }
     ADAI_UNROLL
@@ -178,33 +147,88 @@ ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, in
       const int64_t e0 = (base + static_cast<int64_t>(j) * nthreads) * kGroup;
       ADAI_UNROLL
       for (int k = 0; k < kGroup; ++k) {
-        if (k < len - e0) {
-          float th = 0.0f;
-          if constexpr (kL2) th = static_cast<float>(rp[j][k]);
-          stats_element<kL2>(static_cast<float>(rg[j][k]) * inv_scale, th, c, acc);
-        }
+        if (k < len - e0) terms.add(r[j], k, acc);
       }
     }
   }
+}
+
+// ---- phase 1 (adai::stats) -------------------------------------------------------------
+
+// One thread's per-element sums over its share of a chunk (float, canonical order), indexed
+// by adai_math.h's StatsSum, with g the unscaled gradient: v[kSumGg] = sum g^2 always; with
+// L2 decay also v[kSumGradSq] = sum (g + l2 theta)^2 (adai::grad_sq), v[kSumGt] = sum g theta
+// and v[kSumTt] = sum theta^2 (0 without L2).
+struct StatsSums {
+  float v[kStatsSums];
+};
+
+template <bool kL2>
+ADAI_HD void stats_element(float g, float theta, const Consts& c, StatsSums& s) {
+  s.v[kSumGg] += g * g;
+  if constexpr (kL2) {
+    s.v[kSumGradSq] += adai::grad_sq(g, theta, c);
+    s.v[kSumGt] += g * theta;
+    s.v[kSumTt] += theta * theta;
+  }
+}
+
+// sum_groups' terms of stats: g = float(grad) * inv_scale, theta (p) read only when kL2.
+template <typename T, bool kL2>
+struct StatsTerms {
+  struct Group {
+    T g[kGroup];
+    T p[kGroup];
+  };
+  const T* g;
+  const T* p;
+  float inv_scale;
+  const Consts& c;
+
+  ADAI_HD void load(int64_t e0, Group& r) const {
+    load_group(g + e0, r.g);
+    if constexpr (kL2) load_group(p + e0, r.p);
+  }
+  ADAI_HD void load_partial(int64_t e0, int64_t n, Group& r) const {
+    ADAI_UNROLL
+    for (int k = 0; k < kGroup; ++k) {
+      const bool in = k < n;
+      r.g[k] = in ? load1(g + e0 + k) : static_cast<T>(0.0f);
+      if constexpr (kL2) r.p[k] = in ? load1(p + e0 + k) : static_cast<T>(0.0f);
+    }
+  }
+  ADAI_HD void add(const Group& r, int k, StatsSums& acc) const {
+    float th = 0.0f;
+    if constexpr (kL2) th = static_cast<float>(r.p[k]);
+    stats_element<kL2>(static_cast<float>(r.g[k]) * inv_scale, th, c, acc);
+  }
+};
+
+// Phase 1: this thread's StatsSums over one chunk of `len` elements. Two groups (16 elements)
+// in flight per thread.
+template <typename T, bool kL2>
+ADAI_HD StatsSums stats_thread(int tid, int nthreads, const T* g, const T* p, int64_t len,
+                               bool aligned, float inv_scale, const Consts& c) {
+  StatsSums acc = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  sum_groups<2>(tid, nthreads, len, aligned, StatsTerms<T, kL2>{g, p, inv_scale, c}, acc);
   return acc;
 }
 
-// One tensor's share of the statistics row (columns kA .. kGn of adai_math.h's StatsColumn;
-// kN is the caller's), from its previous v sum, its incremented step k and the float64 sums
-// s of its StatsSums (gg, b, gt, tt; b, gt, tt unused without L2, where B = Bgg and
-// Bgt = Btt = 0). l2 is the float Consts::l2 the elements used.
+// One tensor's share of the statistics row: columns kA .. kGn (kN is the caller's), from its
+// previous v sum, its incremented step k and its StatsSum sums s (s[kSumGg] only when
+// l2 == 0). l2 is the float Consts::l2 the elements used.
 ADAI_HD void stats_tensor_row(double beta2, float l2, double v_sum, double k, const double* s,
                               double* row) {
   const double bc2 = bias_correction2(beta2, k);
   const double w = (1.0 - beta2) / bc2;
-  const double gg = s[0];
+  const double gg = s[kSumGg];
   row[kA] = beta2 * v_sum / bc2;
   row[kBgg] = w * gg;
   if (l2 != 0.0f) {
     const double l2d = static_cast<double>(l2);
-    row[kB] = w * s[1];
-    row[kBgt] = w * (s[2] * (2.0 * l2d));
-    row[kBtt] = w * (s[3] * (l2d * l2d));
+    row[kB] = w * s[kSumGradSq];
+    row[kBgt] = w * (s[kSumGt] * (2.0 * l2d));
+    row[kBtt] = w * (s[kSumTt] * (l2d * l2d));
   } else {
     row[kB] = row[kBgg];
     row[kBgt] = 0.0;
@@ -239,12 +263,7 @@ struct UpdateArgs {
 // The rows summed column by column in row order, then adai::globals.
 ADAI_HD UpdateArgs update_args(const UpdateInputs& in) {
   double totals[kStatsColumns];
-  for (int k = 0; k < kStatsColumns; ++k) totals[k] = 0.0;
-  for (int64_t r = 0; r < in.rows; ++r) {
-    for (int k = 0; k < kStatsColumns; ++k) {
-      totals[k] += in.stats[r * in.row_stride + k * in.col_stride];
-    }
-  }
+  sum_stats_rows(in.stats, in.rows, in.row_stride, in.col_stride, totals);
   const bool found_inf = in.found_inf != nullptr && *in.found_inf != 0.0f;
   const Globals gl = adai::globals(totals, in.max_grad_norm, in.skip_nonfinite, found_inf);
   UpdateArgs a;
@@ -260,6 +279,62 @@ ADAI_HD UpdateArgs update_args(const UpdateInputs& in) {
   return a;
 }
 
+// update_thread's two ways through one group of kGroup elements at e0: adai::update on every
+// element in place, the new v added to vacc in element order.
+template <typename T>
+ADAI_HD void update_group_vector(T* p, const T* g, float* m, float* v, float* b, int64_t e0,
+                                 float inv_bc2, const UpdateArgs& a, float& vacc) {
+  float rp[kGroup], rg[kGroup], rm[kGroup], rv[kGroup], rb[kGroup];
+  T tp[kGroup], tg[kGroup];
+  load_group(p + e0, tp);
+  load_group(g + e0, tg);
+  load_group(m + e0, rm);
+  load_group(v + e0, rv);
+  load_group(b + e0, rb);
+  ADAI_UNROLL
+  for (int k = 0; k < kGroup; ++k) {
+    rp[k] = static_cast<float>(tp[k]);
+    rg[k] = static_cast<float>(tg[k]) * a.grad_mul;
+  }
+  ADAI_UNROLL
+  for (int k = 0; k < kGroup; ++k) {
+    vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a.inv_vbar, a.c);
+    tp[k] = static_cast<T>(rp[k]);
+  }
+  store_group(p + e0, tp);
+  store_group(m + e0, rm);
+  store_group(v + e0, rv);
+  store_group(b + e0, rb);
+}
+
+// The first n (<= kGroup) elements at e0, element by element.
+template <typename T>
+ADAI_HD void update_group_scalar(T* p, const T* g, float* m, float* v, float* b, int64_t e0,
+                                 int64_t n, float inv_bc2, const UpdateArgs& a, float& vacc) {
+  float rp[kGroup], rg[kGroup], rm[kGroup], rv[kGroup], rb[kGroup];
+  ADAI_UNROLL
+  for (int k = 0; k < kGroup; ++k) {
+    rp[k] = rg[k] = rm[k] = rv[k] = rb[k] = 0.0f;
+    if (k < n) {
+      rp[k] = static_cast<float>(load1(p + e0 + k));
+      rg[k] = static_cast<float>(load1(g + e0 + k)) * a.grad_mul;
+      rm[k] = load1(m + e0 + k);
+      rv[k] = load1(v + e0 + k);
+      rb[k] = load1(b + e0 + k);
+    }
+  }
+  ADAI_UNROLL
+  for (int k = 0; k < kGroup; ++k) {
+    if (k < n) {
+      vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, a.inv_vbar, a.c);
+      store1(p + e0 + k, static_cast<T>(rp[k]));
+      store1(m + e0 + k, rm[k]);
+      store1(v + e0 + k, rv[k]);
+      store1(b + e0 + k, rb[k]);
+    }
+  }
+}
+
 // Phase 2: updates this thread's elements of one chunk in place (theta, m, v, b; g is read)
 // with g = float(grad) * a.grad_mul, and returns the sum of their new v, in the canonical
 // order. Writes nothing (and returns 0) when a.skip.
@@ -269,94 +344,40 @@ ADAI_HD float update_thread(int tid, int nthreads, T* p, const T* g, float* m, f
                             const UpdateArgs& a) {
   float vacc = 0.0f;
   if (a.skip) return vacc;
-  const Consts& c = a.c;
-  const float inv_vbar = a.inv_vbar;
-  const float mul = a.grad_mul;
   const int64_t ngroups = (len + kGroup - 1) / kGroup;
   const int64_t nvector = aligned ? len / kGroup : 0;  // groups moved as vectors
   for (int64_t q = tid; q < ngroups; q += nthreads) {
     const int64_t e0 = q * kGroup;
-    float rp[kGroup], rg[kGroup], rm[kGroup], rv[kGroup], rb[kGroup];
     if (q < nvector) {
-      T tp[kGroup], tg[kGroup];
-      load_group(p + e0, tp);
-      load_group(g + e0, tg);
-      load_group(m + e0, rm);
-      load_group(v + e0, rv);
-      load_group(b + e0, rb);
-      ADAI_UNROLL
-      for (int k = 0; k < kGroup; ++k) {
-        rp[k] = static_cast<float>(tp[k]);
-        rg[k] = static_cast<float>(tg[k]) * mul;
-      }
-      ADAI_UNROLL
-      for (int k = 0; k < kGroup; ++k) {
-        vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, inv_vbar, c);
-        tp[k] = static_cast<T>(rp[k]);
-      }
-      store_group(p + e0, tp);
-      store_group(m + e0, rm);
-      store_group(v + e0, rv);
-      store_group(b + e0, rb);
+      update_group_vector(p, g, m, v, b, e0, inv_bc2, a, vacc);
     } else {
       const int64_t n = len - e0 < kGroup ? len - e0 : kGroup;
-      ADAI_UNROLL
-      for (int k = 0; k < kGroup; ++k) {
-        rp[k] = rg[k] = rm[k] = rv[k] = rb[k] = 0.0f;
-        if (k < n) {
-          rp[k] = static_cast<float>(load1(p + e0 + k));
-          rg[k] = static_cast<float>(load1(g + e0 + k)) * mul;
-          rm[k] = load1(m + e0 + k);
-          rv[k] = load1(v + e0 + k);
-          rb[k] = load1(b + e0 + k);
-        }
-      }
-      ADAI_UNROLL
-      for (int k = 0; k < kGroup; ++k) {
-        if (k < n) {
-          vacc += adai::update(rp[k], rg[k], rm[k], rv[k], rb[k], inv_bc2, inv_vbar, c);
-          store1(p + e0 + k, static_cast<T>(rp[k]));
-          store1(m + e0 + k, rm[k]);
-          store1(v + e0 + k, rv[k]);
-          store1(b + e0 + k, rb[k]);
-        }
-      }
+      update_group_scalar(p, g, m, v, b, e0, n, inv_bc2, a, vacc);
     }
   }
   return vacc;
 }
 
-// v_sum: this thread's share of the sum of v over one chunk, in update_thread's order.
-ADAI_HD float v_sum_thread(int tid, int nthreads, const float* v, int64_t len, bool aligned) {
-  constexpr int kIlp = 2;  // groups in flight per thread
-  float acc = 0.0f;
-  const int64_t ngroups = (len + kGroup - 1) / kGroup;
-  const int64_t nvector = aligned ? len / kGroup : 0;
-  for (int64_t base = tid; base < ngroups; base += static_cast<int64_t>(kIlp) * nthreads) {
-    float rv[kIlp][kGroup];
+// sum_groups' terms of v_sum: the v values themselves.
+struct VSumTerms {
+  struct Group {
+    float v[kGroup];
+  };
+  const float* v;
+
+  ADAI_HD void load(int64_t e0, Group& r) const { load_group(v + e0, r.v); }
+  ADAI_HD void load_partial(int64_t e0, int64_t n, Group& r) const {
     ADAI_UNROLL
-    for (int j = 0; j < kIlp; ++j) {
-      const int64_t q = base + static_cast<int64_t>(j) * nthreads;
-      const int64_t e0 = q * kGroup;
-      if (q < nvector) {
-        load_group(v + e0, rv[j]);
-      } else {
-        ADAI_UNROLL
-        for (int k = 0; k < kGroup; ++k) {
-          rv[j][k] = k < len - e0 ? load1(v + e0 + k) : 0.0f;
-        }
-      }
-    }
-    ADAI_UNROLL
-    for (int j = 0; j < kIlp; ++j) {
-      const int64_t q = base + static_cast<int64_t>(j) * nthreads;
-      const int64_t e0 = q * kGroup;
-      ADAI_UNROLL
-      for (int k = 0; k < kGroup; ++k) {
-        if (k < len - e0) acc += rv[j][k];
-      }
-    }
+    for (int k = 0; k < kGroup; ++k) r.v[k] = k < n ? load1(v + e0 + k) : 0.0f;
   }
+  ADAI_HD void add(const Group& r, int k, float& acc) const { acc += r.v[k]; }
+};
+
+// v_sum: this thread's share of the sum of v over one chunk, in update_thread's order (two
+// groups in flight per thread).
+ADAI_HD float v_sum_thread(int tid, int nthreads, const float* v, int64_t len, bool aligned) {
+  float acc = 0.0f;
+  sum_groups<2>(tid, nthreads, len, aligned, VSumTerms{v}, acc);
   return acc;
 }
 

@@ -1,6 +1,6 @@
 // Host launch code of adai::stats, adai::update and adai::v_sum on the CUDA kernels (schemas:
-// csrc/op_schemas.h, semantics: docs/design.md): input validation (state buffers and the
-// segments table: csrc/op_checks.h), the per-launch table (multi_tensor.h) and the launches
+// csrc/op_schemas.h, semantics: docs/design.md): input validation (csrc/op_prologue.h, shared
+// with the CPU kernels), the per-launch table (multi_tensor.h) and the launches
 // (stats.cu, update.cu). Shared by the CUDA build and the CPU emulator of the kernels: what
 // differs between them (streams, staging memory, which tensors are on the device) is behind
 // device.h. Also adai::_chunk_table, a CPU test hook exposing the chunk table the kernels use,
@@ -28,10 +28,10 @@
 #include <vector>
 
 #include "../adai_math.h"
-#include "../op_checks.h"
+#include "../op_prologue.h"
 #include "device.h"
 #include "elementwise.h"
-#include "kernels.h"
+#include "launchers.h"
 #include "multi_tensor.h"
 
 namespace adai {
@@ -40,48 +40,12 @@ namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-void check_device(const char* op, const char* name, size_t i, const at::Tensor& t,
-                  const at::Device& device) {
-  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
-              " but the op runs on ", device, "; all tensors must be on one ", device::kName,
-              " device");
-}
-
-void check_param_dtype(const char* op, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": params must be float32, float16 or bfloat16, got ", dtype);
-}
-
-// Same sizes, and the same strides in every dimension of size > 1 (the strides of size-1
-// dimensions do not change where elements are).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-void check_param(const char* op, size_t i, const at::Tensor& p, at::ScalarType dtype,
-                 const at::Device& device) {
-  check_device(op, "params", i, p, device);
-  TORCH_CHECK(p.scalar_type() == dtype, op, ": params[", i, "] has dtype ", p.scalar_type(),
-              " but params[0] has ", dtype, "; all params of one call must share a dtype");
-  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": params[", i,
-              "] must be non-overlapping and dense, got shape ", p.sizes(), " and strides ",
-              p.strides());
-}
-
-// A tensor that must match params[i]: dtype, device, shape and strides.
-void check_like(const char* op, const char* name, size_t i, const at::Tensor& t,
-                const at::Tensor& param, at::ScalarType dtype, const at::Device& device) {
-  check_device(op, name, i, t, device);
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
-              t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(same_layout(t, param), op, ": ", name, "[", i, "] has shape ", t.sizes(),
-              " and strides ", t.strides(), " but params[", i, "] has shape ", param.sizes(),
-              " and strides ", param.strides(), "; they must match");
+// Where an op runs: the device of `t`, its first device tensor, which must be on a device
+// these kernels run on.
+at::Device op_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && device::holds(t), op, ": `", name, "` must be a ", device::kName,
+              " tensor");
+  return t.device();
 }
 
 // Writes the host part of a table (header with a zero counter, prefix sums, metas) to `h`.
@@ -133,11 +97,30 @@ LaunchTable upload_table(const char* op, const std::vector<TensorMeta>& metas,
   return t;
 }
 
-// An optional control tensor (grad_scale, found_inf, lr_tensor; adai::check_control): its
-// device pointer, or null when absent.
-const float* optional_scalar(const char* op, const char* name,
-                             const std::optional<at::Tensor>& t, const at::Device& device) {
-  return adai::check_control(op, name, t, device) ? t->const_data_ptr<float>() : nullptr;
+// Uploads the table of `metas` on the current stream of `device` and calls
+// launch(table, stream) there. The table's device buffer is freed after the launch is queued:
+// the caching allocator reuses it only after the stream's earlier work. partial_cols,
+// tensor_cols: table_layout's.
+template <typename Launch>
+void launch_with_table(const char* op, const std::vector<TensorMeta>& metas,
+                       const at::Device& device, const Launch& launch, int partial_cols = 1,
+                       int tensor_cols = 1) {
+  c10::DeviceGuard guard(device);
+  const device::Stream stream = device::current_stream(device);
+  at::Tensor buffer;
+  const LaunchTable t =
+      upload_table(op, metas, device, stream, buffer, partial_cols, tensor_cols);
+  launch(t, stream.handle);
+}
+
+// The meta of the tensor whose segment is `row`: zero (every uploaded byte is defined) but
+// for its step and v_sum slots (step_base null: v_sum reads no step).
+TensorMeta slot_meta(const int64_t* row, double* step_base, double* v_sum_base) {
+  TensorMeta m;
+  std::memset(&m, 0, sizeof(m));
+  m.step = step_base != nullptr ? step_base + row[kSlot] : nullptr;
+  m.v_sum = v_sum_base + row[kSlot];
+  return m;
 }
 
 // Where the states of a tensor start in `buffer` (its row of `segments`, checked).
@@ -150,52 +133,39 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
 void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
               const at::Tensor& steps, const at::Tensor& v_sums,
               const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
-              const at::Tensor& out) {
+              const at::Tensor& out,
+              const std::optional<at::Tensor>& master) {
   const char* op = "adai::stats";
-  const size_t n = params.size();
-  adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(out.defined() && device::holds(out), op, ": `out` must be a ", device::kName,
-              " tensor");
-  const at::Device device = out.device();
-  adai::check_stats_row(op, out);
-  const int64_t* rows = adai::segment_rows(op, segments, n);
-  adai::check_slots(op, steps, v_sums, device);
-  const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
-  check_param_dtype(op, dtype);
-  const float* scale = optional_scalar(op, "grad_scale", grad_scale, device);
+  const at::Device device = op_device(op, "out", out);
+  const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
+                                              master, grad_scale, out, device,
+                                              /*one_dtype=*/true);
+  adai::refuse_optionals(op, a, "CUDA kernels");
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
   double* step_base = steps.mutable_data_ptr<double>();
   double* v_sum_base = const_cast<double*>(v_sums.const_data_ptr<double>());
-  std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
-  std::vector<TensorMeta> metas(n);
+  std::vector<TensorMeta> metas(a.n);
   double numel = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    check_param(op, i, params[i], dtype, device);
-    check_like(op, "grads", i, grads[i], params[i], dtype, device);
-    const int64_t* row = rows + kSegmentColumns * i;
-    // stats reads no state buffer: only numel and slot matter.
-    adai::check_segment(op, i, row, params[i].numel(), /*state_len=*/-1, seen);
-    TensorMeta& m = metas[i];
-    std::memset(&m, 0, sizeof(m));
+  for (size_t i = 0; i < a.n; ++i) {
+    TensorMeta& m = metas[i] = slot_meta(a.rows + kSegmentColumns * i, step_base, v_sum_base);
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     m.param = use_l2 ? const_cast<void*>(params[i].const_data_ptr()) : nullptr;
-    m.step = step_base + row[kSlot];
-    m.v_sum = v_sum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
     numel += static_cast<double>(m.numel);
   }
 
-  c10::DeviceGuard guard(device);
-  const device::Stream stream = device::current_stream(device);
-  at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, stream, buffer,
-                                     use_l2 ? kStatsSums : 1, kStatsColumns - 1);
-  launch_stats(t, dtype, use_l2,
-               adai::make_consts(0.0, 0.0, beta2, 0.0, l2, /*decoupled=*/false, 1.0), beta2,
-               scale, numel, out.mutable_data_ptr<double>(), out.stride(0), stream.handle);
+  const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, /*decoupled=*/false, 1.0);
+  double* row = out.mutable_data_ptr<double>();
+  launch_with_table(
+      op, metas, device,
+      [&](const LaunchTable& t, cudaStream_t stream) {
+        launch_stats(t, a.dtype, use_l2, c, beta2, a.grad_scale, numel, row, out.stride(0),
+                     stream);
+      },
+      use_l2 ? kStatsSums : 1, kStatsColumns - 1);
 }
 
 void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
@@ -206,52 +176,42 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& lr_tensor, double lr, double beta0,
                double beta2, double eps, double weight_decay, bool decoupled,
-               double dampening, double max_grad_norm, bool skip_nonfinite) {
+               double dampening, double max_grad_norm, bool skip_nonfinite,
+               const std::optional<at::Tensor>& beta1_prod_max,
+               const std::optional<at::Tensor>& master,
+               const std::optional<at::Tensor>& rounding_seed,
+               const std::optional<at::Tensor>& rounding_index) {
   const char* op = "adai::update";
-  const size_t n = params.size();
-  adai::check_len(op, "grads", grads.size(), n);
-  TORCH_CHECK(stats.defined() && device::holds(stats), op, ": `stats` must be a ",
-              device::kName, " tensor");
-  const at::Device device = stats.device();
-  adai::check_stats_matrix(op, stats);
-  const int64_t* rows = adai::segment_rows(op, segments, n);
-  const int64_t state_len = adai::check_states(op, {"exp_avg", "exp_avg_sq", "beta1_prod"},
-                                               {&exp_avg, &exp_avg_sq, &beta1_prod}, device);
-  adai::check_slots(op, steps, v_sums, device);
-  const at::ScalarType dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
-  check_param_dtype(op, dtype);
-  UpdateInputs in{};
-  in.grad_scale = optional_scalar(op, "grad_scale", grad_scale, device);
-  in.found_inf = optional_scalar(op, "found_inf", found_inf, device);
-  in.lr_tensor = optional_scalar(op, "lr_tensor", lr_tensor, device);
+  const at::Device device = op_device(op, "stats", stats);
+  const adai::OpArgs a = adai::update_prologue(
+      op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
+      grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
+      device, /*one_dtype=*/true);
+  adai::refuse_optionals(op, a, "CUDA kernels");
+  if (a.n == 0) return;
 
   double* step_base = steps.mutable_data_ptr<double>();
   double* v_sum_base = v_sums.mutable_data_ptr<double>();
-  std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
-  std::vector<TensorMeta> metas(n);
-  for (size_t i = 0; i < n; ++i) {
-    check_param(op, i, params[i], dtype, device);
-    check_like(op, "grads", i, grads[i], params[i], dtype, device);
-    const int64_t* row = rows + kSegmentColumns * i;
-    adai::check_segment(op, i, row, params[i].numel(), state_len, seen);
-    TensorMeta& m = metas[i];
-    std::memset(&m, 0, sizeof(m));
+  std::vector<TensorMeta> metas(a.n);
+  for (size_t i = 0; i < a.n; ++i) {
+    const int64_t* row = a.rows + kSegmentColumns * i;
+    TensorMeta& m = metas[i] = slot_meta(row, step_base, v_sum_base);
     m.param = params[i].mutable_data_ptr();
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     m.exp_avg = at_offset(exp_avg, row);
     m.exp_avg_sq = at_offset(exp_avg_sq, row);
     m.beta1_prod = at_offset(beta1_prod, row);
-    m.step = step_base + row[kSlot];
-    m.v_sum = v_sum_base + row[kSlot];
     m.numel = params[i].numel();
     m.aligned = aligned16(m.param) && aligned16(m.grad) && aligned16(m.exp_avg) &&
                         aligned16(m.exp_avg_sq) && aligned16(m.beta1_prod)
                     ? 1
                     : 0;
   }
-  adai::check_disjoint(op, rows, n);
-  if (n == 0) return;
 
+  UpdateInputs in{};
+  in.grad_scale = a.grad_scale;
+  in.found_inf = a.found_inf;
+  in.lr_tensor = a.lr_tensor;
   in.stats = stats.const_data_ptr<double>();
   in.rows = stats.size(0);
   in.row_stride = stats.stride(0);
@@ -261,46 +221,29 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   in.max_grad_norm = max_grad_norm;
   in.skip_nonfinite = skip_nonfinite;
 
-  c10::DeviceGuard guard(device);
-  const device::Stream stream = device::current_stream(device);
-  at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, stream, buffer);
-  launch_update(t, dtype, in, beta2, stream.handle);
+  launch_with_table(op, metas, device, [&](const LaunchTable& t, cudaStream_t stream) {
+    launch_update(t, a.dtype, in, beta2, stream);
+  });
 }
 
 void v_sum_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
               const at::Tensor& v_sums) {
   const char* op = "adai::v_sum";
-  TORCH_CHECK(exp_avg_sq.defined() && device::holds(exp_avg_sq), op, ": `exp_avg_sq` must be a ",
-              device::kName, " tensor");
-  const at::Device device = exp_avg_sq.device();
-  const int64_t state_len = adai::check_states(op, {"exp_avg_sq"}, {&exp_avg_sq}, device);
-  adai::check_flat(op, "v_sums", v_sums, at::kDouble, device);
-  // The rows name the tensors to sum: their number is the table's.
-  const size_t n = segments.defined() && segments.dim() == 2
-                       ? static_cast<size_t>(segments.size(0))
-                       : 0;
-  const int64_t* rows = adai::segment_rows(op, segments, n);
+  const at::Device device = op_device(op, "exp_avg_sq", exp_avg_sq);
+  const adai::OpArgs a = adai::v_sum_prologue(op, exp_avg_sq, segments, v_sums, device);
+  if (a.n == 0) return;
   double* v_sum_base = v_sums.mutable_data_ptr<double>();
-  std::vector<char> seen(static_cast<size_t>(v_sums.numel()), 0);
-  std::vector<TensorMeta> metas(n);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t* row = rows + kSegmentColumns * i;
-    adai::check_segment(op, i, row, /*expect_numel=*/-1, state_len, seen);
-    TensorMeta& m = metas[i];
-    std::memset(&m, 0, sizeof(m));
+  std::vector<TensorMeta> metas(a.n);
+  for (size_t i = 0; i < a.n; ++i) {
+    const int64_t* row = a.rows + kSegmentColumns * i;
+    TensorMeta& m = metas[i] = slot_meta(row, /*step_base=*/nullptr, v_sum_base);
     m.exp_avg_sq = const_cast<float*>(exp_avg_sq.const_data_ptr<float>()) + row[kOffset];
-    m.v_sum = v_sum_base + row[kSlot];
     m.numel = row[kNumel];
     m.aligned = aligned16(m.exp_avg_sq) ? 1 : 0;
   }
-  adai::check_disjoint(op, rows, n);
-  if (n == 0) return;
-  c10::DeviceGuard guard(device);
-  const device::Stream stream = device::current_stream(device);
-  at::Tensor buffer;
-  const LaunchTable t = upload_table(op, metas, device, stream, buffer);
-  launch_v_sum(t, stream.handle);
+  launch_with_table(op, metas, device, [&](const LaunchTable& t, cudaStream_t stream) {
+    launch_v_sum(t, stream);
+  });
 }
 
 // adai::_chunk_table(numels, chunk=-1): for every chunk of a launch over tensors with these

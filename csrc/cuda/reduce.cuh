@@ -1,6 +1,6 @@
-// Deterministic block reductions and the "last block finishes" handshake (device code only).
-// No float atomics: every sum is a fixed tree over fixed inputs, so results are bitwise
-// reproducible run to run.
+// Deterministic block reductions and the "last block finishes" handshake (device code only),
+// the steps of chunk_kernel.cuh's skeleton. No float atomics: every sum is a fixed tree over
+// fixed inputs, so results are bitwise reproducible run to run.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -72,12 +72,6 @@ __device__ __forceinline__ double tensors_sum(const LaunchTable& t, int col, dou
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < t.n; i += kBlock) acc += __ldcg(sums + i);
   return block_sum(acc, shared);
-}
-
-inline unsigned int grid_size(const LaunchTable& t) {
-  // A launch with no element work (no tensors, or all empty) still runs one block, which
-  // does the final reduction (writes zeros, increments steps).
-  return static_cast<unsigned int>(t.total_chunks > 0 ? t.total_chunks : 1);
 }
 
 }  // namespace cuda

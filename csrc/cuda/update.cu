@@ -1,19 +1,17 @@
-// adai::update and adai::v_sum on CUDA: one launch per call, one block per chunk
-// (multi_tensor.h). update: every block sums the statistics rows and derives the globals
-// (elementwise.h, update_args); a skipped step writes nothing but the step counters (block 0
-// takes back stats' increments). Otherwise one pass per element (adai::update from
-// adai_math.h, fp32 math); each block writes the double sum of its chunk's new v to its own
-// slot, and the last block to finish reduces the slots per tensor into v_sums. v_sum sums
-// given exp_avg_sq tensors in exactly the same order (elementwise.h), so its v_sums equal
-// update's bitwise.
-#include <c10/cuda/CUDAException.h>
+// adai::update and adai::v_sum on CUDA: UpdateBody and VSumBody, run by the chunk kernel
+// skeleton (chunk_kernel.cuh), one block per chunk. update: every block sums the statistics
+// rows and derives the globals (elementwise.h, update_args); a skipped step writes nothing but
+// the step counters (block 0 takes back stats' increments). Otherwise one pass per element
+// (adai::update from adai_math.h, fp32 math); each block sums its chunk's new v, and the last
+// block to finish writes every tensor's v_sum. v_sum sums given exp_avg_sq tensors in exactly
+// the same order (elementwise.h), so its v_sums equal update's bitwise.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../param_dtype.h"
+#include "chunk_kernel.cuh"
 #include "elementwise.h"
-#include "kernels.h"
-#include "launch.h"
-#include "reduce.cuh"
+#include "launchers.h"
 
 namespace adai {
 namespace cuda {
@@ -29,136 +27,131 @@ constexpr int kUpdateMinBlocks = 2;
 constexpr int kUpdateMinBlocks = 3;
 #endif
 
-// In the last block: v_sums[i] = the sum of tensor i's chunk partials (one warp per tensor;
-// empty tensors get 0).
-__device__ __forceinline__ void write_v_sums(const LaunchTable& t) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  for (int64_t i = warp; i < t.n; i += kBlock / 32) {
-    const double v_sum = tensor_partials_sum(t, i, lane);
-    if (lane == 0) *t.metas[i].v_sum = v_sum;
-  }
+// The last block's finish of update and v_sum: v_sums[i] = tensor i's sum (0 when empty).
+__device__ __forceinline__ void write_v_sum(const LaunchTable& t, int64_t i, double sum) {
+  *t.metas[i].v_sum = sum;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
-    update_kernel(LaunchTable t, UpdateInputs in, double beta2) {
-  __shared__ double s_red[kBlock / 32];
-  __shared__ T* s_param;
-  __shared__ const T* s_grad;
-  __shared__ float* s_exp_avg;
-  __shared__ float* s_exp_avg_sq;
-  __shared__ float* s_beta1_prod;
-  __shared__ int64_t s_len;
-  __shared__ int s_aligned;
-  __shared__ float s_inv_bc2;
-  __shared__ UpdateArgs s_args;
-  __shared__ int s_last;
+struct UpdateBody {
+  static constexpr int kSums = 1;  // the new v
+  struct Shared {
+    // What update_args derived for the whole launch (the rest of UpdateArgs::c is in.c).
+    float lr, lr_wd, grad_mul, inv_vbar;
+    int skip;
+    T* param;
+    const T* grad;
+    float* exp_avg;
+    float* exp_avg_sq;
+    float* beta1_prod;
+    int64_t len;
+    int aligned;
+    float inv_bc2;
+  };
+
+  UpdateInputs in;
+  double beta2;
 
   // Every block derives the same globals from the rows (they are few), so the skip decision
-  // needs no grid-wide handshake.
-  if (threadIdx.x == 0) s_args = update_args(in);
-  __syncthreads();
-  if (s_args.skip) {
-    // Skipped step: parameters, states and v_sums stay as they are; block 0 alone takes back
-    // the step increments of adai::stats (no other block reads the steps on this path).
+  // needs no grid-wide handshake. Skipped step: parameters, states and v_sums stay as they
+  // are; block 0 alone takes back the step increments of adai::stats (no other block reads
+  // the steps on this path).
+  __device__ bool begin_block(const LaunchTable& t, Shared& s) const {
+    if (threadIdx.x == 0) {
+      const UpdateArgs a = update_args(in);
+      s.lr = a.c.lr;
+      s.lr_wd = a.c.lr_wd;
+      s.grad_mul = a.grad_mul;
+      s.inv_vbar = a.inv_vbar;
+      s.skip = a.skip ? 1 : 0;
+    }
+    __syncthreads();
+    if (s.skip == 0) return true;
     if (blockIdx.x == 0) {
       for (int64_t i = threadIdx.x; i < t.n; i += kBlock) {
         double* step = t.metas[i].step;
         *step = *step - 1.0;
       }
     }
-    return;
+    return false;
   }
 
-  const int64_t chunk = blockIdx.x;
-  if (chunk < t.total_chunks) {
-    if (threadIdx.x == 0) {
-      const ChunkRef r = locate_chunk(t.prefix, t.n, chunk, kChunk);
-      const TensorMeta& m = t.metas[r.tensor];
-      s_param = static_cast<T*>(m.param) + r.begin;
-      s_grad = static_cast<const T*>(m.grad) + r.begin;
-      s_exp_avg = m.exp_avg + r.begin;
-      s_exp_avg_sq = m.exp_avg_sq + r.begin;
-      s_beta1_prod = m.beta1_prod + r.begin;
-      s_len = chunk_len(m.numel, r.begin, kChunk);
-      s_aligned = m.aligned;
-      s_inv_bc2 = static_cast<float>(1.0 / bias_correction2(beta2, *m.step));
-    }
-    __syncthreads();
+  __device__ void load_chunk(const TensorMeta& m, int64_t begin, int64_t len, Shared& s) const {
+    s.param = static_cast<T*>(m.param) + begin;
+    s.grad = static_cast<const T*>(m.grad) + begin;
+    s.exp_avg = m.exp_avg + begin;
+    s.exp_avg_sq = m.exp_avg_sq + begin;
+    s.beta1_prod = m.beta1_prod + begin;
+    s.len = len;
+    s.aligned = m.aligned;
+    s.inv_bc2 = static_cast<float>(1.0 / bias_correction2(beta2, *m.step));
+  }
+
+  __device__ void thread(const Shared& s, int tid, float* sums) const {
     // The constants from the kernel parameters (constant bank operands, no registers), only
     // what update_args derived on the device from shared memory.
     UpdateArgs args;
     args.c = in.c;
-    args.c.lr = s_args.c.lr;
-    args.c.lr_wd = s_args.c.lr_wd;
-    args.grad_mul = s_args.grad_mul;
-    args.inv_vbar = s_args.inv_vbar;
+    args.c.lr = s.lr;
+    args.c.lr_wd = s.lr_wd;
+    args.grad_mul = s.grad_mul;
+    args.inv_vbar = s.inv_vbar;
     args.skip = false;
-    const float vacc = update_thread<T>(static_cast<int>(threadIdx.x), kBlock, s_param, s_grad,
-                                        s_exp_avg, s_exp_avg_sq, s_beta1_prod, s_len,
-                                        s_aligned != 0, s_inv_bc2, args);
-    const double sum = block_sum(static_cast<double>(vacc), s_red);
-    if (threadIdx.x == 0) t.partials[chunk] = sum;
+    sums[0] = update_thread<T>(tid, kBlock, s.param, s.grad, s.exp_avg, s.exp_avg_sq,
+                               s.beta1_prod, s.len, s.aligned != 0, s.inv_bc2, args);
   }
-  if (!finish_block(t.counter, &s_last)) return;
-  write_v_sums(t);
-}
 
-__global__ void __launch_bounds__(kBlock) v_sum_kernel(LaunchTable t) {
-  __shared__ double s_red[kBlock / 32];
-  __shared__ const float* s_exp_avg_sq;
-  __shared__ int64_t s_len;
-  __shared__ int s_aligned;
-  __shared__ int s_last;
-
-  const int64_t chunk = blockIdx.x;
-  if (chunk < t.total_chunks) {
-    if (threadIdx.x == 0) {
-      const ChunkRef r = locate_chunk(t.prefix, t.n, chunk, kChunk);
-      const TensorMeta& m = t.metas[r.tensor];
-      s_exp_avg_sq = m.exp_avg_sq + r.begin;
-      s_len = chunk_len(m.numel, r.begin, kChunk);
-      s_aligned = m.aligned;
-    }
-    __syncthreads();
-    const float acc = v_sum_thread(static_cast<int>(threadIdx.x), kBlock, s_exp_avg_sq, s_len,
-                                  s_aligned != 0);
-    const double sum = block_sum(static_cast<double>(acc), s_red);
-    if (threadIdx.x == 0) t.partials[chunk] = sum;
+  __device__ void finish_tensor(const LaunchTable& t, int64_t i, const double* sums) const {
+    write_v_sum(t, i, sums[0]);
   }
-  if (!finish_block(t.counter, &s_last)) return;
-  write_v_sums(t);
-}
+  __device__ void finish_launch(const LaunchTable&, double*) const {}
+};
+
+struct VSumBody {
+  static constexpr int kSums = 1;  // v
+  struct Shared {
+    const float* exp_avg_sq;
+    int64_t len;
+    int aligned;
+  };
+
+  __device__ bool begin_block(const LaunchTable&, Shared&) const { return true; }
+  __device__ void load_chunk(const TensorMeta& m, int64_t begin, int64_t len, Shared& s) const {
+    s.exp_avg_sq = m.exp_avg_sq + begin;
+    s.len = len;
+    s.aligned = m.aligned;
+  }
+  __device__ void thread(const Shared& s, int tid, float* sums) const {
+    sums[0] = v_sum_thread(tid, kBlock, s.exp_avg_sq, s.len, s.aligned != 0);
+  }
+  __device__ void finish_tensor(const LaunchTable& t, int64_t i, const double* sums) const {
+    write_v_sum(t, i, sums[0]);
+  }
+  __device__ void finish_launch(const LaunchTable&, double*) const {}
+};
 
 template <typename T>
-void launch(const LaunchTable& t, const UpdateInputs& in, double beta2, cudaStream_t stream) {
-  ADAI_LAUNCH(grid_size(t), kBlock, stream, update_kernel<T>)(t, in, beta2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+__global__ void __launch_bounds__(kBlock, kUpdateMinBlocks)
+    update_kernel(LaunchTable t, UpdateBody<T> body) {
+  run_chunk_kernel(t, body);
+}
+
+__global__ void __launch_bounds__(kBlock) v_sum_kernel(LaunchTable t, VSumBody body) {
+  run_chunk_kernel(t, body);
 }
 
 }  // namespace
 
 void launch_update(const LaunchTable& t, c10::ScalarType dtype, const UpdateInputs& in,
                    double beta2, cudaStream_t stream) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      launch<float>(t, in, beta2, stream);
-      break;
-    case c10::ScalarType::Half:
-      launch<c10::Half>(t, in, beta2, stream);
-      break;
-    case c10::ScalarType::BFloat16:
-      launch<c10::BFloat16>(t, in, beta2, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "adai::update: unsupported param dtype ", dtype);
-  }
+  dispatch_param_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_chunk_kernel(update_kernel<T>, t, UpdateBody<T>{in, beta2}, stream);
+  });
 }
 
 void launch_v_sum(const LaunchTable& t, cudaStream_t stream) {
-  ADAI_LAUNCH(grid_size(t), kBlock, stream, v_sum_kernel)(t);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_chunk_kernel(v_sum_kernel, t, VSumBody{}, stream);
 }
 
 }  // namespace cuda

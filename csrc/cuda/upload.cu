@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "kernels.h"
+#include "launchers.h"
 #include "launch.h"
 
 namespace adai {

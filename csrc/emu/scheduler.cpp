@@ -284,13 +284,36 @@ int pick_ready(Grid& g) {
   return next;
 }
 
+// Whether the `lanes` lanes of the warp starting at fiber w0, all waiting at a shuffle, wait
+// at the same one with the same arguments; else sets g.error.
+bool same_shuffle(Grid& g, int w0, int lanes) {
+  const Fiber& first = g.fibers[w0];
+  const unsigned int full = lanes == kWarp ? 0xffffffffu : (1u << lanes) - 1u;
+  for (int l = 0; l < lanes; ++l) {
+    const Fiber& f = g.fibers[w0 + l];
+    if (f.file != first.file || f.line != first.line || f.shuffles != first.shuffles) {
+      g.error = "__shfl_down_sync: lanes of warp " + std::to_string(w0 / kWarp) +
+                " of block " + std::to_string(first.coords.block.x) + " meet at different "
+                "calls (" + where(first) + " at " + site(first.file, first.line) + " #" +
+                std::to_string(first.shuffles) + ", " + where(f) + " at " +
+                site(f.file, f.line) + " #" + std::to_string(f.shuffles) + ")";
+      return false;
+    }
+    if (f.mask != full || f.delta != first.delta || f.width != first.width) {
+      g.error = "__shfl_down_sync at " + site(f.file, f.line) + ": " + where(f) +
+                " passes mask/delta/width that differ from the warp's active lanes";
+      return false;
+    }
+  }
+  return true;
+}
+
 // Completes a warp's shuffle when all its lanes wait at it. Returns true when it did.
 bool resolve_shuffles(Grid& g) {
   const int n = static_cast<int>(g.fibers.size());
   bool progress = false;
   for (int w0 = 0; w0 < n; w0 += kWarp) {
     const int lanes = std::min(kWarp, n - w0);
-    Fiber& first = g.fibers[w0];
     bool any = false, all = true;
     const Fiber* exited = nullptr;
     for (int l = 0; l < lanes; ++l) {
@@ -309,23 +332,7 @@ bool resolve_shuffles(Grid& g) {
       }
     }
     if (!any || !all) continue;
-    const unsigned int full = lanes == kWarp ? 0xffffffffu : (1u << lanes) - 1u;
-    for (int l = 0; l < lanes; ++l) {
-      const Fiber& f = g.fibers[w0 + l];
-      if (f.file != first.file || f.line != first.line || f.shuffles != first.shuffles) {
-        g.error = "__shfl_down_sync: lanes of warp " + std::to_string(w0 / kWarp) +
-                  " of block " + std::to_string(first.coords.block.x) + " meet at different "
-                  "calls (" + where(first) + " at " + site(first.file, first.line) + " #" +
-                  std::to_string(first.shuffles) + ", " + where(f) + " at " +
-                  site(f.file, f.line) + " #" + std::to_string(f.shuffles) + ")";
-        return false;
-      }
-      if (f.mask != full || f.delta != first.delta || f.width != first.width) {
-        g.error = "__shfl_down_sync at " + site(f.file, f.line) + ": " + where(f) +
-                  " passes mask/delta/width that differ from the warp's active lanes";
-        return false;
-      }
-    }
+    if (!same_shuffle(g, w0, lanes)) return false;
     for (int l = 0; l < lanes; ++l) {
       Fiber& f = g.fibers[w0 + l];
       const int w = f.width;

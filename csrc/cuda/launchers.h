@@ -1,5 +1,5 @@
-// Launchers of the CUDA kernels (stats.cu; update.cu: update and v_sum; upload.cu), called by
-// ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
+// The launchers of the CUDA kernels (stats.cu; update.cu: update and v_sum; upload.cu), called
+// by ops_host.cpp with a table already uploaded on `stream`. Host-compilable: no device code.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,7 +13,7 @@
 namespace adai {
 namespace cuda {
 
-// Phase 1: per tensor the sums of elementwise.h's StatsSums (g = grad * inv_grad_scale);
+// Phase 1: per tensor the sums of adai_math.h's StatsSum (g = grad * inv_grad_scale);
 // the last block increments every step and writes the statistics row (adai_math.h,
 // StatsColumn; out[k * out_stride] for column k, kN = numel). Reads params only when use_l2.
 // grad_scale: a device pointer, or null.
