@@ -7,7 +7,7 @@ from array import array
 import torch
 
 from . import elision
-from .op_checks import is_dense
+from .op_checks import is_dense, state_dtype
 from .sharding import local
 
 ALIGN = 16  # elements; each segment starts 64-byte aligned, so vector loads stay aligned
@@ -16,12 +16,6 @@ BUFFER_KEYS = ("exp_avg", "exp_avg_sq", "beta1_prod")  # the state buffers of a 
 
 def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the state of parameters of `param_dtype`: float64 for float64, else
-    float32."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 def state_strides(param: torch.Tensor) -> tuple[int, ...]:

@@ -12,7 +12,8 @@ from collections import defaultdict
 import torch
 
 from . import plan, sharding
-from .buckets import BUFFER_KEYS, Bucket, state_dtype
+from .buckets import BUFFER_KEYS, Bucket
+from .op_checks import state_dtype
 from .validation import check_has_lr, validate_hyperparameters
 
 # A parameter's state, as opt.state and state_dict() show it.

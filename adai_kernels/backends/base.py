@@ -67,12 +67,14 @@ class OpsBackend(Backend):
     this wrapper."""
 
     def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load,
-                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, elides: bool = False):
         self.name = name
         self._calls = ops
         self._device_types = device_types
         self._load = load  # () -> str | None: imports the ops, returns why they are missing
         self._dtypes = dtypes  # the parameter dtypes its ops step
+        # its update takes beta1_prod_max and a freed beta1_prod (ops that do not refuse them)
+        self.elides_beta1_prod = elides
 
     def unavailable(self, device: torch.device) -> str | None:
         if device.type not in self._device_types:
@@ -96,6 +98,9 @@ class OpsBackend(Backend):
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g, b = work.group, work.bucket
         lr_tensor = work.lr_tensor
+        optional = {}
+        if self.elides_beta1_prod:  # None when the elision is off: no tensor done
+            optional["beta1_prod_max"] = b.beta1_prod_max
         self._ops.update(
             params=work.params, grads=work.grads, segments=work.segments,
             exp_avg=b.buffers["exp_avg"], exp_avg_sq=b.buffers["exp_avg_sq"],
@@ -104,7 +109,8 @@ class OpsBackend(Backend):
             lr=0.0 if lr_tensor is not None else g["lr"], beta0=g["betas"][0],
             beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
             decoupled=g["decoupled"], dampening=g["dampening"],
-            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite)
+            max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite,
+            **optional)
 
     def v_sum(self, bucket) -> None:
         self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=bucket.segments(),
