@@ -13,8 +13,9 @@ from collections import defaultdict
 
 import torch
 
-from . import precision, sharding
+from . import plan, precision, sharding
 from .buckets import BUFFER_KEYS, MASTER, Bucket
+from .op_checks import state_dtype
 from .validation import check_has_lr, check_seed, validate_hyperparameters
 
 # A parameter's state, as opt.state and state_dict() show it.
@@ -49,11 +50,13 @@ def numbering(opt) -> dict[int, tuple[int, torch.Tensor]]:
 def pack_state(opt) -> dict:
     """The state dict (before its hooks): per parameter with state, copies of its buffers
     (DTensors for DTensor parameters) and its step as an int; the groups with their
-    parameters' indices."""
-    steps = {}
+    parameters' indices. A done parameter's beta1_prod (adai_kernels/elision.py) is
+    reported as zeros: 1 - 0 == 1 - b == 1, so the authors' code continues on the same
+    trajectory, and a state dict does not depend on the elision."""
+    steps, done = {}, {}
     for bucket in opt._buckets.values():
-        for p, k in zip(bucket.params, bucket.steps_list()):
-            steps[id(p)] = k
+        for p, k, d in zip(bucket.params, bucket.steps_list(), bucket.done()):
+            steps[id(p)], done[id(p)] = k, d
     position = {id(p): i for i, (_, p) in numbering(opt).items()}
     state = {}
     for bucket in opt._buckets.values():
@@ -61,8 +64,11 @@ def pack_state(opt) -> dict:
             views = bucket.state_of(p)
             entry = {"step": steps[id(p)]}
             for k in BUFFER_KEYS:
-                entry[k] = sharding.like_param(
-                    views[k].clone(memory_format=torch.contiguous_format), p)
+                view = views[k]
+                copy = (torch.zeros(view.shape, dtype=view.dtype, device=view.device)
+                        if k == "beta1_prod" and done[id(p)]
+                        else view.clone(memory_format=torch.contiguous_format))
+                entry[k] = sharding.like_param(copy, p)
             if MASTER in views:
                 entry[MASTER_KEY] = sharding.like_param(
                     views[MASTER].clone(memory_format=torch.contiguous_format), p)
@@ -136,8 +142,8 @@ def loaded_buckets(opt, saved_state: dict, by_index: dict) -> dict[tuple, Bucket
         gi, p = by_index[saved_index]
         initial[(gi, p.device, p.dtype)].append((p, loaded_entry(entry, p, saved_index)))
 
-    for device in {key[1] for key in initial}:
-        opt._backend_for(device)
+    for key, items in initial.items():
+        plan.check_backend(opt, key[0], items[0][0])
     buckets = {}
     live = numbering(opt)  # the rounding indices number the parameters as state_dict() does
     for key, items in initial.items():
@@ -145,7 +151,7 @@ def loaded_buckets(opt, saved_state: dict, by_index: dict) -> dict[tuple, Bucket
         params = [p for p, _ in items]
         bucket.add(params, [e for _, e in items],
                    precision.first_indices(opt, key[2], live, params))
-        opt._backend_for(key[1]).v_sum(bucket)
+        opt._backend_for(key[1], key[2]).v_sum(bucket)
     return buckets
 
 
@@ -172,8 +178,8 @@ def commit(opt, groups: list[dict], buckets: dict[tuple, Bucket],
 
 
 def loaded_entry(entry: dict, p: torch.Tensor, key) -> dict:
-    """One parameter's loaded state, checked, as Bucket.add takes it (float32 tensors on the
-    parameter's device, shaped as its local shard)."""
+    """One parameter's loaded state, checked, as Bucket.add takes it (tensors of the state
+    dtype on the parameter's device, shaped as its local shard)."""
     missing = [k for k in STATE_KEYS if k not in entry]
     if missing:
         raise ValueError(f"loaded state of parameter {key} lacks {', '.join(missing)}")
@@ -205,4 +211,4 @@ def _loaded_buffer(t, name: str, p: torch.Tensor, key) -> torch.Tensor:
                          f"the parameter has shape {tuple(lp.shape)}")
     if t.is_complex() or not t.is_floating_point():
         raise ValueError(f"loaded state of parameter {key}: {name} is {t.dtype}")
-    return t.to(device=lp.device, dtype=torch.float32)
+    return t.to(device=lp.device, dtype=state_dtype(p.dtype))

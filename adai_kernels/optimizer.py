@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch.optim.optimizer import Optimizer, required
 
-from . import backends, checkpoint, plan, precision
+from . import backends, checkpoint, elision, plan, precision
 from .backends.base import GRAD_NORM_SQ, STATS_COLUMNS
 from .buckets import MASTER, Bucket
 from .checkpoint import MASTER_KEY, STATE_KEYS
@@ -79,7 +79,8 @@ class Adai(Optimizer):
                  decoupled=False, dampening=1.0, *, backend: str = "auto",
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  process_group=None, capturable: bool = False, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool = False, seed: int = 0,
+                 _elide_beta1_prod: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, dampening=dampening, capturable=capturable)
         validate_hyperparameters(defaults)
@@ -87,13 +88,17 @@ class Adai(Optimizer):
         check_precision_options(master_weights, stochastic_rounding, seed)
         backends.check_name(backend)
         self._set_options(backend, max_grad_norm, skip_nonfinite, process_group,
-                          master_weights, stochastic_rounding, seed)
+                          master_weights, stochastic_rounding, seed,
+                          _elide_beta1_prod=bool(_elide_beta1_prod))
         super().__init__(params, defaults)  # add_param_group checks each group's backend
 
     def _set_options(self, backend, max_grad_norm, skip_nonfinite, process_group,
-                     master_weights=False, stochastic_rounding=False, seed=0) -> None:
+                     master_weights=False, stochastic_rounding=False, seed=0,
+                     _elide_beta1_prod=True) -> None:
         """The keyword options (already checked), and no run-time structures yet: buckets
-        come with the first gradients or with loaded state, backends with each device."""
+        come with the first gradients or with loaded state, backends with each device.
+        `_elide_beta1_prod=False` (not public) turns the beta1_prod elision off, for tests
+        that compare it with the full path."""
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.process_group = process_group
@@ -102,10 +107,13 @@ class Adai(Optimizer):
         self.seed = seed
         self._seeds: dict[torch.device, torch.Tensor] = {}  # the seed on each device
         self._requested_backend = backend
+        self._elide_beta1_prod = _elide_beta1_prod
         self._last_stats: list[torch.Tensor] = []
         self._mesh_group = None  # the DTensor parameters' group, found at step time
         self._plan = None  # the last step's work lists, reused while they still fit
         self._backends: dict[torch.device, backends.Backend] = {}
+        # (device, dtype) -> the backend of the dtypes the device's backend refuses
+        self._dtype_backends: dict[tuple, backends.Backend] = {}
         self._buckets: dict[tuple, Bucket] = {}
         self._beta0s: dict[int, float] = {}  # id(group) -> its beta0 at the last step
         self._warned_beta0 = False
@@ -115,13 +123,14 @@ class Adai(Optimizer):
         return dict(backend=self._requested_backend, max_grad_norm=self.max_grad_norm,
                     skip_nonfinite=self.skip_nonfinite, process_group=self.process_group,
                     master_weights=self.master_weights,
-                    stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+                    stochastic_rounding=self.stochastic_rounding, seed=self.seed,
+                    _elide_beta1_prod=self._elide_beta1_prod)
 
     def __repr__(self) -> str:
         # torch's text lists each group's settings (capturable among them); the keyword
         # options are the optimizer's, with the backend that runs it rather than "auto"
         options = {**self._options(), "backend": self.backend}
-        lines = "".join(f"    {k}: {v}\n" for k, v in options.items())
+        lines = "".join(f"    {k}: {v}\n" for k, v in options.items() if not k.startswith("_"))
         return f"{super().__repr__()[:-1]}\nOptions\n{lines})"
 
     # -- copies -----------------------------------------------------------------------------
@@ -188,11 +197,20 @@ class Adai(Optimizer):
             return backends.resolve(self._requested_backend, torch.device("cpu")).name
         return next(iter(self._backends.values())).name
 
-    def _backend_for(self, device: torch.device) -> backends.Backend:
+    def _backend_for(self, device: torch.device,
+                     dtype: torch.dtype | None = None) -> backends.Backend:
+        """The backend of `device` or, given `dtype`, of its parameters of that dtype: the
+        device's own when it supports the dtype, else (with "auto") the fastest one that
+        does; an explicit backend that refuses the dtype raises RuntimeError."""
         backend = self._backends.get(device)
         if backend is None:
             backend = self._backends[device] = backends.resolve(self._requested_backend, device)
-        return backend
+        if dtype is None or backend.unsupported(dtype) is None:
+            return backend
+        key = (device, dtype)
+        if key not in self._dtype_backends:
+            self._dtype_backends[key] = backends.resolve(self._requested_backend, device, dtype)
+        return self._dtype_backends[key]
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,6 +265,7 @@ class Adai(Optimizer):
         stats = self._global_stats(self._local_stats(by_device, controls))
         self._last_stats = list(stats.values())[:1]
         self._update(by_device, stats, controls)
+        self._free_done_beta1_prods(works)
         return loss
 
     def _watch_beta0(self) -> None:
@@ -312,9 +331,8 @@ class Adai(Optimizer):
         stats = {}
         for device, ws in by_device.items():
             rows = torch.empty(len(ws), STATS_COLUMNS, dtype=torch.float64, device=device)
-            backend = self._backends[device]
             for i, w in enumerate(ws):
-                backend.stats(w, rows[i], controls[device])
+                self._backend_for(device, w.dtype).stats(w, rows[i], controls[device])
             stats[device] = rows
         return stats
 
@@ -322,11 +340,27 @@ class Adai(Optimizer):
         """Phase 2 on every device; then the dense stand-ins are copied into their
         parameters."""
         for device, ws in by_device.items():
-            backend = self._backends[device]
             for w in ws:
-                backend.update(w, stats[device], controls[device])
+                self._backend_for(device, w.dtype).update(w, stats[device], controls[device])
                 for param, stand_in in w.write_back:
                     param.copy_(stand_in)
+
+    def _free_done_beta1_prods(self, works: list[Work]) -> None:
+        """Give back the beta1_prod buffer of each stepped bucket whose parameters are all
+        done (adai_kernels/elision.py), found out without a host synchronisation; never
+        for a capturable group (a graph holds the buffer's address). The plan's lists hold
+        views of the buffer: the next step plans anew."""
+        for w in works:
+            if not self._backend_for(w.device, w.dtype).elides_beta1_prod:
+                continue
+            if elision.ready_to_free(w.bucket, w.group["capturable"]):
+                w.bucket.free_beta1_prod()
+                self._publish_state(w.bucket)
+                self._plan = None
+
+    def _new_bucket(self, key: tuple) -> Bucket:
+        """An empty bucket for `key` = (group index, device, parameter dtype)."""
+        return Bucket(key[1], key[2], elide=self._elide_beta1_prod)
 
     @property
     def grad_norm(self) -> torch.Tensor | None:

@@ -21,6 +21,10 @@ from .buckets import BUFFER_KEYS, MASTER, state_strides
 from .op_checks import PARAM_DTYPES, dtype_names, is_dense
 from .work import Work
 
+# The parameter dtypes the optimizer steps: those of the kernels, and float64 (float64 state,
+# stepped by the backends that support it: Backend.unsupported).
+STEP_DTYPES = tuple(dict.fromkeys((*PARAM_DTYPES, torch.float64)))
+
 
 def capturing() -> bool:
     """Whether the current CUDA stream is being captured into a CUDA graph."""
@@ -57,13 +61,24 @@ def check_param(p: torch.Tensor, g: torch.Tensor, gi: int, pi: int) -> None:
         raise RuntimeError(f"Adai does not support sparse gradients: {where}")
     if p.is_complex():
         raise RuntimeError(f"Adai does not support complex parameters: {where} is {p.dtype}")
-    if p.dtype not in PARAM_DTYPES:
-        raise RuntimeError(f"Adai supports {dtype_names(last='and')} parameters: {where} is "
-                           f"{p.dtype}")
+    if p.dtype not in STEP_DTYPES:
+        raise RuntimeError(f"Adai supports {dtype_names(STEP_DTYPES, last='and')} parameters: "
+                           f"{where} is {p.dtype}")
     if g.dtype != p.dtype:
         raise RuntimeError(f"gradient of {where} is {g.dtype}, expected {p.dtype}")
     if g.device != p.device:
         raise RuntimeError(f"gradient of {where} is on {g.device}, expected {p.device}")
+
+
+def check_backend(opt, gi: int, p: torch.Tensor) -> None:
+    """The backend of `p`'s device and dtype exists: an explicit backend that refuses the
+    dtype raises RuntimeError naming the parameter (of param group `gi`) and the dtype."""
+    try:
+        opt._backend_for(p.device, p.dtype)
+    except RuntimeError as e:
+        pi = next(i for i, q in enumerate(opt.param_groups[gi]["params"]) if q is p)
+        raise RuntimeError(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)}, "
+                           f"{p.dtype}): {e}") from None
 
 
 def prepare(opt, capturing: bool = False) -> list[Work]:
@@ -126,8 +141,8 @@ def plan_step(opt, grads: list, capturing: bool = False) -> list[Work]:
     """Check every gradient, give the parameters without state their state, and build the
     per-bucket work lists; keep them as opt._plan when they can be replayed."""
     selected = _select(opt, grads)
-    for device in {p.device for _, _, p, _ in selected}:
-        opt._backend_for(device)
+    for gi, _, p, _ in selected:
+        check_backend(opt, gi, p)
     if opt.process_group is None:
         opt._mesh_group = sharding.reduce_group([p for _, _, p, _ in selected])
     _give_state(opt, selected, capturing)
@@ -146,7 +161,7 @@ def _select(opt, grads: list) -> list[tuple]:
             g = grads[flat]
             if g is not None:
                 check_param(p, g, gi, pi)
-                precision.check_param(opt, opt._backend_for(p.device), p, gi, pi)
+                precision.check_param(opt, opt._backend_for(p.device, p.dtype), p, gi, pi)
                 selected.append((gi, flat, p, g))
             flat += 1
     return selected
@@ -229,4 +244,6 @@ def _append(w: Work, p: torch.Tensor, g: torch.Tensor) -> bool:
         getattr(w, k).append(views[k])
     w.steps.append(views["step"])
     w.v_sums.append(views["v_sum"])
+    if "beta1_prod_max" in views:
+        w.beta1_prod_max.append(views["beta1_prod_max"])
     return own

@@ -44,7 +44,7 @@ def check_param(opt, backend, p: torch.Tensor, gi: int, pi: int) -> None:
 def check_group(opt, group: dict, gi: int) -> None:
     """Every parameter of param group `gi` against the options (check_param)."""
     for pi, p in enumerate(group["params"]):
-        check_param(opt, opt._backend_for(p.device), p, gi, pi)
+        check_param(opt, opt._backend_for(p.device, p.dtype), p, gi, pi)
 
 
 def new_bucket(opt, device: torch.device, dtype: torch.dtype) -> Bucket:
@@ -52,7 +52,7 @@ def new_bucket(opt, device: torch.device, dtype: torch.dtype) -> Bucket:
     rounding stochastically as the options say for that dtype."""
     needed = feature(opt, dtype)
     return Bucket(device, dtype, master=needed == MASTER_WEIGHTS,
-                  rounding=needed == STOCHASTIC_ROUNDING)
+                  rounding=needed == STOCHASTIC_ROUNDING, elide=opt._elide_beta1_prod)
 
 
 def first_indices(opt, dtype: torch.dtype, numbering: dict, params: list) -> list[int] | None:

@@ -23,11 +23,11 @@ class Work:
     """One (group, device, dtype) bucket's participating tensors for one step.
 
     All lists are aligned. `params[i]` and `grads[i]` share dtype, shape and strides and are
-    non-overlapping and dense; states are float32 views with the same shape and strides (and
-    so are the masters, when the bucket keeps them); `steps[i]` and `v_sums[i]` are 0-dim
-    float64 views; `first_index[i]` is the rounding index of tensor i's first element. The
-    same state as the compiled ops take it: `bucket`'s flat buffers, `segments` and
-    `rounding_index` (csrc/op_schemas.h).
+    non-overlapping and dense; states are views (float32, float64 for float64 parameters) with
+    the same shape and strides (and so are the fp32 masters, when the bucket keeps them);
+    `steps[i]` and `v_sums[i]` are 0-dim float64 views; `first_index[i]` is the rounding index
+    of tensor i's first element. The same state as the compiled ops take it: `bucket`'s flat
+    buffers, `segments` and `rounding_index` (csrc/op_schemas.h).
     """
 
     group: dict
@@ -42,6 +42,8 @@ class Work:
     v_sums: list[torch.Tensor] = field(default_factory=list)
     master: list[torch.Tensor] = field(default_factory=list)  # fp32 master weights, if kept
     first_index: list[int] = field(default_factory=list)  # rounding index of element 0
+    # 0-dim float32 views of the bucket's beta1_prod_max; empty when the elision is off
+    beta1_prod_max: list[torch.Tensor] = field(default_factory=list)
     bucket: object = None                   # the Bucket that owns the states
     segments: torch.Tensor | None = None    # (offset, numel, slot) per tensor, int64 CPU
     # stochastic rounding: first_index as the ops take it, int64 CPU (n,); else None

@@ -32,9 +32,10 @@ def get(name: str) -> Backend:
     return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
-def resolve(requested: str, device: torch.device) -> Backend:
-    """The backend that steps parameters on `device`. An explicit name (or ADAI_BACKEND, which
-    overrides "auto") that cannot run there raises RuntimeError saying why."""
+def resolve(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend that steps parameters on `device` (of `dtype`, when given). An explicit
+    name (or ADAI_BACKEND, which overrides "auto") that cannot run there, or refuses the
+    dtype, raises RuntimeError saying why; "auto" takes the fastest one that can."""
     check_name(requested)
     if requested == "auto":
         requested = os.environ.get("ADAI_BACKEND", "auto") or "auto"
@@ -47,13 +48,17 @@ def resolve(requested: str, device: torch.device) -> Backend:
         if reason:
             raise RuntimeError(f"backend {requested!r} cannot step parameters on {device}: "
                                f"{reason}")
+        reason = None if dtype is None else backend.unsupported(dtype)
+        if reason:
+            raise RuntimeError(f"{reason}, not {dtype}")
         return backend
     for name in _AUTO.get(device.type, ("reference",)):
         try:
             backend = get(name)
         except ImportError:
             continue
-        if backend.unavailable(device) is None:
+        if backend.unavailable(device) is None and (dtype is None
+                                                    or backend.unsupported(dtype) is None):
             return backend
     raise AssertionError("the reference backend runs everywhere")  # pragma: no cover
 

@@ -12,6 +12,17 @@ if TYPE_CHECKING:  # adai_kernels.ops needs this module's STATS_COLUMNS
 
 STATS_COLUMNS = 7  # csrc/adai_math.h, StatsColumn
 GRAD_NORM_SQ = 5   # the column with the squared gradient norm
+# The parameter dtypes of the kernels with float32 state (adai_kernels/op_checks.py).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dtype_refused(name: str, dtype: torch.dtype, dtypes) -> str | None:
+    """None when `dtype` is among `dtypes`, else the reason backend `name` gives."""
+    if dtype in dtypes:
+        return None
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    return f"backend {name!r} steps {listed} parameters only"
 
 # Options that change what a step writes, which a backend's kernels implement or not
 # (docs/design.md, "Master weights" and "Stochastic rounding").
@@ -25,6 +36,10 @@ class Backend:
 
     name: str = "?"
     features: frozenset[str] = frozenset()  # of FEATURES, those this backend implements
+    # whether `update` takes the buckets' done flags (beta1_prod_max) and a freed, empty
+    # beta1_prod (adai_kernels/elision.py); a bucket stepped by a backend that does not is
+    # never freed
+    elides_beta1_prod: bool = False
 
     def supports(self, feature: str) -> bool:
         """Whether this backend's kernels implement `feature` (one of FEATURES)."""
@@ -34,6 +49,11 @@ class Backend:
     def unavailable(self, device: torch.device) -> str | None:
         """None if this backend can step parameters on `device`, else the reason why not."""
         raise NotImplementedError
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        """None if this backend steps parameters of `dtype` (on the devices it runs on),
+        else the reason why not."""
+        return dtype_refused(self.name, dtype, KERNEL_DTYPES)
 
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         """Phase 1: increment `work.steps` and write the bucket's row of statistics into the
@@ -59,18 +79,25 @@ class OpsBackend(Backend):
     this wrapper."""
 
     def __init__(self, name: str, ops: Ops, device_types: tuple[str, ...], load,
-                 features: frozenset[str] = frozenset()):
+                 features: frozenset[str] = frozenset(),
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, elides: bool = False):
         self.name = name
         self.features = frozenset(features)
         self._calls = ops
         self._device_types = device_types
         self._load = load  # () -> str | None: imports the ops, returns why they are missing
+        self._dtypes = dtypes  # the parameter dtypes its ops step
+        # its update takes beta1_prod_max and a freed beta1_prod (ops that do not refuse them)
+        self.elides_beta1_prod = elides
 
     def unavailable(self, device: torch.device) -> str | None:
         if device.type not in self._device_types:
             return (f"backend {self.name!r} runs on {'/'.join(self._device_types)} tensors, "
                     f"not {device.type}")
         return self._load()
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        return dtype_refused(self.name, dtype, self._dtypes)
 
     @property
     def _ops(self) -> Ops:
@@ -85,6 +112,9 @@ class OpsBackend(Backend):
     def update(self, work: Work, stats: torch.Tensor, ctl: Control) -> None:
         g, b = work.group, work.bucket
         lr_tensor = work.lr_tensor
+        optional = {}
+        if self.elides_beta1_prod:  # None when the elision is off: no tensor done
+            optional["beta1_prod_max"] = b.beta1_prod_max
         self._ops.update(
             params=work.params, grads=work.grads, segments=work.segments,
             exp_avg=b.buffers["exp_avg"], exp_avg_sq=b.buffers["exp_avg_sq"],
@@ -95,7 +125,7 @@ class OpsBackend(Backend):
             decoupled=g["decoupled"], dampening=g["dampening"],
             max_grad_norm=ctl.max_grad_norm or 0.0, skip_nonfinite=ctl.skip_nonfinite,
             master=b.master, rounding_seed=work.rounding_seed(ctl),
-            rounding_index=work.rounding_index)
+            rounding_index=work.rounding_index, **optional)
 
     def v_sum(self, bucket) -> None:
         self._ops.v_sum(exp_avg_sq=bucket.buffers["exp_avg_sq"], segments=bucket.segments(),

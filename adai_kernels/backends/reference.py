@@ -2,8 +2,11 @@
 
 It is the oracle the fused kernels are tested against and the fallback where no kernel
 runs, so it favours the spec's literal order of operations over speed: it allocates
-temporaries the size of the parameters and launches many small kernels. Math is float32 (the
-state dtype) for every parameter dtype; global sums are float64 where the device has it.
+temporaries the size of the parameters and launches many small kernels. Math is in the state
+dtype: float32 for float32, bfloat16 and float16 parameters, float64 for float64 ones; global
+sums are float64 where the device has it. The beta1_prod elision (adai_kernels/elision.py)
+is expressed per tensor with torch.where on its done flag, so it writes the b and max values
+a kernel writes.
 Like the kernels, it never synchronises with the host (a skipped step is a device-side
 select, not a Python branch) and never copies from the host, so a CUDA graph can capture it.
 With master weights, theta is read from and written to the fp32 master and the parameter is
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import rounding
+from .. import elision, rounding
 from ..work import Control, Work
 from .base import FEATURES, STATS_COLUMNS, Backend
 
@@ -26,18 +29,23 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
 class ReferenceBackend(Backend):
     name = "reference"
     features = frozenset(FEATURES)
+    elides_beta1_prod = True
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        return None  # every dtype the optimizer steps, float64 included
+
     def stats(self, work: Work, out: torch.Tensor, ctl: Control) -> None:
         acc = _acc_dtype(work.device)
         # theta: the fp32 master weights when kept, else the parameters (copies unless
-        # already float32)
-        params = list(work.master) if work.master else [p.float() for p in work.params]
-        grads = [g.float() for g in work.grads]    # likewise: the caller's grads stay as they are
+        # already of the state dtype)
+        sd = work.bucket.state_dtype
+        params = list(work.master) if work.master else [p.to(sd) for p in work.params]
+        grads = [g.to(sd) for g in work.grads]    # likewise: the caller's grads stay as they are
         if ctl.grad_scale is not None:
-            grads = torch._foreach_mul(grads, ctl.grad_scale.double().reciprocal().float())
+            grads = torch._foreach_mul(grads, ctl.grad_scale.double().reciprocal().to(sd))
         beta2, l2 = work.beta2, work.l2
         torch._foreach_add_(work.steps, 1.0)
         bc2 = 1.0 - torch.pow(beta2, torch.stack(work.steps).to(acc))
@@ -69,12 +77,12 @@ class ReferenceBackend(Backend):
         params, grads, bc2 = s["params"], s["grads"], s["bc2"]
         skip, clip, inv_vbar = _globals(stats, ctl, work.device)
         if ctl.max_grad_norm is not None:
-            grads = torch._foreach_mul(grads, clip.float())
+            grads = torch._foreach_mul(grads, clip.to(work.bucket.state_dtype))
         if work.l2 != 0.0:
             grads = torch._foreach_add(grads, params, alpha=work.l2)
         v, beta1, beta3 = _second_moment_and_inertia(work, grads, bc2, inv_vbar)
-        m, b, new_params = _momentum_and_params(work, params, grads, beta1, beta3)
-        _commit(work, skip, new_params, v, m, b, work.rounding_seed(ctl))
+        m, b, b_max, new_params = _momentum_and_params(work, params, grads, beta1, beta3)
+        _commit(work, skip, new_params, v, m, b, b_max, work.rounding_seed(ctl))
         work.scratch.clear()
 
     def v_sum(self, bucket) -> None:
@@ -110,8 +118,9 @@ def _second_moment_and_inertia(work: Work, grads, bc2, inv_vbar):
     (beta0, beta2), eps, d = g["betas"], g["eps"], float(g["dampening"])
     v = torch._foreach_mul(work.exp_avg_sq, beta2)
     torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
-    ratio = torch._foreach_div(v, list(bc2.float().unbind()))  # vhat
-    torch._foreach_mul_(ratio, inv_vbar.float())  # vhat / vbar
+    sd = work.bucket.state_dtype
+    ratio = torch._foreach_div(v, list(bc2.to(sd).unbind()))  # vhat
+    torch._foreach_mul_(ratio, inv_vbar.to(sd))  # vhat / vbar
     if d != 1.0:
         torch._foreach_pow_(ratio, 1.0 / (3.0 - 2.0 * d))
     beta1 = torch._foreach_mul(ratio, -beta0)
@@ -126,19 +135,16 @@ def _second_moment_and_inertia(work: Work, grads, bc2, inv_vbar):
 
 
 def _momentum_and_params(work: Work, params, grads, beta1, beta3):
-    """The new momentum m, beta1_prod b and parameters (decoupled decay, then the step of
-    the bias-corrected momentum)."""
+    """The new momentum m, beta1_prod b and its max (None: not written) and parameters
+    (decoupled decay, then the step of the bias-corrected momentum)."""
     g = work.group
     lr = work.lr_tensor if work.lr_tensor is not None else g["lr"]
     beta0, d = g["betas"][0], float(g["dampening"])
-    b = torch._foreach_mul(work.beta1_prod, beta1)
     m = torch._foreach_mul(work.exp_avg, beta1)
     torch._foreach_addcmul_(m, beta3, grads)
-    denom = torch._foreach_mul(b, -1.0)
-    torch._foreach_add_(denom, 1.0)
-    mhat = torch._foreach_div(m, denom)
+    b, b_max, mhat = _bias_correction(work, m, beta1)
     if d != 1.0:
-        torch._foreach_mul_(mhat, beta0 ** (1.0 - d))
+        mhat = torch._foreach_mul(mhat, beta0 ** (1.0 - d))
     new_params = list(params)
     if g["decoupled"] and g["weight_decay"] != 0.0:
         # theta - (lr * wd) * theta, not theta * (1 - lr * wd): the latter rounds the
@@ -146,10 +152,32 @@ def _momentum_and_params(work: Work, params, grads, beta1, beta3):
         decay = torch._foreach_mul(params, g["weight_decay"])
         new_params = torch._foreach_sub(new_params, torch._foreach_mul(decay, lr))
     new_params = torch._foreach_sub(new_params, torch._foreach_mul(mhat, lr))
-    return m, b, new_params
+    return m, b, b_max, new_params
 
 
-def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b, seed) -> None:
+def _bias_correction(work: Work, m, beta1):
+    """b' = b * beta1, its per-tensor max |b'| and mhat = m / (1 - b'). A done tensor (its
+    max at the start of the step says so) keeps b and its max and takes mhat = m, bitwise
+    what the full path gives (1 - b' == 1 there); with the buffer freed every tensor is
+    done and b is neither read nor written (b and its max are None)."""
+    bucket = work.bucket
+    if bucket.beta1_prod_freed:
+        return None, None, list(m)
+    b = torch._foreach_mul(work.beta1_prod, beta1)
+    denom = torch._foreach_mul(b, -1.0)
+    torch._foreach_add_(denom, 1.0)
+    mhat = torch._foreach_div(m, denom)
+    if not work.beta1_prod_max:  # the elision is off: no tensor is done, no max written
+        return b, None, mhat
+    done = [elision.done(x, bucket.state_dtype) for x in work.beta1_prod_max]
+    b_max = [torch.where(f, old, elision.max_abs(new))
+             for f, old, new in zip(done, work.beta1_prod_max, b)]
+    b = [torch.where(f, old, new) for f, old, new in zip(done, work.beta1_prod, b)]
+    mhat = [torch.where(f, m_, h) for f, m_, h in zip(done, m, mhat)]
+    return b, b_max, mhat
+
+
+def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b, b_max, seed) -> None:
     """Write the new values, or (skip, decided on the device) keep the old ones and take
     the step increments back. theta goes to the master weights when there are, and to the
     parameters rounded to nearest (the cast) or, with a rounding `seed`, stochastically."""
@@ -165,7 +193,10 @@ def _commit(work: Work, skip: torch.Tensor, new_params, v, m, b, seed) -> None:
     commit(work.params, new_params)
     commit(work.exp_avg_sq, v)
     commit(work.exp_avg, m)
-    commit(work.beta1_prod, b)
+    if b is not None:
+        commit(work.beta1_prod, b)
+    if b_max is not None:
+        commit(work.beta1_prod_max, b_max)
     commit(work.v_sums, v_sums)
     torch._foreach_sub_(work.steps, [skip.to(work.steps[0].dtype)] * len(work.steps))
 
