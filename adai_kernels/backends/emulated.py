@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import Ops
-from .base import OpsBackend
+from .base import FEATURES, OpsBackend
 
 
 def load() -> str | None:
@@ -23,4 +23,5 @@ def load() -> str | None:
             "or `python tests/emu_build.py`, then torch.ops.load_library(path))")
 
 
-EMULATED = OpsBackend("cuda_emu", Ops("adai_emu"), ("cpu",), load)
+EMULATED = OpsBackend("cuda_emu", Ops("adai_emu"), ("cpu",), load, features=FEATURES,
+                      elides=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..ops import Ops
-from .base import OpsBackend
+from .base import FEATURES, OpsBackend
 
 
 def _native():
@@ -33,5 +33,6 @@ def load_cuda() -> str | None:
     return None
 
 
-CPU = OpsBackend("cpu", Ops("adai"), ("cpu",), load)
-CUDA = OpsBackend("cuda", Ops("adai"), ("cuda",), load_cuda)
+CPU = OpsBackend("cpu", Ops("adai"), ("cpu",), load, features=FEATURES, elides=True)
+CUDA = OpsBackend("cuda", Ops("adai"), ("cuda",), load_cuda, features=FEATURES,
+                  elides=True)

@@ -38,7 +38,7 @@ import torch
 
 from .. import op_checks as checks
 from .. import ops
-from .base import STATS_COLUMNS, OpsBackend
+from .base import FEATURES, STATS_COLUMNS, OpsBackend
 
 NAMESPACE = "adai_triton"
 
@@ -504,4 +504,5 @@ class TritonBackend(OpsBackend):
         return self._calls
 
 
-TRITON = TritonBackend("triton", ops.Ops(NAMESPACE), ("cuda", "cpu"), load)
+TRITON = TritonBackend("triton", ops.Ops(NAMESPACE), ("cuda", "cpu"), load, features=FEATURES,
+                       elides=True)
