@@ -138,10 +138,6 @@ class Bucket:
         loaded = None if init is None else init.get("master_param")
         master.copy_(local(param).detach() if loaded is None else loaded)
 
-                if self.beta1_prod_max is not None:
-                    views["beta1_prod_max"].copy_(elision.max_abs(views["beta1_prod"]))
-        # v_sums of loaded state are the owner's to fill (Backend.v_sum); fresh state sums to 0
-
     def _grow_beta1_prod_max(self, n_old: int, n_new: int) -> None:
         """Slots for the joining parameters (their values are set with their b)."""
         self.generation += 1
