@@ -54,6 +54,10 @@ def _align16(x: int) -> int:
     return (x + 15) // 16 * 16
 
 
+def _clone_strided(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 class Bucket:
     """The tensors of one call and flat float32 states (`exp_avg`, `exp_avg_sq`, `beta1_prod`,
     optionally `master`), each tensor's span in its memory order; offset_by: how many elements
@@ -84,7 +88,7 @@ class Bucket:
     def clone(self, params=None) -> "Bucket":
         c = Bucket.__new__(Bucket)
         c.__dict__.update(self.__dict__)
-        c.params = params if params is not None else [p.clone_strided() for p in self.params]
+        c.params = params if params is not None else [_clone_strided(p) for p in self.params]
         for k in ("exp_avg", "exp_avg_sq", "beta1_prod", "steps", "v_sums", "b_max", "master"):
             if getattr(self, k) is not None:
                 setattr(c, k, getattr(self, k).clone())
@@ -99,13 +103,6 @@ class Bucket:
         sub.slots = [self.slots[i] for i in idx]
         sub.segments = self.segments[list(idx)].reshape(-1, 3)
         return sub
-
-
-def _clone_strided(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-
-
-torch.Tensor.clone_strided = _clone_strided  # noqa: a local helper for the Bucket copies
 
 
 def make_params(dtype, gen, shapes=SHAPES):
@@ -151,7 +148,8 @@ def step(bk, grads, *, elide=True, freed=False, rounding_seed=None, rounding_ind
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().contiguous().cpu()
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()])
 
 
 def assert_same(x, y, what):
@@ -291,7 +289,7 @@ def test_skipped_step_writes_no_max():
     gen = torch.Generator().manual_seed(6)
     bk = Bucket(make_params(torch.float32, gen))
     step(bk, make_grads(bk.params, gen))
-    before = bk.clone(params=[p.clone_strided() for p in bk.params])
+    before = bk.clone()
     step(bk, make_grads(bk.params, gen), found_inf=torch.ones((), device=DEVICE))
     assert_same_run(before, bk, "skipped")
     assert_same(bk.b_max, before.b_max, "skipped: beta1_prod_max")
