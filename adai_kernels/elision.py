@@ -78,9 +78,13 @@ class DoneWatch:
             self._event = None
         if self._event is None and not answer:
             if self._host is None or self._host.numel() != b_max.numel():
-                self._host = torch.empty(b_max.shape, dtype=b_max.dtype, pin_memory=True)
+                self._host = self._pinned(b_max)
             self._host.copy_(b_max, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
             self._generation = bucket.generation
         return answer
+
+    @staticmethod
+    def _pinned(like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)

@@ -36,7 +36,9 @@ class Adai(Optimizer):
         decoupled: decoupled (AdaiW) instead of L2 weight decay. Default False.
         dampening: d in [0, 1]; 1 is Adai, < 1 is AdaiV2. Default 1.
         backend: "auto", "cuda", "triton", "cpu" or "reference". "auto" (or the environment
-            variable ADAI_BACKEND) picks the fastest backend available for each device.
+            variable ADAI_BACKEND) picks the fastest backend available for each device and
+            parameter dtype. An explicit backend that does not step a dtype (float64 on
+            CUDA, say) fails at the first step meeting such a parameter.
         max_grad_norm: clip the global gradient norm (over every parameter of every group, as
             torch.nn.utils.clip_grad_norm_) inside the step; the gradients are not modified.
             A non-finite norm skips the step. `grad_norm` holds the norm before clipping.
@@ -68,6 +70,10 @@ class Adai(Optimizer):
         seed: the stochastic rounding seed, an int in [0, 2**32). Saved in every param group
             of the state dict as `rounding_seed` (when stochastic_rounding is on) and set by
             loading one.
+
+    Parameters may be float32, bfloat16, float16 (float32 state) or float64 (float64 state
+    and math, as torch's own optimizers; stepped by the reference backend where the
+    device's kernels do not take float64).
 
     With torch.amp.GradScaler, gradients are unscaled inside the step and a step with inf/NaN
     gradients is skipped, without a device-to-host synchronisation.
@@ -192,7 +198,8 @@ class Adai(Optimizer):
     @property
     def backend(self) -> str:
         """Name of the backend that steps this optimizer's parameters (of the first device
-        when parameters live on several)."""
+        when parameters live on several; with "auto", float64 parameters may be stepped by
+        another one when the device's does not take float64)."""
         if not self._backends:
             return backends.resolve(self._requested_backend, torch.device("cpu")).name
         return next(iter(self._backends.values())).name

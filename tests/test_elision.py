@@ -452,3 +452,50 @@ def test_authors_semantics_continue_from_a_checkpoint_with_done_tensors(backend)
         for pi, p in enumerate(g["params"]):
             torch.testing.assert_close(p.detach().double(), oracle.params(gi)[pi],
                                        **PARAM_TOL[torch.float32])
+
+
+# ---- the watch on CUDA, without a GPU ------------------------------------------------------
+class _Event:
+    """torch.cuda.Event as the watch uses it, completing when the test says so."""
+    made = []
+
+    def __init__(self):
+        self.complete = False
+        _Event.made.append(self)
+
+    def record(self):
+        pass
+
+    def query(self):
+        return self.complete
+
+
+class _CudaBucket:
+    """What DoneWatch reads of a bucket, its device said to be CUDA."""
+    def __init__(self, b_max):
+        self.device = torch.device("cuda")
+        self.state_dtype = torch.float32
+        self.beta1_prod_max = b_max
+        self.generation = 0
+
+
+def test_watch_reads_a_completed_copy_of_the_same_generation(monkeypatch):
+    """On CUDA the flags are copied to pinned memory after an update and read at a later
+    step once the copy's event has completed; a change of the bucket's slots in between
+    voids the copy."""
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(elision.DoneWatch, "_pinned", staticmethod(torch.empty_like))
+    _Event.made.clear()
+    done, not_done = elision.threshold(torch.float32), 1.0
+    bucket = _CudaBucket(torch.tensor([done, not_done]))
+    watch = elision.DoneWatch()
+    assert not watch.look(bucket) and len(_Event.made) == 1  # a copy is under way
+    bucket.beta1_prod_max.fill_(done)
+    assert not watch.look(bucket) and len(_Event.made) == 1  # not complete: no new copy
+    _Event.made[-1].complete = True
+    assert not watch.look(bucket) and len(_Event.made) == 2  # the copy said: not all done
+    _Event.made[-1].complete = True
+    bucket.generation += 1  # e.g. a parameter joined after the copy
+    assert not watch.look(bucket) and len(_Event.made) == 3
+    _Event.made[-1].complete = True
+    assert watch.look(bucket)
