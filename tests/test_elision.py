@@ -197,8 +197,11 @@ def check_flags(opt, twin):
             else:
                 views = bucket.state_of(p)
                 assert torch.equal(bits(views["beta1_prod"]), bits(b_twin))
-                assert torch.equal(bits(views["beta1_prod_max"]),
-                                   bits(elision.max_abs(b_twin)))
+                got, want = views["beta1_prod_max"], elision.max_abs(b_twin)
+                if bool(want.isnan()):  # any NaN (the kernels' payloads differ) is never done
+                    assert bool(got.isnan())
+                else:
+                    assert torch.equal(bits(got), bits(want))
 
 
 # ---- on and off: bitwise the same ---------------------------------------------------------
