@@ -161,7 +161,7 @@ def _select(opt, grads: list) -> list[tuple]:
             g = grads[flat]
             if g is not None:
                 check_param(p, g, gi, pi)
-                precision.check_param(opt, opt._backend_for(p.device, p.dtype), p, gi, pi)
+                precision.check_param(opt, p, gi, pi)
                 selected.append((gi, flat, p, g))
             flat += 1
     return selected

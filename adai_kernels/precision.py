@@ -26,16 +26,20 @@ def feature(opt, dtype: torch.dtype) -> str | None:
     return None
 
 
-def check_param(opt, backend, p: torch.Tensor, gi: int, pi: int) -> None:
+def check_param(opt, p: torch.Tensor, gi: int, pi: int) -> None:
     """Parameter `pi` of param group `gi` against the options: stochastic rounding of a
     float16 parameter is refused (ValueError), and so is an option its backend's kernels do
-    not implement (RuntimeError)."""
+    not implement (RuntimeError). The backend is looked up only when an option applies: a
+    dtype no backend of the device takes fails at its first step, as without options."""
     where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
     if opt.stochastic_rounding and p.dtype is torch.float16:
         raise ValueError(f"stochastic_rounding=True rounds bfloat16 parameters only, and "
                          f"{where} is float16; use master_weights=True for float16")
     needed = feature(opt, p.dtype)
-    if needed is not None and not backend.supports(needed):
+    if needed is None:
+        return
+    backend = opt._backend_for(p.device, p.dtype)
+    if not backend.supports(needed):
         raise RuntimeError(f"{needed}=True: backend {backend.name!r} does not implement it "
                            f"for {where}, which is {str(p.dtype).removeprefix('torch.')}; "
                            f"choose a backend that does (backend='reference')")
@@ -44,7 +48,7 @@ def check_param(opt, backend, p: torch.Tensor, gi: int, pi: int) -> None:
 def check_group(opt, group: dict, gi: int) -> None:
     """Every parameter of param group `gi` against the options (check_param)."""
     for pi, p in enumerate(group["params"]):
-        check_param(opt, opt._backend_for(p.device, p.dtype), p, gi, pi)
+        check_param(opt, p, gi, pi)
 
 
 def new_bucket(opt, device: torch.device, dtype: torch.dtype) -> Bucket:
