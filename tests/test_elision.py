@@ -303,7 +303,7 @@ def test_skipped_step_writes_no_flags(backend):
     del opt.found_inf
     for key, b in opt._buckets.items():
         assert torch.equal(b.beta1_prod_max, before[key][0])
-        assert torch.equal(b.buffers["beta1_prod"], before[key][1])
+        assert torch.equal(bits(b.buffers["beta1_prod"]), bits(before[key][1]))  # padding too
 
 
 # ---- memory ------------------------------------------------------------------------------
