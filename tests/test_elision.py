@@ -19,14 +19,14 @@ from cases import DTYPES, PARAM_TOL, cpu_backends
 from oracle import Oracle
 
 BACKENDS = cpu_backends()
-SLOW = {"triton", "cuda_emu"}  # interpreted or emulated: about 1 s per launch, a few steps
+SLOW = {"triton"}  # the interpreter: about a second per step, so a few steps
 F64 = torch.float64
 
 
 def dtypes(backend: str) -> tuple[torch.dtype, ...]:
     """The parameter dtypes `backend` steps: the kernels' three, and float64 where supported.
-    The slow backends step float32 and bfloat16 (float16 goes the same way as bfloat16 in
-    their kernels: 16-bit parameters, float32 state)."""
+    The slow one steps float32 and bfloat16 (float16 goes the same way as bfloat16 in its
+    kernels: 16-bit parameters, float32 state)."""
     if backend in SLOW:
         return (torch.float32, torch.bfloat16)
     extra = (F64,) if backends.get(backend).unsupported(F64) is None else ()
