@@ -93,7 +93,9 @@ class Bucket:
 
         new_buffers = {}
         for key, old in self.buffers.items():
-            buf = torch.empty(size, dtype=old.dtype, device=self.device)
+            # zeros, not empty: the padding between tensors is never stepped, and garbage
+            # there (NaN included) would make two equal buffers compare unequal
+            buf = torch.zeros(size, dtype=old.dtype, device=self.device)
             if key == "beta1_prod" and self.beta1_prod_freed:
                 buf[: self.size].zero_()  # back for the joining ones: the others are done
             else:
