@@ -8,12 +8,15 @@
 // are steps[slot] and v_sums[slot]. Only params and grads are tensor lists (their conversion
 // from Python is most of an op call's host cost with many tensors).
 //
-// Optional state, last and defaulting to None (docs/design.md): `beta1_prod_max` (float32, one slot per tensor: the max
-// |beta1_prod| after the last write; a tensor with max <= 2^-25 is done and its b is neither
-// read nor written; `beta1_prod` may then be empty, freed), `master` (the fp32 master weights
-// of bf16/fp16 params, laid out as the states), `rounding_seed` + `rounding_index` (stochastic
-// rounding of bf16 params: an int64 seed on the device, and an int64 CPU tensor with each
-// tensor's first rounding index, csrc/adai_random.h).
+// Optional state, last and defaulting to None (docs/design.md): `beta1_prod_max` (float32,
+// one slot per tensor: the max |beta1_prod| after the last write; a tensor with max <= 2^-25
+// (2^-54 for float64 state) is done and its b is neither read nor written; `beta1_prod` may
+// then be empty, freed), `master` (the fp32 master weights of bf16/fp16 params, laid out as
+// the states), `rounding_seed` + `rounding_index` (stochastic rounding of bf16 params: an
+// int64 seed on the device, and an int64 CPU tensor with each tensor's first rounding index,
+// csrc/adai_random.h).
+//
+// The state buffers are float32, or float64 for float64 params (the CPU kernel only).
 #pragma once
 
 namespace adai {

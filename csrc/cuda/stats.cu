@@ -51,8 +51,8 @@ struct StatsBody {
   }
 
   __device__ void thread(const Shared& s, int tid, float* sums) const {
-    const StatsSums acc =
-        stats_thread<T, kL2, P>(tid, kBlock, s.grad, s.param, s.len, s.aligned != 0, s.inv_scale, c);
+    const StatsSums acc = stats_thread<T, kL2, P>(tid, kBlock, s.grad, s.param, s.len,
+                                                  s.aligned != 0, s.inv_scale, c);
 #pragma unroll
     for (int k = 0; k < kSums; ++k) sums[k] = acc.v[k];
   }
