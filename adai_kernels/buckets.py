@@ -116,22 +116,26 @@ class Bucket:
         self.views = [self._make_views(i) for i in range(n_new)]
 
         for i, init in enumerate(initial, start=n_old):
-            views = self.views[i]
-            if init is None:
-                views["exp_avg"].zero_()
-                views["exp_avg_sq"].zero_()
-                views["beta1_prod"].fill_(1.0)
-                if self.beta1_prod_max is not None:  # max |b| of ones, 0 when empty
-                    views["beta1_prod_max"].fill_(1.0 if views["beta1_prod"].numel() else 0.0)
-            else:
-                for key in BUFFER_KEYS:
-                    views[key].copy_(init[key])
-                self.steps[i] = float(init["step"])
-                if self.beta1_prod_max is not None:
-                    views["beta1_prod_max"].copy_(elision.max_abs(views["beta1_prod"]))
-            if MASTER in views:
-                self._init_master(views[MASTER], self.params[i], init)
+            self._init_state(i, init)
         # v_sums of loaded state are the owner's to fill (Backend.v_sum); fresh state sums to 0
+
+    def _init_state(self, i: int, init: dict | None) -> None:
+        """Slot i's state: fresh (init None) or the loaded tensors of `init`."""
+        views = self.views[i]
+        if init is None:
+            views["exp_avg"].zero_()
+            views["exp_avg_sq"].zero_()
+            views["beta1_prod"].fill_(1.0)
+            if self.beta1_prod_max is not None:  # max |b| of ones, 0 when empty
+                views["beta1_prod_max"].fill_(1.0 if views["beta1_prod"].numel() else 0.0)
+        else:
+            for key in BUFFER_KEYS:
+                views[key].copy_(init[key])
+            self.steps[i] = float(init["step"])
+            if self.beta1_prod_max is not None:
+                views["beta1_prod_max"].copy_(elision.max_abs(views["beta1_prod"]))
+        if MASTER in views:
+            self._init_master(views[MASTER], self.params[i], init)
 
     @staticmethod
     def _init_master(master: torch.Tensor, param: torch.Tensor, init: dict | None) -> None:

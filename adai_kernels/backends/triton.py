@@ -290,6 +290,9 @@ def _update_impl(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sum
                  stats, grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
                  decoupled, dampening, max_grad_norm, skip_nonfinite, beta1_prod_max, master,
                  rounding_seed, rounding_index):
+    # One launch, read top to bottom: the checks, the kernel's modes, its table of pointer
+    # columns and the two launches. Split, its helpers would pass most of these two dozen
+    # values to each other.
     op = f"{NAMESPACE}::update"
     dtype, state_len = checks.check_update(op, params, grads, segments, exp_avg, exp_avg_sq,
                                            beta1_prod, v_sums, steps, beta1_prod_max, master,

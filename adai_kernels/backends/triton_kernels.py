@@ -382,6 +382,9 @@ def _abs_bits(b, mask, MASKED: tl.constexpr):
     return bits
 
 
+# _update_chunk and update_kernel run past 50 lines: most of each is its argument list (every
+# pointer and float32 constant of adai_math.h is an argument of its own in Triton), and the
+# rest is one element pass, kept whole so it reads as csrc/cpu's update_block does.
 @triton.jit
 def _update_chunk(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, w_ptr, offs, mask, inv_bc2, inv_vbar,
                   mult, stream, first_index, lr, beta0, beta2, one_minus_beta2, beta1_max, l2,
