@@ -5,7 +5,10 @@ what is wrong. Every check raises RuntimeError (as TORCH_CHECK does), prefixed b
 
 The fake kernels (adai_kernels/ops.py) and the Triton ops (backends/triton.py) run the same
 check_stats / check_update / check_v_sum; the Triton ops then read `segments` and check its
-rows (check_rows), which a fake tensor has no values for."""
+rows (check_rows), which a fake tensor has no values for.
+
+`float64`: whether the op steps float64 params with float64 state (the compiled CPU op does;
+the CUDA and Triton ops do not). A float64 call has only float64 params."""
 from __future__ import annotations
 
 import operator
@@ -15,14 +18,17 @@ import torch
 
 from .backends.base import STATS_COLUMNS
 
-# The parameter (and gradient) dtypes the ops step; the state is float32 (state_dtype).
+# The parameter (and gradient) dtypes the ops step; the state is float32 (state_dtype). An op
+# with `float64` also steps float64 params, with float64 state.
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+WITH_FLOAT64 = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes that may have a master copy
 
 
-def state_dtype(param_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of the optimizer state of parameters of `param_dtype`."""
-    return torch.float64 if param_dtype is torch.float64 else torch.float32
+def state_dtype(param_dtype: torch.dtype | None, float64: bool = True) -> torch.dtype:
+    """The dtype of the optimizer state of parameters of `param_dtype` (float32 for every
+    dtype an op without `float64` steps)."""
+    return torch.float64 if float64 and param_dtype is torch.float64 else torch.float32
 
 
 def dtype_names(dtypes=PARAM_DTYPES, last: str = "or") -> str:
@@ -64,15 +70,18 @@ def check_len(op: str, params, grads) -> None:
                  f"tensor lists must have the same length")
 
 
-def check_tensors(op: str, params, grads, device: torch.device) -> torch.dtype | None:
-    """params[i] and grads[i]: one dtype of PARAM_DTYPES for all, on `device`, the same sizes
-    and strides, non-overlapping and dense. A fast pass over plain attributes; the first bad
-    tensor is looked for only on failure. Returns the dtype (None when there are none)."""
+def check_tensors(op: str, params, grads, device: torch.device,
+                  float64: bool = False) -> torch.dtype | None:
+    """params[i] and grads[i]: one dtype of PARAM_DTYPES (with `float64`: WITH_FLOAT64) for
+    all, on `device`, the same sizes and strides, non-overlapping and dense. A fast pass over
+    plain attributes; the first bad tensor is looked for only on failure. Returns the dtype
+    (None when there are none)."""
     if not params:
         return None
     dtype = params[0].dtype
-    if dtype not in PARAM_DTYPES:
-        fail(op, f"params must be {dtype_names()}; params[0] has dtype {dtype}")
+    dtypes = WITH_FLOAT64 if float64 else PARAM_DTYPES
+    if dtype not in dtypes:
+        fail(op, f"params must be {dtype_names(dtypes)}; params[0] has dtype {dtype}")
     dev = -1 if device.index is None else device.index  # what get_device() says there
     for i, (p, g) in enumerate(zip(params, grads)):
         if not (p.dtype is dtype and g.dtype is dtype and p.get_device() == dev
@@ -226,28 +235,29 @@ def check_rounding(op: str, rounding_seed, rounding_index, master, dtype, n: int
 
 
 # --------------------------------------------------------------------------- the ops
-def check_stats(op: str, params, grads, segments, steps, v_sums, master, grad_scale, out):
+def check_stats(op: str, params, grads, segments, steps, v_sums, master, grad_scale, out,
+                float64: bool = False):
     """Every argument of stats but the rows of `segments`; returns the params' dtype."""
     check_len(op, params, grads)
     check_stats_row(op, out)
     check_segments(op, segments, len(params))
     check_slots(op, steps, v_sums, out.device)
     check_control(op, "grad_scale", grad_scale, out.device)
-    dtype = check_tensors(op, params, grads, out.device)
+    dtype = check_tensors(op, params, grads, out.device, float64)
     check_master(op, master, dtype, None, out.device)
     return dtype
 
 
 def check_update(op: str, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums,
                  steps, beta1_prod_max, master, stats, grad_scale, found_inf, lr_tensor,
-                 rounding_seed, rounding_index):
+                 rounding_seed, rounding_index, float64: bool = False):
     """Every tensor argument of update but the rows of `segments`; returns the params' dtype
     and the state buffers' length."""
     check_len(op, params, grads)
     check_stats_matrix(op, stats)
     device = stats.device
     check_segments(op, segments, len(params))
-    sdtype = state_dtype(params[0].dtype if params else None)
+    sdtype = state_dtype(params[0].dtype if params else None, float64)
     state_len = check_states(op, (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)), device,
                              sdtype)
     check_beta1_prod(op, beta1_prod, beta1_prod_max, steps, state_len, sdtype, device)
@@ -255,16 +265,17 @@ def check_update(op: str, params, grads, segments, exp_avg, exp_avg_sq, beta1_pr
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf),
                     ("lr_tensor", lr_tensor)):
         check_control(op, name, t, device)
-    dtype = check_tensors(op, params, grads, device)
+    dtype = check_tensors(op, params, grads, device, float64)
     check_master(op, master, dtype, state_len, device)
     check_rounding(op, rounding_seed, rounding_index, master, dtype, len(params), device)
     return dtype, state_len
 
 
-def check_v_sum(op: str, exp_avg_sq, segments, v_sums) -> int:
+def check_v_sum(op: str, exp_avg_sq, segments, v_sums, float64: bool = False) -> int:
     """Every argument of v_sum but the rows of `segments`; returns the buffer's length."""
     check_segments(op, segments, None)
-    state_len = check_states(op, (("exp_avg_sq", exp_avg_sq),), exp_avg_sq.device)
+    state_len = check_states(op, (("exp_avg_sq", exp_avg_sq),), exp_avg_sq.device,
+                             state_dtype(exp_avg_sq.dtype, float64))
     check_flat(op, "v_sums", v_sums, torch.float64, exp_avg_sq.device)
     return state_len
 

@@ -64,10 +64,13 @@ def fake_kernels(namespace: str) -> dict:
     """The fake kernels of `namespace`::stats, ::update and ::v_sum, by op name (they take
     the arguments in schema order, as the dispatcher passes them)."""
 
+    def float64(device: torch.device) -> bool:  # what the op there steps (op_checks.py)
+        return namespace == "adai" and device.type == "cpu"
+
     def stats(params, grads, segments, steps, v_sums, grad_scale, beta2, l2, out,
               master=None):
         checks.check_stats(f"{namespace}::stats", params, grads, segments, steps, v_sums,
-                           master, grad_scale, out)
+                           master, grad_scale, out, float64(out.device))
 
     def update(params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
                grad_scale, found_inf, lr_tensor, lr, beta0, beta2, eps, weight_decay,
@@ -76,10 +79,11 @@ def fake_kernels(namespace: str) -> dict:
         checks.check_update(f"{namespace}::update", params, grads, segments, exp_avg,
                             exp_avg_sq, beta1_prod, v_sums, steps, beta1_prod_max, master,
                             stats, grad_scale, found_inf, lr_tensor, rounding_seed,
-                            rounding_index)
+                            rounding_index, float64(stats.device))
 
     def v_sum(exp_avg_sq, segments, v_sums):
-        checks.check_v_sum(f"{namespace}::v_sum", exp_avg_sq, segments, v_sums)
+        checks.check_v_sum(f"{namespace}::v_sum", exp_avg_sq, segments, v_sums,
+                           float64(exp_avg_sq.device))
 
     return {"stats": stats, "update": update, "v_sum": v_sum}
 

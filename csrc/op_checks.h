@@ -53,21 +53,38 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-// params[i] and grads[i]: on `device`, of a parameter dtype (param_dtype.h), the grad of its
-// param's dtype, shape and strides, the param non-overlapping and dense (unless empty: no
-// element is touched). `dtype` is params[0]'s: with `one_dtype` every param must have it (a
-// CUDA launch takes one dtype; the CPU kernel dispatches per tensor).
+// Where an op runs and what its kernels take: `device` (the CPU, or the CUDA device of the
+// op's first device tensor), whether the params of one call must share a dtype (`one_dtype`:
+// a CUDA launch takes one dtype; the CPU kernel dispatches per tensor), and whether float64
+// params with float64 state are stepped (`float64`: the CPU kernel). A float64 call has only
+// float64 params: the state dtype is the call's.
+struct Target {
+  at::Device device;
+  bool one_dtype;
+  bool float64;
+};
+
+// The state dtype of a call whose params[0] has `dtype`.
+inline at::ScalarType state_dtype(at::ScalarType dtype, const Target& t) {
+  return t.float64 && dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// params[i] and grads[i]: on the target's device, of a parameter dtype (param_dtype.h; float64
+// too where the target steps it), the grad of its param's dtype, shape and strides, the param
+// non-overlapping and dense (unless empty: no element is touched). `dtype` is params[0]'s.
 inline void check_param(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
-                        at::ScalarType dtype, bool one_dtype, const at::Device& device) {
-  check_list_device(op, "params", i, p, device);
-  check_list_device(op, "grads", i, g, device);
-  TORCH_CHECK(is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-              p.scalar_type(), "; expected float32, bfloat16 or float16");
-  TORCH_CHECK(!one_dtype || p.scalar_type() == dtype, op, ": params[", i, "] has dtype ",
-              p.scalar_type(), " but params[0] has ", dtype,
-              "; all params of one call must share a dtype");
-  TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
-              g.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+                        at::ScalarType dtype, const Target& t) {
+  check_list_device(op, "params", i, p, t.device);
+  check_list_device(op, "grads", i, g, t.device);
+  const at::ScalarType pt = p.scalar_type();
+  TORCH_CHECK(is_param_dtype(pt) || (t.float64 && pt == at::kDouble), op, ": params[", i,
+              "] has dtype ", pt, "; expected ",
+              t.float64 ? "float32, float64, bfloat16 or float16" : "float32, bfloat16 or float16");
+  const bool one_dtype = t.one_dtype || pt == at::kDouble || dtype == at::kDouble;
+  TORCH_CHECK(!one_dtype || pt == dtype, op, ": params[", i, "] has dtype ", pt,
+              " but params[0] has ", dtype, "; all params of one call must share a dtype");
+  TORCH_CHECK(g.scalar_type() == pt, op, ": grads[", i, "] has dtype ", g.scalar_type(),
+              " but params[", i, "] has ", pt);
   TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": params[", i,
               "] must be non-overlapping and dense, got shape ", p.sizes(), " and strides ",
               p.strides());
@@ -127,7 +144,7 @@ inline void check_slots(const char* op, const at::Tensor& steps, const at::Tenso
               " slots but `v_sums` has ", v_sums.numel());
 }
 
-// The float32 state buffers (any subset may be given; all of one length). Returns the length.
+// The state buffers of `dtype` (any subset may be given; all of one length). Returns the length.
 inline int64_t check_states(const char* op, const std::vector<const char*>& names,
                             const std::vector<const at::Tensor*>& states,
                             const at::Device& device, at::ScalarType dtype = at::kFloat) {
@@ -192,13 +209,14 @@ inline float* check_master(const char* op, const std::optional<at::Tensor>& mast
   return master->mutable_data_ptr<float>();
 }
 
-// `beta1_prod`: the state buffers' length, or empty (freed: every tensor is done);
-// `beta1_prod_max` (optional): float32, one slot per tensor. Returns the max's data or null.
+// `beta1_prod`: of the state dtype and the state buffers' length, or empty (freed: every
+// tensor is done); `beta1_prod_max` (optional): float32 for any state, one slot per tensor.
+// Returns the max's data or null.
 inline float* check_beta1_prod(const char* op, const at::Tensor& beta1_prod,
                                const std::optional<at::Tensor>& beta1_prod_max,
                                const at::Tensor& steps, int64_t state_len,
-                               const at::Device& device) {
-  check_flat(op, "beta1_prod", beta1_prod, at::kFloat, device);
+                               at::ScalarType state_dtype, const at::Device& device) {
+  check_flat(op, "beta1_prod", beta1_prod, state_dtype, device);
   TORCH_CHECK(beta1_prod.numel() == 0 || beta1_prod.numel() == state_len, op,
               ": `beta1_prod` has ", beta1_prod.numel(), " elements but `exp_avg` has ",
               state_len, "; the state buffers must have one length (or `beta1_prod` none: freed)");

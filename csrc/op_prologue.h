@@ -1,9 +1,8 @@
 // The prologue of each op, written once for every backend (csrc/cpu/adai_cpu.cpp and the host
 // launch code csrc/cuda/ops_host.cpp): every argument check of the op (op_checks.h), in one
 // order, and the parsed `segments` table. Nothing is written before it returns, so a refused
-// call changes nothing. A backend decides only where the op runs (`device`: the CPU, or the
-// CUDA device of the op's first device tensor) and whether the params of one call may mix
-// dtypes (`one_dtype`: a CUDA launch takes one dtype; the CPU kernel dispatches per tensor).
+// call changes nothing. A backend decides only its Target (op_checks.h): where the op runs,
+// whether the params of one call may mix dtypes, and whether it steps float64.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +22,7 @@ struct OpArgs {
   size_t n = 0;                        // tensors of the call
   const int64_t* rows = nullptr;       // segments: row i = (offset, numel, slot) of tensor i
   at::ScalarType dtype = at::kFloat;   // params[0]'s (stats, update; float32 without params)
+  at::ScalarType state_dtype = at::kFloat;  // the state buffers': float64 for float64 params
   int64_t state_len = -1;              // the state buffers' length (update, v_sum)
   const float* grad_scale = nullptr;   // the control tensors' data on the device, or null
   const float* found_inf = nullptr;
@@ -46,17 +46,16 @@ inline OpArgs params_call(const char* op, at::TensorList params, at::TensorList 
   a.n = params.size();
   check_len(op, "grads", grads.size(), a.n);
   a.rows = segment_rows(op, segments, a.n);
+  if (a.n > 0 && params[0].defined()) a.dtype = params[0].scalar_type();
   return a;
 }
 
-// params[i], grads[i] and segments[i] of every tensor (a.state_len < 0: no state buffers);
-// sets a.dtype.
+// params[i], grads[i] and segments[i] of every tensor (a.state_len < 0: no state buffers).
 inline void check_params(const char* op, at::TensorList params, at::TensorList grads,
-                         OpArgs& a, int64_t n_slots, bool one_dtype, const at::Device& device) {
-  if (a.n > 0) a.dtype = params[0].scalar_type();
+                         OpArgs& a, int64_t n_slots, const Target& t) {
   std::vector<char> seen(static_cast<size_t>(n_slots), 0);
   for (size_t i = 0; i < a.n; ++i) {
-    check_param(op, i, params[i], grads[i], a.dtype, one_dtype, device);
+    check_param(op, i, params[i], grads[i], a.dtype, t);
     check_segment(op, i, a.rows + kSegmentColumns * i, params[i].numel(), a.state_len, seen);
   }
 }
@@ -66,14 +65,16 @@ inline OpArgs stats_prologue(const char* op, at::TensorList params, at::TensorLi
                              const at::Tensor& segments, const at::Tensor& steps,
                              const at::Tensor& v_sums, const std::optional<at::Tensor>& master,
                              const std::optional<at::Tensor>& grad_scale, const at::Tensor& out,
-                             const at::Device& device, bool one_dtype) {
+                             const Target& t) {
+  const at::Device& device = t.device;
   OpArgs a = params_call(op, params, grads, segments);
+  a.state_dtype = state_dtype(a.dtype, t);
   check_device(op, "out", out, device);
   check_stats_row(op, out);
   check_slots(op, steps, v_sums, device);
   a.grad_scale = check_control(op, "grad_scale", grad_scale, device);
   // stats reads no state buffer: only numel and slot of a segment matter.
-  check_params(op, params, grads, a, steps.numel(), one_dtype, device);
+  check_params(op, params, grads, a, steps.numel(), t);
   a.master = check_master(op, master, a.dtype, a.n, /*state_len=*/-1, device);
   if (a.master != nullptr) {  // the spans must lie inside the master copy
     std::vector<char> seen(static_cast<size_t>(steps.numel()), 0);
@@ -104,20 +105,22 @@ inline OpArgs update_prologue(const char* op, at::TensorList params, at::TensorL
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& lr_tensor,
-                              const UpdateOptionals& opt, const at::Device& device,
-                              bool one_dtype) {
+                              const UpdateOptionals& opt, const Target& t) {
+  const at::Device& device = t.device;
   OpArgs a = params_call(op, params, grads, segments);
+  a.state_dtype = state_dtype(a.dtype, t);
   check_device(op, "stats", stats, device);
   check_stats_matrix(op, stats);
-  a.state_len = check_states(op, {"exp_avg", "exp_avg_sq"}, {&exp_avg, &exp_avg_sq}, device);
-  a.beta1_prod_max =
-      check_beta1_prod(op, beta1_prod, opt.beta1_prod_max, steps, a.state_len, device);
+  a.state_len = check_states(op, {"exp_avg", "exp_avg_sq"}, {&exp_avg, &exp_avg_sq}, device,
+                             a.state_dtype);
+  a.beta1_prod_max = check_beta1_prod(op, beta1_prod, opt.beta1_prod_max, steps, a.state_len,
+                                      a.state_dtype, device);
   a.has_beta1_prod = beta1_prod.numel() == a.state_len;
   check_slots(op, steps, v_sums, device);
   a.grad_scale = check_control(op, "grad_scale", grad_scale, device);
   a.found_inf = check_control(op, "found_inf", found_inf, device);
   a.lr_tensor = check_control(op, "lr_tensor", lr_tensor, device);
-  check_params(op, params, grads, a, steps.numel(), one_dtype, device);
+  check_params(op, params, grads, a, steps.numel(), t);
   check_disjoint(op, a.rows, a.n);
   a.master = check_master(op, opt.master, a.dtype, a.n, a.state_len, device);
   a.rounding_index = check_rounding(op, opt.rounding_seed, opt.rounding_index,
@@ -136,12 +139,14 @@ inline void refuse_optionals(const char* op, const OpArgs& a, const char* backen
 }
 
 // v_sum(exp_avg_sq, segments, v_sums): the rows name the tensors to sum, so their number is
-// the table's.
+// the table's; the state dtype is exp_avg_sq's where the target steps float64.
 inline OpArgs v_sum_prologue(const char* op, const at::Tensor& exp_avg_sq,
                              const at::Tensor& segments, const at::Tensor& v_sums,
-                             const at::Device& device) {
+                             const Target& t) {
+  const at::Device& device = t.device;
   OpArgs a;
-  a.state_len = check_states(op, {"exp_avg_sq"}, {&exp_avg_sq}, device);
+  if (exp_avg_sq.defined()) a.state_dtype = state_dtype(exp_avg_sq.scalar_type(), t);
+  a.state_len = check_states(op, {"exp_avg_sq"}, {&exp_avg_sq}, device, a.state_dtype);
   check_flat(op, "v_sums", v_sums, at::kDouble, device);
   a.n = segments.defined() && segments.dim() == 2 ? static_cast<size_t>(segments.size(0)) : 0;
   a.rows = segment_rows(op, segments, a.n);

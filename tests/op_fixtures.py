@@ -116,6 +116,15 @@ TRITON_TOL = Tolerance(
 # The CPU kernel: per-element bounds from its error analysis (fp32_bounds); the row's lane
 # sums of <= 32 terms added in double.
 CPU_TOL = Tolerance(row_rel=1e-5, row_mass=4e-6, bounds=True, v_sum_own=1e-6)
+# Its float64 path (float64 params and state): double math throughout, sums of up to 16K
+# terms per chunk in one double (n * 2^-53 ~ 2e-12 of the mass); a few roundings amplified by
+# up to 1 / eps (1000) in m / (1 - b) and by pow's condition in AdaiV2. beta1 = 1 - beta0
+# vhat / vbar cancels near 0, so b and m get absolute bounds (b <= 1; |m| ~ |g| <= 50 with
+# the spread gradients).
+F64_TOL = Tolerance(row_rel=1e-13, row_mass=1e-11, params={F64: dict(rtol=1e-11, atol=1e-12)},
+                    states=dict(m=dict(rtol=1e-11, atol=1e-12), v=dict(rtol=1e-12, atol=1e-16),
+                                b=dict(rtol=1e-12, atol=1e-13)),
+                    v_sum_own=1e-12, v_sum_oracle=1e-11)
 
 
 # ---- targets --------------------------------------------------------------------------------
@@ -145,6 +154,11 @@ class Target:
     @property
     def interpreted(self) -> bool:
         return self.name == "triton"
+
+    def tolerance(self, dtype: torch.dtype) -> Tolerance:
+        """The tolerance of the target's results for params of `dtype` (float64: the CPU
+        kernel's float64 path)."""
+        return F64_TOL if dtype == F64 else self.tol
 
     def unavailable(self) -> str | None:
         from adai_kernels import backends
@@ -241,8 +255,9 @@ STATES = ("aligned", "misaligned", "shuffled", "shuffled_misaligned")
 
 
 class Bucket:
-    """Everything the ops take for one bucket: `params`, three flat float32 state buffers
-    (`exp_avg`, `exp_avg_sq`, `beta1_prod`) holding each tensor's states in its memory order
+    """Everything the ops take for one bucket: `params`, three flat state buffers (float32,
+    or float64 for float64 params: `exp_avg`, `exp_avg_sq`, `beta1_prod`) holding each
+    tensor's states in its memory order
     (views with the params' strides in `m`, `v`, `b`), `segments` and the float64 slot vectors
     `steps_vec` and `v_sum_vec`. `states` lays the buffers out:
       "aligned"      in tensor order, starts padded to 16 elements, slot i (the optimizer's);
@@ -289,8 +304,10 @@ class Bucket:
         self.segments = torch.tensor(list(zip(offsets, numels, self.slots)),
                                      dtype=torch.int64).reshape(-1, 3)
 
+        state_dtype = F64 if params and params[0].dtype == F64 else torch.float32
+
         def buffer():
-            return torch.full((length,), float("nan"), dtype=torch.float32, device=self.device)
+            return torch.full((length,), float("nan"), dtype=state_dtype, device=self.device)
 
         self.exp_avg, self.exp_avg_sq, self.beta1_prod = buffer(), buffer(), buffer()
         self.steps_vec, self.v_sum_vec = (torch.full((self.n_slots,), float("nan"), dtype=F64,
@@ -534,10 +551,10 @@ def check_step(target, pairs, snaps, grads_before, rows, expected, hp, grad_scal
     """A step of `pairs` (bucket, grads) from `snaps` (their snapshots before it) against the
     oracle's `expected`: the rows, step counters, what lies outside the segments and slots,
     every tensor within the target's tolerance, v_sums, and the gradients unwritten."""
-    tol = target.tol
     assert not expected["skip"], what
     for j, ((bk, grads), snap, g0, exp) in enumerate(zip(pairs, snaps, grads_before,
                                                          expected["buckets"])):
+        tol = target.tolerance(bk.params[0].dtype if bk.params else torch.float32)
         where = f"{target.name} {what} bucket {j}"
         check_row(tol, rows[j], expected["rows"][j], expected["abs_rows"][j], l2_of(hp), where)
         assert bk.step_list() == exp["steps"], where

@@ -165,3 +165,32 @@ def test_a_float64_model_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
     assert all(st["exp_avg"].dtype == F64 for st in opt.state.values())
+
+
+def test_cpu_kernel_keeps_a_float64_max_rounded_up():
+    """The CPU kernel keeps a float64 tensor's max |b| in float32, rounded up: a b just above
+    2^-54 (1 - b < 1 in float64: not done) must not be stored as 2^-54 (done), as rounding to
+    nearest would. With beta0 = 0 and eps = 0, beta1 = 1 and b stays what it was."""
+    from adai_kernels import _native, elision
+    from op_fixtures import Bucket
+
+    if _native.load_error() is not None:
+        pytest.skip(f"the compiled ops are not built: {_native.load_error()}")
+    x = 2.0**-54 * (1.0 + 2.0**-30)
+    gen = torch.Generator().manual_seed(0)
+    bk = Bucket([torch.randn(5, generator=gen, dtype=F64)], "aligned", "fresh")
+    bk.b[0].fill_(2.0**-60)
+    bk.b[0][2] = -x
+    grads = [torch.randn(5, generator=gen, dtype=F64)]
+    b_max = torch.ones(bk.n_slots, dtype=torch.float32)  # not done: b is read
+    stats = torch.zeros(1, 7, dtype=F64)
+    ops = torch.ops.adai
+    ops.stats(bk.params, grads, bk.segments, bk.steps_vec, bk.v_sum_vec, None, 0.99, 0.0,
+              stats[0])
+    ops.update(bk.params, grads, bk.segments, bk.exp_avg, bk.exp_avg_sq, bk.beta1_prod,
+               bk.v_sum_vec, bk.steps_vec, stats, None, None, None, 0.1, 0.0, 0.99, 0.0, 0.0,
+               False, 1.0, 0.0, False, beta1_prod_max=b_max)
+    assert bk.b[0][2].item() == -x
+    got = b_max[bk.slots[0]]
+    assert got.item() > 2.0**-54 and not elision.done(got, F64)
+    assert torch.equal(got, elision.max_abs(bk.b[0]))  # the reference's rule, bitwise

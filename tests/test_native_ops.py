@@ -173,8 +173,12 @@ def test_stats_validation():
     _expect(r"params\[3\] must be non-overlapping and dense", st,
             params[:3] + [torch.randn(74)[::2]] + params[4:],
             grads[:3] + [torch.randn(74)[::2]] + grads[4:], *args[2:])
-    _expect(r"params\[0\] has dtype", st, [p.double() for p in params],
-            [g.double() for g in grads], *args[2:])
+    _expect(r"params\[0\] has dtype Int; expected float32, float64, bfloat16 or float16", st,
+            [p.int() for p in params], [g.int() for g in grads], *args[2:])
+    # float64 takes float64 state, so it shares a call with no other dtype
+    _expect(r"params\[1\] has dtype Double but params\[0\] has Float", st,
+            params[:1] + [p.double() for p in params[1:]],
+            grads[:1] + [g.double() for g in grads[1:]], *args[2:])
     for match, seg in _segment_cases(segments, [p.numel() for p in params], None, 6):
         _expect(match, st, *_with(args, {S_SEG: seg}))
     # steps and v_sums: flat, of their dtype, one length
@@ -276,8 +280,9 @@ def test_v_sum_validation():
                 segments.t().contiguous().t()):
         _expect(shape, sv, v, seg, v_sums)
     _expect_cpu(shape + ".* on meta", sv, (v, segments.to("meta"), v_sums))
-    _expect("`exp_avg_sq` must be a contiguous 1-D Float tensor", sv, v.double(), segments,
-            v_sums)
+    # float32 state, or float64 (the float64 params' state on CPU): not half
+    _expect("`exp_avg_sq` must be a contiguous 1-D Float tensor, got Half", sv, v.half(),
+            segments, v_sums)
     _expect("`exp_avg_sq` must be a contiguous 1-D Float tensor", sv,
             torch.zeros(2 * v.numel())[::2], segments, v_sums)
     _expect("`v_sums` must be a contiguous 1-D Double tensor", sv, v, segments, v_sums.float())

@@ -70,8 +70,12 @@ CASES = {
                       r"`segments` has 2 rows but `params` has 3 tensors"),
     "state-strided": ("update", lambda a: dict(beta1_prod=torch.ones(96)[::2]),
                       rf"`beta1_prod` must be a contiguous 1-D {F32} tensor"),
-    "state-dtype": ("update v_sum", lambda a: dict(exp_avg_sq=a["exp_avg_sq"].double()),
+    "state-dtype": ("update", lambda a: dict(exp_avg_sq=a["exp_avg_sq"].double()),
                     rf"`exp_avg_sq` must be a contiguous 1-D {F32} tensor, got {F64}"),
+    # v_sum takes the state dtype from exp_avg_sq: float64 where the op steps it
+    "state-dtype-half": ("update v_sum", lambda a: dict(exp_avg_sq=a["exp_avg_sq"].half()),
+                         rf"`exp_avg_sq` must be a contiguous 1-D {F32} tensor, got "
+                         rf"(torch\.float16|Half)"),
     "state-lengths": ("update", lambda a: dict(beta1_prod=torch.ones(64)),
                       r"`beta1_prod` has 64 elements but `exp_avg` has 48; the state buffers "
                       r"must have one length"),
@@ -83,8 +87,8 @@ CASES = {
                 r"`grad_scale` must be a float32 tensor of one element"),
     "params-dtype": ("stats update", lambda a: dict(params=[p.int() for p in a["params"]],
                                                     grads=[g.int() for g in a["grads"]]),
-                     r"params(\[0\] has dtype Int; expected| must be) float32, bfloat16 or "
-                     r"float16"),
+                     r"params(\[0\] has dtype Int; expected| must be) float32, (float64, )?"
+                     r"bfloat16 or float16"),
     "grads-dtype": ("stats update", lambda a: dict(grads=[a["grads"][0], a["grads"][1].double(),
                                                           a["grads"][2]]),
                     rf"grads\[1\] has dtype {F64} but params\[1\] has {F32}"),
@@ -175,6 +179,43 @@ def test_one_dtype_per_call_in_the_fake_and_triton():
         if ns == "adai_triton":
             with pytest.raises(RuntimeError, match=pattern):
                 _call(ns, "stats", a)
+
+
+def _float64(a):
+    """`a` with float64 params, grads and state buffers."""
+    for key in ("params", "grads"):
+        a[key] = [t.double() for t in a[key]]
+    for key in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+        a[key] = a[key].double()
+    return a
+
+
+def test_float64_is_stepped_by_the_compiled_cpu_op_alone():
+    """The compiled CPU op (and its fake kernel) takes float64 params with float64 state; a
+    float64 param shares a call with no other dtype (the state dtype is the call's); the
+    Triton op refuses float64 with the dtypes it takes."""
+    if "adai" in NAMESPACES:
+        for op in ("stats", "update", "v_sum"):
+            _call("adai", op, _float64(_valid()))
+            mode, fake = _fake(_float64(_valid()))
+            with mode:
+                _call("adai", op, fake)
+        a = _valid()
+        a["params"][1], a["grads"][1] = a["params"][1].double(), a["grads"][1].double()
+        with pytest.raises(RuntimeError, match=rf"adai::update: params\[1\] has dtype {F64} "
+                                               rf"but params\[0\] has {F32}; all params of one "
+                                               rf"call must share a dtype"):
+            _call("adai", "update", a)
+        a = _float64(_valid())
+        a["exp_avg"] = a["exp_avg"].float()  # float64 params take float64 state
+        with pytest.raises(RuntimeError, match=rf"adai::update: `exp_avg` must be a contiguous "
+                                               rf"1-D {F64} tensor, got {F32}"):
+            _call("adai", "update", a)
+    if "adai_triton" in NAMESPACES:
+        with pytest.raises(RuntimeError, match=r"adai_triton::stats: params must be float32, "
+                                               r"bfloat16 or float16; params\[0\] has dtype "
+                                               r"torch.float64"):
+            _call("adai_triton", "stats", _float64(_valid()))
 
 
 def test_the_triton_kernels_have_a_code_for_every_parameter_dtype():

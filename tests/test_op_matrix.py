@@ -58,6 +58,10 @@ class Run:
 
 
 CUDA_RUN = Run("fresh3", 3, extra_at=(1,))                           # the CUDA kernels' matrix
+# the CPU kernel's float64 path: no float32 bucket beside it (its float32 v would move vbar
+# by more than float64's tolerance)
+F64_RUN = Run("f64_4", 4, extra_at=(1,), spread=True, lr=0.1)
+F64_MID = Run("f64_mid2", 2, extra_at=(0,), start="mid", lr=0.05)
 CONTROL_RUN = Run("fresh2", 2)
 CPU_RUN = Run("two4", 4, other=True, spread=True, lr=0.1)           # the CPU kernel's
 TRITON_RUN = Run("mid2", 2, extra_at=(0, 1), start="mid", lr=0.05)  # the interpreter's
@@ -132,7 +136,11 @@ MATCH_CASES = (
     + cases(("cpu", "triton"), TRITON_RUN, DTYPES,
             grid(("coupled", "v2_l2", "decoupled", "decoupled_d0.5")), ("aligned",))
     + cases(("cpu", "triton"), TRITON_RUN, DTYPES, grid(("v2_l2",)), ("misaligned", "shuffled"))
-    + cases(("cpu", "triton"), TRITON_FRESH, DTYPES, grid(("plain",)), ("aligned",)))
+    + cases(("cpu", "triton"), TRITON_FRESH, DTYPES, grid(("plain",)), ("aligned",))
+    + cases(("cpu",), F64_RUN, (F64,),
+            grid(("plain", "coupled", "decoupled", "v2", "v2_l2", "v2_d0")),
+            ("aligned", "shuffled_misaligned"))
+    + cases(("cpu",), F64_MID, (F64,), grid(("coupled", "decoupled_d0.5")), ("shuffled",)))
 
 
 @pytest.mark.parametrize("dtype, hyper, control, states, run", MATCH_CASES)
@@ -157,7 +165,10 @@ CONTROL_CASES = (
             grid(("plain", "coupled"), ("clip_quarter", "clip_twice"))
             + [("v2_l2", "clip_half_scaled")], ("aligned",))
     + cases(("cpu", "triton"), TRITON_RUN, (torch.float32, torch.float16),
-            [("coupled", "scaled")], ("aligned",)))
+            [("coupled", "scaled")], ("aligned",))
+    + cases(("cpu",), F64_RUN, (F64,),
+            grid(("plain", "coupled"), ("grad_scale", "clip", "clip_scale_extra", "lr_tensor",
+                                        "found_inf_zero")), ("shuffled",)))
 
 
 @pytest.mark.parametrize("dtype, hyper, control, states, run", CONTROL_CASES)

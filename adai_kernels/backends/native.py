@@ -2,8 +2,10 @@
 (csrc/cpu/) and the CUDA kernels (csrc/cuda/). Both are `OpsBackend`s over the same schema."""
 from __future__ import annotations
 
+import torch
+
 from ..ops import Ops
-from .base import FEATURES, OpsBackend
+from .base import FEATURES, KERNEL_DTYPES, OpsBackend
 
 
 def _native():
@@ -33,6 +35,8 @@ def load_cuda() -> str | None:
     return None
 
 
-CPU = OpsBackend("cpu", Ops("adai"), ("cpu",), load, features=FEATURES, elides=True)
+# The CPU kernel steps float64 params too, with float64 state (csrc/cpu/float64.h).
+CPU = OpsBackend("cpu", Ops("adai"), ("cpu",), load, features=FEATURES, elides=True,
+                 dtypes=KERNEL_DTYPES + (torch.float64,))
 CUDA = OpsBackend("cuda", Ops("adai"), ("cuda",), load_cuda, features=FEATURES,
                   elides=True)

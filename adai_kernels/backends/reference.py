@@ -45,7 +45,10 @@ class ReferenceBackend(Backend):
         params = list(work.master) if work.master else [p.to(sd) for p in work.params]
         grads = [g.to(sd) for g in work.grads]    # likewise: the caller's grads stay as they are
         if ctl.grad_scale is not None:
-            grads = torch._foreach_mul(grads, ctl.grad_scale.double().reciprocal().to(sd))
+            # float32(1 / scale) for every dtype: the ops' definition, and what
+            # GradScaler.unscale_ multiplies float64 gradients by
+            inv_scale = ctl.grad_scale.double().reciprocal().float()
+            grads = torch._foreach_mul(grads, inv_scale.to(sd))
         beta2, l2 = work.beta2, work.l2
         torch._foreach_add_(work.steps, 1.0)
         bc2 = 1.0 - torch.pow(beta2, torch.stack(work.steps).to(acc))

@@ -48,6 +48,8 @@
 #include "adai_random.h"
 #include "op_prologue.h"
 #include "param_dtype.h"
+#include "cpu/chunks.h"
+#include "cpu/float64.h"
 #include "cpu/vec_pow.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -59,7 +61,8 @@ using fVec = at::vec::Vectorized<float>;
 // The wide builds must really get the wide implementations (and not silently the generic
 // one, e.g. because a -m flag or a macro went missing).
 #if defined(CPU_CAPABILITY_AVX512)
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512DQ__)
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
+    !defined(__AVX512DQ__)
 #error "CPU_CAPABILITY_AVX512 build without -mavx512f -mavx512bw -mavx512vl -mavx512dq"
 #endif
 static_assert(fVec::size() == 16, "AVX512 build must use 512-bit Vectorized<float>");
@@ -99,12 +102,15 @@ extern "C" const char* adai_cpu_isa() { return ADAI_CPU_ISA_NAME; }
 
 namespace {
 
-// Elements per chunk. A multiple of every vector block, so only a tensor's last chunk has a
-// scalar tail. 16K fp32 elements move ~640 KB per chunk in `update`: plenty to amortise
-// the scheduling, small enough that a few large tensors still split over all threads.
-constexpr int64_t kChunk = 16384;
 constexpr int64_t kW = fVec::size();
 constexpr int64_t kBlock = 2 * kW;  // elements per vector iteration (two float vectors)
+using adai_cpu::Chunk;
+using adai_cpu::data_ptrs;
+using adai_cpu::for_each_chunk;
+using adai_cpu::kChunk;
+using adai_cpu::make_chunks;
+using adai_cpu::numels;
+using adai_cpu::tensor_sums;
 static_assert(kChunk % kBlock == 0, "chunk size must be a multiple of the vector block");
 
 // ---- loads and stores of parameters / gradients as fp32 ------------------------------------
@@ -380,98 +386,10 @@ double v_sum_chunk(const float* v, int64_t n) {
   return s;
 }
 
-// ---- chunk list ---------------------------------------------------------------------------
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;  // element offset inside the tensor's memory span
-  int64_t len;
-};
-
-// Chunks of every tensor, tensor by tensor, in memory order; first[i] is tensor i's first.
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& numel, std::vector<int64_t>& first) {
-  std::vector<Chunk> chunks;
-  const size_t n = numel.size();
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += (numel[i] + kChunk - 1) / kChunk;
-  chunks.reserve(static_cast<size_t>(total));
-  first.assign(n + 1, 0);
-  for (size_t i = 0; i < n; ++i) {
-    first[i] = static_cast<int64_t>(chunks.size());
-    for (int64_t s = 0; s < numel[i]; s += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numel[i] - s)});
-    }
-  }
-  first[n] = static_cast<int64_t>(chunks.size());
-  return chunks;
-}
-
-// Per-tensor sums of K interleaved sums: out[i * K + k] = tensor i's chunk slots
-// partial[j * K + k] added in chunk order.
-std::vector<double> tensor_sums(const std::vector<double>& partial,
-                                const std::vector<int64_t>& first, size_t n, int K) {
-  std::vector<double> sums(n * K, 0.0);
-  for (size_t i = 0; i < n; ++i) {
-    for (int k = 0; k < K; ++k) {
-      double s = 0.0;
-      for (int64_t j = first[i]; j < first[i + 1]; ++j) s += partial[j * K + k];
-      sums[i * K + k] = s;
-    }
-  }
-  return sums;
-}
-
-template <typename F>
-void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  // Threads take tasks: runs of consecutive chunks of about kChunk elements in all, so that
-  // many small tensors make few tasks (a call with < kChunk elements stays on the calling
-  // thread) and threads get similar amounts of work. Each chunk still writes its own slot,
-  // so the grouping does not change any result.
-  std::vector<int64_t> task_begin;
-  int64_t filled = kChunk;
-  for (size_t k = 0; k < chunks.size(); ++k) {
-    if (filled + chunks[k].len > kChunk) {
-      task_begin.push_back(static_cast<int64_t>(k));
-      filled = 0;
-    }
-    filled += chunks[k].len;
-  }
-  const int64_t n_tasks = static_cast<int64_t>(task_begin.size());
-  task_begin.push_back(static_cast<int64_t>(chunks.size()));
-  if (n_tasks == 1) {  // nothing to share: skip the parallel region
-    for (size_t k = 0; k < chunks.size(); ++k) f(static_cast<int64_t>(k), chunks[k]);
-    return;
-  }
-  at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = task_begin[b]; k < task_begin[e]; ++k) f(k, chunks[k]);
-  });
-}
-
 // ---- the ops ------------------------------------------------------------------------------
 
-const at::Device kCpu(at::kCPU);
-
-// Raw pointers of one tensor list, taken once per call (the chunk loops then touch no
-// at::Tensor). Dtypes are checked by the caller; read-only lists use const_data_ptr, so that
-// they are never materialised (copy-on-write tensors).
-template <typename T>
-std::vector<T*> data_ptrs(at::TensorList ts) {
-  std::vector<T*> out(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    if constexpr (std::is_const_v<T>) {
-      out[i] = static_cast<T*>(ts[i].const_data_ptr());
-    } else {
-      out[i] = static_cast<T*>(ts[i].mutable_data_ptr());
-    }
-  }
-  return out;
-}
-
-std::vector<int64_t> numels(at::TensorList ts) {
-  std::vector<int64_t> out(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].numel();
-  return out;
-}
+// The CPU: params of one call may mix the kernels' three dtypes; float64 is stepped too.
+const adai::Target kCpu{at::Device(at::kCPU), /*one_dtype=*/false, /*float64=*/true};
 
 // stats' per-tensor sums: sums[i * K + k] = tensor i's StatsSum k (K = kStatsSums with L2
 // decay, else 1: kSumGg), its chunks' sums added in chunk order.
@@ -507,6 +425,12 @@ std::vector<double> stats_tensor_sums(at::TensorList params, at::TensorList grad
   return tensor_sums(partial, first, numel.size(), K);
 }
 
+// The unscaling multiplier of float64 gradients: float32(1 / scale), as for every dtype (and
+// as GradScaler.unscale_ multiplies float64 gradients by its float32 inverse scale).
+double inv_grad_scale64(const adai::OpArgs& a) {
+  return static_cast<double>(adai::inv_grad_scale(a.grad_scale));
+}
+
 void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                const at::Tensor& steps, const at::Tensor& v_sums,
                const std::optional<at::Tensor>& grad_scale, double beta2, double l2,
@@ -514,23 +438,28 @@ void stats_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& se
                const std::optional<at::Tensor>& master) {
   const char* op = "adai::stats";
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
-                                              master, grad_scale, out, kCpu,
-                                              /*one_dtype=*/false);
+                                              master, grad_scale, out, kCpu);
+  const bool f64 = a.state_dtype == at::kDouble;
   const adai::Consts c = adai::make_consts(0.0, 0.0, beta2, 0.0, l2, false, 1.0);
-  // The per-element l2 is float (adai::Consts): params are read only when it is nonzero (as
-  // adai::effective_grad adds the term), and the row's expanded columns use the same value.
-  const bool use_l2 = c.l2 != 0.0f;
+  // The per-element l2 is the state's (adai::BasicConsts): params are read only when it is
+  // nonzero (as adai::effective_grad adds the term), and the row's expanded columns use the
+  // same value.
+  const double l2d = f64 ? l2 : static_cast<double>(c.l2);
+  const bool use_l2 = l2d != 0.0;
   const int K = use_l2 ? adai::kStatsSums : 1;
   const std::vector<int64_t> numel = numels(params);
-  const std::vector<double> sums = stats_tensor_sums(
-      params, grads, numel, use_l2, K, adai::inv_grad_scale(a.grad_scale), c, a);
+  const std::vector<double> sums =
+      f64 ? adai_cpu::stats_sums_f64(params, grads, use_l2, K, inv_grad_scale64(a),
+                                     adai::make_consts<double>(0.0, 0.0, beta2, 0.0, l2, false,
+                                                               1.0))
+          : stats_tensor_sums(params, grads, numel, use_l2, K,
+                              adai::inv_grad_scale(a.grad_scale), c, a);
 
   // The bucket's row: the tensors' terms added in list order, each straight into its column
   // (the compiler may fuse a term's multiply with that add, so this is not the CUDA kernels'
   // per-tensor stats_tensor_row; written this way, the CPU row keeps its bits).
   double* step_p = steps.mutable_data_ptr<double>();
   const double* v_sum_p = v_sums.const_data_ptr<double>();
-  const double l2d = static_cast<double>(c.l2);
   double row[adai::kStatsColumns] = {};
   for (size_t i = 0; i < a.n; ++i) {
     const int64_t slot = adai::segment(a, i, adai::kSlot);
@@ -574,13 +503,17 @@ void dispatch_theta(const adai::OpArgs& a, const F& f) {
 }
 
 // Which tensors of the call are done (their b is neither read nor written): all of them when
-// `beta1_prod` is freed, none without `beta1_prod_max`, else by the flag rule.
+// `beta1_prod` is freed, none without `beta1_prod_max`, else by the flag rule of the state.
 std::vector<char> done_tensors(const adai::OpArgs& a) {
   std::vector<char> done(a.n, 0);
   for (size_t i = 0; i < a.n; ++i) {
-    done[i] = !a.has_beta1_prod ||
-              (a.beta1_prod_max != nullptr &&
-               adai::beta1_prod_done(a.beta1_prod_max[adai::segment(a, i, adai::kSlot)]));
+    if (!a.has_beta1_prod) {
+      done[i] = 1;
+    } else if (a.beta1_prod_max != nullptr) {
+      const float b_max = a.beta1_prod_max[adai::segment(a, i, adai::kSlot)];
+      done[i] = a.state_dtype == at::kDouble ? adai::beta1_prod_done64(b_max)
+                                             : adai::beta1_prod_done(b_max);
+    }
   }
   return done;
 }
@@ -591,15 +524,14 @@ std::vector<char> done_tensors(const adai::OpArgs& a) {
 std::vector<double> update_tensors(at::TensorList params, at::TensorList grads,
                                    const adai::OpArgs& a, const at::Tensor& exp_avg,
                                    const at::Tensor& exp_avg_sq, const at::Tensor& beta1_prod,
-                                   float gmul, const std::vector<float>& inv_bc2,
-                                   float inv_vbar, const adai::Consts& c,
-                                   const std::vector<uint32_t>& streams) {
+                                   const std::vector<char>& done, float gmul,
+                                   const std::vector<float>& inv_bc2, float inv_vbar,
+                                   const adai::Consts& c, const std::vector<uint32_t>& streams) {
   const std::vector<void*> pp = data_ptrs<void>(params);
   const std::vector<const void*> gp = data_ptrs<const void>(grads);
   float* const m_base = exp_avg.mutable_data_ptr<float>();
   float* const v_base = exp_avg_sq.mutable_data_ptr<float>();
   float* const b_base = a.has_beta1_prod ? beta1_prod.mutable_data_ptr<float>() : nullptr;
-  const std::vector<char> done = done_tensors(a);
   const bool with_max = a.beta1_prod_max != nullptr;
   const std::vector<int64_t> numel = numels(params);
   std::vector<int64_t> first;
@@ -685,7 +617,7 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
   const adai::OpArgs a = adai::update_prologue(
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
       grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
-      kCpu, /*one_dtype=*/false);
+      kCpu);
   double totals[adai::kStatsColumns];
   adai::sum_stats_rows(stats.const_data_ptr<double>(), stats.size(0), stats.stride(0),
                        stats.stride(1), totals);
@@ -697,23 +629,35 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
     return;
   }
   const double lr_value = a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : lr;
-  const adai::Consts c =
-      adai::make_consts(lr_value, beta0, beta2, eps, weight_decay, decoupled, dampening);
-  std::vector<float> inv_bc2(a.n);
+  std::vector<double> inv_bc2(a.n);
   for (size_t i = 0; i < a.n; ++i) {
-    const double k = step_p[adai::segment(a, i, adai::kSlot)];
-    inv_bc2[i] = static_cast<float>(1.0 / adai::bias_correction2(beta2, k));
+    inv_bc2[i] = 1.0 / adai::bias_correction2(beta2, step_p[adai::segment(a, i, adai::kSlot)]);
   }
-  const float gmul = adai::inv_grad_scale(a.grad_scale) * gl.clip;
-  write_v_sums(a,
-               update_tensors(params, grads, a, exp_avg, exp_avg_sq, beta1_prod, gmul, inv_bc2,
-                              gl.inv_vbar, c, rounding_streams(a, step_p)),
-               v_sums);
+  const std::vector<char> done = done_tensors(a);
+  std::vector<double> V;
+  if (a.state_dtype == at::kDouble) {
+    V = adai_cpu::update_f64(params, grads, a, exp_avg, exp_avg_sq, beta1_prod, done,
+                             inv_grad_scale64(a) * gl.clip64, inv_bc2, gl.inv_vbar64,
+                             adai::make_consts<double>(lr_value, beta0, beta2, eps,
+                                                       weight_decay, decoupled, dampening));
+  } else {
+    const float gmul = adai::inv_grad_scale(a.grad_scale) * gl.clip;
+    V = update_tensors(params, grads, a, exp_avg, exp_avg_sq, beta1_prod, done, gmul,
+                       std::vector<float>(inv_bc2.begin(), inv_bc2.end()), gl.inv_vbar,
+                       adai::make_consts(lr_value, beta0, beta2, eps, weight_decay, decoupled,
+                                         dampening),
+                       rounding_streams(a, step_p));
+  }
+  write_v_sums(a, V, v_sums);
 }
 
 void v_sum_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                const at::Tensor& v_sums) {
   const adai::OpArgs a = adai::v_sum_prologue("adai::v_sum", exp_avg_sq, segments, v_sums, kCpu);
+  if (a.state_dtype == at::kDouble) {
+    write_v_sums(a, adai_cpu::v_sums_f64(exp_avg_sq, a), v_sums);
+    return;
+  }
   std::vector<int64_t> numel(a.n);
   for (size_t i = 0; i < a.n; ++i) numel[i] = adai::segment(a, i, adai::kNumel);
   const float* const v_base = exp_avg_sq.const_data_ptr<float>();

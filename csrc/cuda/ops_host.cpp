@@ -128,6 +128,11 @@ float* at_offset(const at::Tensor& buffer, const int64_t* row) {
   return buffer.mutable_data_ptr<float>() + row[kOffset];
 }
 
+// A launch takes one param dtype, of the kernels' three (no float64).
+adai::Target launch_target(const at::Device& device) {
+  return {device, /*one_dtype=*/true, /*float64=*/false};
+}
+
 }  // namespace
 
 void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
@@ -138,8 +143,7 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   const char* op = "adai::stats";
   const at::Device device = op_device(op, "out", out);
   const adai::OpArgs a = adai::stats_prologue(op, params, grads, segments, steps, v_sums,
-                                              master, grad_scale, out, device,
-                                              /*one_dtype=*/true);
+                                              master, grad_scale, out, launch_target(device));
   // As adai_math.h sees it (Consts::l2 is a float): an l2 that rounds to 0 is no L2 decay.
   const bool use_l2 = static_cast<float>(l2) != 0.0f;
 
@@ -152,8 +156,9 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
     m.grad = const_cast<void*>(grads[i].const_data_ptr());
     // With a master copy theta is read from it (the tensor's span, as update's).
     if (use_l2) {
-      m.param = a.master != nullptr ? static_cast<void*>(a.master + a.rows[kSegmentColumns * i + kOffset])
-                                    : const_cast<void*>(params[i].const_data_ptr());
+      m.param = a.master != nullptr
+                    ? static_cast<void*>(a.master + a.rows[kSegmentColumns * i + kOffset])
+                    : const_cast<void*>(params[i].const_data_ptr());
     }
     m.numel = params[i].numel();
     m.aligned = aligned16(m.grad) && aligned16(m.param) ? 1 : 0;
@@ -165,8 +170,8 @@ void stats_op(at::TensorList params, at::TensorList grads, const at::Tensor& seg
   launch_with_table(
       op, metas, device,
       [&](const LaunchTable& t, cudaStream_t stream) {
-        launch_stats(t, a.dtype, use_l2, a.master != nullptr, c, beta2, a.grad_scale, numel, row, out.stride(0),
-                     stream);
+        launch_stats(t, a.dtype, use_l2, a.master != nullptr, c, beta2, a.grad_scale, numel,
+                     row, out.stride(0), stream);
       },
       use_l2 ? kStatsSums : 1, kStatsColumns - 1);
 }
@@ -189,7 +194,7 @@ void update_op(at::TensorList params, at::TensorList grads, const at::Tensor& se
   const adai::OpArgs a = adai::update_prologue(
       op, params, grads, segments, exp_avg, exp_avg_sq, beta1_prod, v_sums, steps, stats,
       grad_scale, found_inf, lr_tensor, {beta1_prod_max, master, rounding_seed, rounding_index},
-      device, /*one_dtype=*/true);
+      launch_target(device));
   if (a.n == 0) return;
 
   double* step_base = steps.mutable_data_ptr<double>();
@@ -240,7 +245,8 @@ void v_sum_op(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
               const at::Tensor& v_sums) {
   const char* op = "adai::v_sum";
   const at::Device device = op_device(op, "exp_avg_sq", exp_avg_sq);
-  const adai::OpArgs a = adai::v_sum_prologue(op, exp_avg_sq, segments, v_sums, device);
+  const adai::OpArgs a =
+      adai::v_sum_prologue(op, exp_avg_sq, segments, v_sums, launch_target(device));
   if (a.n == 0) return;
   double* v_sum_base = v_sums.mutable_data_ptr<double>();
   std::vector<TensorMeta> metas(a.n);
