@@ -57,6 +57,7 @@
 #endif
 
 using fVec = at::vec::Vectorized<float>;
+using iVec = at::vec::Vectorized<int32_t>;
 
 // The wide builds must really get the wide implementations (and not silently the generic
 // one, e.g. because a -m flag or a macro went missing).
@@ -264,13 +265,20 @@ struct BlockArgs {
   uint32_t stream;
 };
 
+// |b| as int32 lanes: the float bits with the sign cleared. For numbers >= 0 the integer order
+// is the float order, and a NaN's bits lie above every number's, so an integer max of these
+// propagates NaN in one instruction (at::vec::maximum on floats adds the NaN checks).
+inline iVec abs_bits(const fVec& b) {
+  return at::vec::cast<int32_t>(b) & iVec(0x7fffffff);
+}
+
 // One vector block of the update: kBlock elements at p, g, m, v, b (kB: the tensor's b is
 // not done) and w (kMaster); returns the new v in v0, v1. kMax: bmax = the NaN-propagating
-// lane max of |b new|. index: the first element's rounding index (kStochastic).
+// lane max of |b new|, as the bits of |b| (abs_bits). index: the first element's rounding index (kStochastic).
 template <typename scalar_t, bool kB, bool kMax, Theta kT>
-inline void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, float* b,
+ADAI_HD void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, float* b,
                          float* w, uint64_t index, const BlockArgs& u, fVec& v0, fVec& v1,
-                         fVec& bmax) {
+                         iVec& bmax) {
   fVec p0, p1, g0, g1;
   if constexpr (kT == Theta::kMaster) {
     p0 = fVec::loadu(w);
@@ -291,7 +299,7 @@ inline void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, flo
     b0.store(b);
     b1.store(b + kW);
     if constexpr (kMax) {  // at::vec::maximum propagates NaN
-      bmax = at::vec::maximum(bmax, at::vec::maximum(b0.abs(), b1.abs()));
+      bmax = at::vec::maximum(bmax, at::vec::maximum(abs_bits(b0), abs_bits(b1)));
     }
   } else {
     adai::update_b_done(p0, g0, m0, v0, u.inv_bc2, u.inv_vbar, *u.c);
@@ -318,10 +326,10 @@ inline void update_block(scalar_t* p, const scalar_t* g, float* m, float* v, flo
   v1.store(v + kW);
 }
 
-// The NaN-propagating max of a vector's lanes (all >= 0 or NaN), in lane order.
-inline float hmax(const fVec& x) {
+// The NaN-propagating max of |b| over the lanes of bmax (abs_bits), in lane order.
+inline float hmax(const iVec& bits) {
   __at_align__ float buf[kW];
-  x.store(buf);
+  at::vec::cast<float>(bits).store(buf);
   float acc = 0.0f;
   for (int64_t k = 0; k < kW; ++k) acc = adai::max_abs_nan(acc, buf[k]);
   return acc;
@@ -332,9 +340,14 @@ inline float hmax(const fVec& x) {
 // (the padding lanes are computed and dropped).
 template <typename scalar_t, bool kB, bool kMax, Theta kT>
 double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b, float* w,
-                    uint64_t index, int64_t n, const BlockArgs& u, float* bmax_out) {
+                    uint64_t index, int64_t n, const BlockArgs& args, float* bmax_out) {
+  // Local copies: the compiler then knows that the stores to m, v, b cannot change them, and
+  // keeps the constants in registers (through `args` it reloads them after every store).
+  const adai::Consts c = *args.c;
+  BlockArgs u = args;
+  u.c = &c;
   const int64_t n_vec = n - n % kBlock;
-  fVec bmax(0.0f);
+  iVec bmax(0);
   float tail_max = 0.0f;
   if (n_vec < n) {
     const int64_t r = n - n_vec;
@@ -346,7 +359,8 @@ double update_chunk(scalar_t* p, const scalar_t* g, float* m, float* v, float* b
     std::copy(v + n_vec, v + n, vb);
     if constexpr (kB) std::copy(b + n_vec, b + n, bb);
     if constexpr (kT == Theta::kMaster) std::copy(w + n_vec, w + n, wb);
-    fVec v0, v1, unused(0.0f);
+    fVec v0, v1;
+    iVec unused(0);
     update_block<scalar_t, kB, false, kT>(pb, gb, mb, vb, bb, wb,
                                           index + static_cast<uint64_t>(n_vec), u, v0, v1,
                                           unused);
