@@ -668,23 +668,12 @@ void update_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& s
 void v_sum_cpu(const at::Tensor& exp_avg_sq, const at::Tensor& segments,
                const at::Tensor& v_sums) {
   const adai::OpArgs a = adai::v_sum_prologue("adai::v_sum", exp_avg_sq, segments, v_sums, kCpu);
-  if (a.state_dtype == at::kDouble) {
-    write_v_sums(a, adai_cpu::v_sums_f64(exp_avg_sq, a), v_sums);
-    return;
-  }
-  std::vector<int64_t> numel(a.n);
-  for (size_t i = 0; i < a.n; ++i) numel[i] = adai::segment(a, i, adai::kNumel);
-  const float* const v_base = exp_avg_sq.const_data_ptr<float>();
-  std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(numel, first);
-  std::vector<double> partial(chunks.size(), 0.0);
-  if (!chunks.empty()) {
-    for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-      const int64_t so = adai::segment(a, static_cast<size_t>(ch.tensor), adai::kOffset) + ch.begin;
-      partial[k] = v_sum_chunk(v_base + so, ch.len);
-    });
-  }
-  write_v_sums(a, tensor_sums(partial, first, a.n, 1), v_sums);
+  write_v_sums(a,
+               a.state_dtype == at::kDouble
+                   ? adai_cpu::segment_sums(exp_avg_sq.const_data_ptr<double>(), a,
+                                            adai_cpu::v_sum_chunk_f64)
+                   : adai_cpu::segment_sums(exp_avg_sq.const_data_ptr<float>(), a, v_sum_chunk),
+               v_sums);
 }
 
 }  // namespace

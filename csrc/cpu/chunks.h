@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "op_prologue.h"
+
 namespace adai_cpu {
 
 // Elements per chunk. A multiple of every vector block, so only a tensor's last chunk has a
@@ -105,6 +107,24 @@ inline std::vector<int64_t> numels(at::TensorList ts) {
   std::vector<int64_t> out(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].numel();
   return out;
+}
+
+// v_sum's per-tensor sums: each segment's span of the state buffer `v`, summed chunk by chunk
+// with `chunk_sum(const T* v, int64_t n)` and the chunks added in order (as update sums them).
+template <typename T, typename F>
+std::vector<double> segment_sums(const T* v, const adai::OpArgs& a, const F& chunk_sum) {
+  std::vector<int64_t> numel(a.n);
+  for (size_t i = 0; i < a.n; ++i) numel[i] = adai::segment(a, i, adai::kNumel);
+  std::vector<int64_t> first;
+  const std::vector<Chunk> chunks = make_chunks(numel, first);
+  std::vector<double> partial(chunks.size(), 0.0);
+  if (!chunks.empty()) {
+    for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
+      const int64_t so = adai::segment(a, static_cast<size_t>(ch.tensor), adai::kOffset);
+      partial[k] = chunk_sum(v + so + ch.begin, ch.len);
+    });
+  }
+  return tensor_sums(partial, first, a.n, 1);
 }
 
 }  // namespace adai_cpu

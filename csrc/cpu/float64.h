@@ -144,22 +144,11 @@ inline std::vector<double> update_f64(at::TensorList params, at::TensorList grad
   return tensor_sums(partial, first, a.n, 1);
 }
 
-// v_sum over float64 state: each tensor's sum of v, as update_f64 sums it.
-inline std::vector<double> v_sums_f64(const at::Tensor& exp_avg_sq, const adai::OpArgs& a) {
-  std::vector<int64_t> numel(a.n);
-  for (size_t i = 0; i < a.n; ++i) numel[i] = adai::segment(a, i, adai::kNumel);
-  const double* const v_base = exp_avg_sq.const_data_ptr<double>();
-  std::vector<int64_t> first;
-  const std::vector<Chunk> chunks = make_chunks(numel, first);
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& ch) {
-    const double* v = v_base + adai::segment(a, static_cast<size_t>(ch.tensor), adai::kOffset) +
-                      ch.begin;
-    double s = 0.0;
-    for (int64_t j = 0; j < ch.len; ++j) s += v[j];
-    partial[k] = s;
-  });
-  return tensor_sums(partial, first, a.n, 1);
+// The sum of float64 v over one chunk, as update_chunk_f64 sums the v it stores.
+inline double v_sum_chunk_f64(const double* v, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += v[j];
+  return s;
 }
 
 }  // namespace adai_cpu
